@@ -1,0 +1,322 @@
+"""Numba kernels behind the selection strategies.
+
+Every function here is pure: contiguous NumPy arrays in, NumPy arrays out, no
+randomness of its own (random numbers are passed in, drawn by the caller's
+``numpy.random.Generator``), no state. Each has a slow, obviously-correct NumPy
+twin in ``tests/reference.py`` and a hypothesis test that checks the two agree.
+
+Kernels
+-------
+``ecdf``
+    Empirical CDF ``P(L <= l)`` of each loss against a loss history.
+``sample_without_replacement``
+    ``k`` distinct indices drawn sequentially with probability proportional to a
+    weight (Efraimidis & Spirakis keys).
+``inclusion_probabilities`` / ``systematic_sample``
+    Probability-proportional-to-size sampling of exactly ``k`` distinct indices
+    with known inclusion probabilities, for unbiased Horvitz-Thompson weights.
+``omp_gram``
+    Orthogonal matching pursuit in Gram space: greedily picks the atoms whose
+    span best approximates the target, touching only the ``B x B`` Gram matrix.
+``gather_gram``
+    The Gram block of a chosen subset, in float64.
+``nnls_gram``
+    Non-negative least squares on a small Gram system (coordinate descent).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = [
+    "ecdf",
+    "sample_without_replacement",
+    "inclusion_probabilities",
+    "systematic_sample",
+    "omp_gram",
+    "row_means",
+    "gather_gram",
+    "nnls_gram",
+]
+
+_JIT = {"cache": True, "nogil": True}
+
+
+@numba.njit(**_JIT)
+def ecdf(history: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Fraction of ``history`` values that are ``<=`` each entry of ``losses``.
+
+    ``history`` (n,) and ``losses`` (B,) are float64. Returns float64 (B,) in
+    [0, 1]. An empty history gives ones (no evidence: keep everything).
+    Cost: O(n log n + B log n).
+    """
+    n = history.shape[0]
+    out = np.ones(losses.shape[0])
+    if n == 0:
+        return out
+    s = np.sort(history)
+    for i in range(losses.shape[0]):
+        v = losses[i]
+        lo, hi = 0, n  # first position whose value is > v
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if s[mid] <= v:
+                lo = mid + 1
+            else:
+                hi = mid
+        out[i] = lo / n
+    return out
+
+
+@numba.njit(**_JIT)
+def sample_without_replacement(weights: np.ndarray, uniforms: np.ndarray, k: int) -> np.ndarray:
+    """Draw ``k`` distinct indices, each draw proportional to ``weights`` among those left.
+
+    Uses Efraimidis-Spirakis keys ``log(u_i) / w_i``: the ``k`` largest keys are a
+    sample with the same law as ``k`` successive weighted draws without
+    replacement. ``uniforms`` (B,) are U(0, 1] numbers from the caller's RNG.
+    Zero-weight items come last, in index order, and only when fewer than ``k``
+    items have positive weight. Returns int64 (k,), ordered by draw.
+    """
+    b = weights.shape[0]
+    keys = np.empty(b)
+    for i in range(b):
+        w = weights[i]
+        if w > 0.0:
+            keys[i] = np.log(uniforms[i]) / w
+        else:
+            keys[i] = -np.inf
+    order = np.argsort(-keys, kind="mergesort")
+    return order[:k].astype(np.int64)
+
+
+@numba.njit(**_JIT)
+def inclusion_probabilities(p: np.ndarray, k: int) -> np.ndarray:
+    """Inclusion probabilities ``pi_i = min(1, c * p_i)`` with ``sum(pi) == k``.
+
+    ``p`` (B,) is non-negative with a positive sum and at least ``k`` positive
+    entries. Items whose share would exceed 1 are capped at 1 and the rest
+    rescaled, repeatedly, until every ``pi_i <= 1``.
+    """
+    b = p.shape[0]
+    pi = np.zeros(b)
+    capped = np.zeros(b, dtype=np.bool_)
+    n_capped = 0
+    while True:
+        rest = 0.0
+        for i in range(b):
+            if not capped[i]:
+                rest += p[i]
+        scale = (k - n_capped) / rest
+        changed = False
+        for i in range(b):
+            if not capped[i]:
+                v = p[i] * scale
+                if v >= 1.0:
+                    capped[i] = True
+                    n_capped += 1
+                    changed = True
+        if not changed:
+            for i in range(b):
+                pi[i] = 1.0 if capped[i] else p[i] * scale
+            return pi
+
+
+@numba.njit(**_JIT)
+def systematic_sample(pi: np.ndarray, order: np.ndarray, u: float) -> np.ndarray:
+    """Systematic probability-proportional-to-size sample along ``order``.
+
+    Walks the items in ``order`` (a permutation), accumulating ``pi``; item ``i``
+    is taken when the running sum crosses one of ``u, u + 1, ..., u + k - 1``
+    (``u`` in [0, 1)). With ``sum(pi) == k`` and every ``pi_i <= 1`` this returns
+    exactly ``k`` distinct indices, item ``i`` included with probability ``pi_i``
+    over ``u``. Returns int64 (k,).
+    """
+    k = int(np.round(pi.sum()))
+    out = np.empty(k, dtype=np.int64)
+    acc = 0.0
+    nxt = u
+    m = 0
+    for j in range(order.shape[0]):
+        i = order[j]
+        acc += pi[i]
+        while m < k and acc > nxt:
+            out[m] = i
+            m += 1
+            nxt += 1.0
+    while m < k:  # float round-off on the last crossing
+        out[m] = order[order.shape[0] - 1 - (k - 1 - m)]
+        m += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _orthogonalise(row: np.ndarray, q: np.ndarray, coef: np.ndarray, m: int) -> None:
+    """``row -= sum_{t < m} coef[t] * q[t]``, four rows of ``q`` per pass."""
+    n = row.shape[0]
+    t = 0
+    while t + 4 <= m:
+        a0, a1, a2, a3 = coef[t], coef[t + 1], coef[t + 2], coef[t + 3]
+        q0, q1, q2, q3 = q[t], q[t + 1], q[t + 2], q[t + 3]
+        for i in range(n):
+            row[i] -= a0 * q0[i] + a1 * q1[i] + a2 * q2[i] + a3 * q3[i]
+        t += 4
+    while t < m:
+        a0 = coef[t]
+        q0 = q[t]
+        for i in range(n):
+            row[i] -= a0 * q0[i]
+        t += 1
+
+
+@numba.njit(**_JIT)
+def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ridge: float):
+    """Orthogonal matching pursuit using only inner products.
+
+    Atoms are vectors ``g_i`` with ``gram[i, j] = <g_i, g_j>``; the target is a
+    vector ``t`` with ``target_corr[i] = <g_i, t>`` (float64). Each step adds the
+    atom most correlated with the current residual ``t - P_S t`` (the largest
+    positive correlation when ``nonneg``, else the largest magnitude), then
+    updates every correlation by Gram-Schmidt against the chosen atoms, so step
+    ``j`` costs O(B * j). ``ridge`` is added to the diagonal of the chosen
+    atoms' Gram matrix. The B-long working rows are kept in ``gram``'s dtype
+    (float32 halves the memory traffic of the dominant update; float64 is exact);
+    scalars and the Cholesky factor are float64.
+
+    Stops early when no candidate improves the fit: no correlation above
+    ``1e-10`` of the largest initial one, or every candidate left is
+    numerically dependent on those chosen.
+
+    Returns ``(chosen, weights, explained)``: int64 (m,) atoms in pick order with
+    ``m <= k``; float64 (m,) least-squares weights of ``t`` on them (no sign
+    constraint: see ``nnls_gram``); and ``sum_j y_j**2``, the squared norm of
+    the projection of ``t`` onto their span.
+    """
+    b = gram.shape[0]
+    q = np.zeros((k, b), dtype=gram.dtype)  # q[t, i] = <g_i, u_t>, u_t orthonormal
+    chol = np.zeros((k, k))  # lower Cholesky factor of gram[S, S] + ridge * I
+    coef = np.zeros(k, dtype=gram.dtype)
+    y = np.zeros(k)  # y[t] = <target, u_t>
+    corr = target_corr.astype(np.float64)  # <g_i, residual>
+    taken = np.zeros(b, dtype=np.bool_)
+    chosen = np.empty(k, dtype=np.int64)
+    corr_tol = 0.0
+    for i in range(b):
+        corr_tol = max(corr_tol, abs(target_corr[i]))
+    corr_tol *= 1e-10
+    m = 0
+    explained = 0.0
+    while m < k:
+        best = -1
+        best_val = corr_tol
+        for i in range(b):
+            if not taken[i]:
+                v = corr[i] if nonneg else abs(corr[i])
+                if v > best_val:
+                    best_val = v
+                    best = i
+        if best < 0:
+            break
+        taken[best] = True
+        # Cholesky row of the new atom: its components along u_0 .. u_{m-1}.
+        diag = float(gram[best, best]) + ridge
+        sq = diag
+        for t in range(m):
+            lt = float(q[t, best])
+            chol[m, t] = lt
+            coef[t] = lt
+            sq -= lt * lt
+        if sq <= 1e-10 * diag:
+            continue  # dependent on the atoms already chosen: never pick it again
+        d = np.sqrt(sq)
+        chol[m, m] = d
+        row = q[m]
+        row[:] = gram[best]
+        _orthogonalise(row, q, coef, m)
+        inv = 1.0 / d
+        for i in range(b):
+            row[i] *= inv
+        row[best] = d  # the ridge lives on the chosen atoms only
+        yt = target_corr[best]
+        for t in range(m):
+            yt -= chol[m, t] * y[t]
+        yt *= inv
+        y[m] = yt
+        explained += yt * yt
+        for i in range(b):
+            corr[i] -= yt * row[i]
+        chosen[m] = best
+        m += 1
+    # Weights: solve chol^T w = y (back substitution).
+    w = np.zeros(m)
+    for r in range(m - 1, -1, -1):
+        s = y[r]
+        for c in range(r + 1, m):
+            s -= chol[c, r] * w[c]
+        w[r] = s / chol[r, r]
+    return chosen[:m].copy(), w, explained
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def row_means(gram: np.ndarray) -> np.ndarray:
+    """float64 mean of each row: ``<g_i, mean_j g_j>`` for a Gram matrix."""
+    b = gram.shape[0]
+    out = np.empty(b)
+    for r in range(b):
+        src = gram[r]
+        acc = 0.0
+        for c in range(gram.shape[1]):
+            acc += src[c]
+        out[r] = acc / gram.shape[1]
+    return out
+
+
+@numba.njit(**_JIT)
+def gather_gram(gram: np.ndarray, index: np.ndarray, ridge: float) -> np.ndarray:
+    """``gram[index][:, index] + ridge * I`` as a new float64 (m, m) array."""
+    m = index.shape[0]
+    out = np.empty((m, m))
+    for r in range(m):
+        src = gram[index[r]]
+        for c in range(m):
+            out[r, c] = src[index[c]]
+        out[r, r] += ridge
+    return out
+
+
+@numba.njit(**_JIT)
+def nnls_gram(gram: np.ndarray, target_corr: np.ndarray, init: np.ndarray,
+              max_sweeps: int, tol: float) -> np.ndarray:
+    """Minimise ``0.5 w' G w - c' w`` subject to ``w >= 0`` by cyclic coordinate descent.
+
+    That is non-negative least squares ``min ||sum_i w_i g_i - t||`` written in
+    Gram form (``G = gram``, ``c = target_corr``). Starts from ``max(init, 0)``
+    and sweeps until the largest coordinate change is below ``tol`` times the
+    largest weight, or ``max_sweeps`` sweeps. Zero-diagonal coordinates stay 0.
+    Returns float64 (m,).
+    """
+    m = gram.shape[0]
+    w = np.empty(m)
+    for i in range(m):
+        w[i] = max(init[i], 0.0)
+    grad = gram @ w - target_corr  # G w - c
+    for _ in range(max_sweeps):
+        biggest_step = 0.0
+        biggest_w = 0.0
+        for i in range(m):
+            gii = gram[i, i]
+            if gii <= 0.0:
+                continue
+            new = max(w[i] - grad[i] / gii, 0.0)
+            delta = new - w[i]
+            if delta != 0.0:
+                gi = gram[i]  # symmetric: row i is column i, contiguous
+                for j in range(m):
+                    grad[j] += delta * gi[j]
+                w[i] = new
+                biggest_step = max(biggest_step, abs(delta))
+            biggest_w = max(biggest_w, new)
+        if biggest_step <= tol * max(biggest_w, 1e-300):
+            break
+    return w

@@ -1,0 +1,431 @@
+"""Selection strategies: map a minibatch's ``Scores`` to weighted sample indices.
+
+Every strategy is a small object with one method,
+``select(scores, k) -> Selection(indices, weights)``, where ``indices`` is int64
+(k,) positions in the minibatch and ``weights`` float32 (k,). The sub-batch loss
+``sum_i w_i * l_i`` estimates the mean loss of the whole minibatch (exactly, in
+expectation, for the unbiased rules; as the paper defines it for the others).
+
+Strategies know nothing about models, loaders or devices. Their state (a loss
+history, an RNG) is explicit: ``state_dict()`` / ``load_state_dict()``.
+
+======================  ===========  =====================================================
+name                    class        rule
+======================  ===========  =====================================================
+``"uniform"``           Uniform      k without replacement, ``w = 1/k`` (the baseline)
+``"topk"``              TopK         the k largest losses, ``w = 1/k``
+``"sb"``                SelectiveBackprop  keep-probability ``CDF(loss)**beta`` (Jiang et al. 2019)
+``"gradmatch"``         GradientMatching   weighted subset matching the mean gradient (OMP + NNLS)
+``"importance"``        ImportanceSampling ``p ~ grad norm``, ``w = 1/(B k p)`` (Katharopoulos & Fleuret 2018)
+======================  ===========  =====================================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Optional, Union
+
+import numpy as np
+import torch
+
+from . import kernels
+from .hook import Scores
+
+__all__ = [
+    "Selection",
+    "Strategy",
+    "Uniform",
+    "TopK",
+    "SelectiveBackprop",
+    "GradientMatching",
+    "ImportanceSampling",
+    "STRATEGIES",
+    "get_strategy",
+    "budget",
+]
+
+Seed = Union[None, int, np.random.Generator]
+
+
+def budget(fraction: float, batch_size: int) -> int:
+    """Sub-batch size for ``fraction`` of ``batch_size``: ``ceil(fraction * B)``, at least 1."""
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0) or isinstance(fraction, bool):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    return max(1, min(batch_size, math.ceil(fraction * batch_size - 1e-9)))
+
+
+class Selection(tuple):
+    """``(indices, weights)`` plus optional diagnostics; unpacks as a 2-tuple.
+
+    Attributes:
+        indices: int64 (k,) positions in the minibatch.
+        weights: float32 (k,) loss weights.
+        residual: for GradientMatching, ``|sum_i w_i g_i - g_mean| / |g_mean|``
+            over last-layer gradients; ``None`` for the other strategies.
+    """
+
+    residual: Optional[float]
+
+    def __new__(cls, indices: np.ndarray, weights: np.ndarray, residual: Optional[float] = None):
+        self = super().__new__(
+            cls,
+            (np.ascontiguousarray(indices, dtype=np.int64), np.ascontiguousarray(weights, dtype=np.float32)),
+        )
+        self.residual = residual
+        return self
+
+    @property
+    def indices(self) -> np.ndarray:
+        return self[0]
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self[1]
+
+
+def _rng(seed: Seed) -> np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None or isinstance(seed, (int, np.integer)):
+        return np.random.default_rng(seed)
+    raise TypeError(f"seed must be None, an int or a numpy.random.Generator, got {type(seed).__name__}")
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+class Strategy:
+    """Base class: validation, the RNG and (empty) state handling.
+
+    Subclasses implement ``_select(scores, loss, k) -> Selection`` where ``loss``
+    is the float64 NumPy copy of ``scores.loss``, already checked finite.
+    """
+
+    name: ClassVar[str] = ""
+    #: whether ``select`` reads gradient information (``grad_norms``/``gram``)
+    needs_gradients: ClassVar[bool] = False
+    #: whether the returned count can differ from ``k``
+    variable_count: ClassVar[bool] = False
+
+    def __init__(self, seed: Seed = None) -> None:
+        self.rng = _rng(seed)
+
+    def select(self, scores: Scores, k: int) -> Selection:
+        """Choose ``k`` samples of the minibatch and their loss weights."""
+        n = len(scores)
+        if n == 0:
+            raise ValueError("cannot select from an empty batch (0 samples)")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if not 1 <= k <= n:
+            raise ValueError(f"k must be in [1, {n}] for a batch of {n} samples, got k={k}")
+        loss = _numpy(scores.loss)
+        if loss.shape != (n,):
+            raise ValueError(f"scores.loss must have shape ({n},), got {loss.shape}")
+        bad = ~np.isfinite(loss)
+        if bad.any():
+            raise ValueError(
+                f"{int(bad.sum())} non-finite loss value(s) at batch positions "
+                f"{np.flatnonzero(bad)[:10].tolist()}; use nan_policy='skip' or 'keep' in SelectiveLoader"
+            )
+        return self._select(scores, loss, int(k))
+
+    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically: here, the RNG state."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
+        self.rng.bit_generator.state = state["rng"]
+
+    def _params(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._params()})"
+
+
+def _uniform_weights(k: int) -> np.ndarray:
+    return np.full(k, 1.0 / k)
+
+
+class Uniform(Strategy):
+    """``k`` samples uniformly at random without replacement, ``w = 1/k``.
+
+    The baseline that matters: the weighted sub-batch gradient is an unbiased
+    estimate of the minibatch mean gradient.
+    """
+
+    name = "uniform"
+
+    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+        idx = np.sort(self.rng.choice(loss.shape[0], size=k, replace=False))
+        return Selection(idx, _uniform_weights(k))
+
+
+class TopK(Strategy):
+    """The ``k`` largest losses (ties to the lower position), ``w = 1/k``.
+
+    Deterministic; the rule of Composer's ``SelectiveBackprop`` algorithm.
+    """
+
+    name = "topk"
+
+    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+        idx = np.sort(np.argsort(-loss, kind="stable")[:k])
+        return Selection(idx, _uniform_weights(k))
+
+
+class SelectiveBackprop(Strategy):
+    """Selective Backprop (Jiang et al. 2019, "Accelerating Deep Learning by Focusing on the Biggest Losers").
+
+    Each sample's keep-probability is ``P_i = F(l_i) ** beta`` with ``F`` the
+    empirical CDF ``P(L <= l)`` over the last ``history`` losses seen (the
+    current batch's losses join the history first, so the largest loss in
+    view has ``P = 1``).
+
+    Args:
+        beta: selectivity; with a continuous loss distribution the expected
+            kept fraction is ``1 / (beta + 1)`` in ``"bernoulli"`` mode.
+        history: how many recent losses the CDF is taken over.
+        mode: ``"fixed"`` draws exactly ``k`` without replacement, successively
+            proportional to ``P_i`` (for equal-budget comparisons);
+            ``"bernoulli"`` keeps each sample independently with probability
+            ``P_i`` (the original; the count varies and ``k`` is ignored).
+        unbiased: ``False`` (the paper) weights kept samples equally,
+            ``1/count``; ``True`` uses Horvitz-Thompson weights ``1/(B pi_i)``
+            with exact inclusion probabilities (``pi_i = P_i`` in bernoulli
+            mode; systematic PPS sampling in fixed mode), an unbiased estimate.
+        seed: int or ``numpy.random.Generator``.
+    """
+
+    name = "sb"
+
+    def __init__(
+        self,
+        beta: float = 1.0,
+        history: int = 1024,
+        mode: str = "fixed",
+        unbiased: bool = False,
+        seed: Seed = None,
+    ) -> None:
+        super().__init__(seed)
+        if not (isinstance(beta, (int, float)) and beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        if isinstance(history, bool) or not isinstance(history, (int, np.integer)) or history < 1:
+            raise ValueError(f"history must be a positive int, got {history!r}")
+        if mode not in ("fixed", "bernoulli"):
+            raise ValueError(f"mode must be 'fixed' or 'bernoulli', got {mode!r}")
+        self.beta = float(beta)
+        self.history = int(history)
+        self.mode = mode
+        self.unbiased = bool(unbiased)
+        self._hist = np.zeros(0)
+
+    @property
+    def variable_count(self) -> bool:  # type: ignore[override]
+        return self.mode == "bernoulli"
+
+    def recent_losses(self) -> np.ndarray:
+        """The losses the CDF is currently taken over (oldest first), a copy."""
+        return self._hist.copy()
+
+    def push(self, losses: np.ndarray) -> None:
+        """Append losses to the history, keeping the latest ``history`` of them."""
+        losses = np.asarray(losses, dtype=np.float64).ravel()
+        self._hist = np.concatenate([self._hist, losses])[-self.history :]
+
+    def keep_probabilities(self, loss: np.ndarray) -> np.ndarray:
+        """``CDF(loss) ** beta`` against the current history (no update)."""
+        return kernels.ecdf(self._hist, np.ascontiguousarray(loss, dtype=np.float64)) ** self.beta
+
+    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+        b = loss.shape[0]
+        self.push(loss)
+        p = self.keep_probabilities(loss)
+        if self.mode == "bernoulli":
+            idx = np.flatnonzero(self.rng.random(b) < p)
+            if self.unbiased:
+                return Selection(idx, 1.0 / (b * p[idx]))
+            return Selection(idx, _uniform_weights(idx.shape[0]))
+        if self.unbiased:
+            pi = kernels.inclusion_probabilities(p, k)
+            idx = np.sort(kernels.systematic_sample(pi, self.rng.permutation(b), self.rng.random()))
+            return Selection(idx, 1.0 / (b * pi[idx]))
+        u = 1.0 - self.rng.random(b)  # in (0, 1]
+        idx = np.sort(kernels.sample_without_replacement(p, u, k))
+        return Selection(idx, _uniform_weights(k))
+
+    def state_dict(self) -> dict[str, Any]:
+        """RNG state and the loss history."""
+        return {**super().state_dict(), "history": self.recent_losses()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._hist = np.asarray(state["history"], dtype=np.float64)[-self.history :].copy()
+
+    def _params(self) -> str:
+        return f"beta={self.beta}, history={self.history}, mode={self.mode!r}, unbiased={self.unbiased}"
+
+
+class GradientMatching(Strategy):
+    """The weighted subset whose last-layer gradient sum best matches the minibatch mean.
+
+    Solves ``min_{|S| = k, w} || sum_{i in S} w_i g_i - mean_j g_j ||`` over the
+    exact last-layer (weight and bias) gradients ``g_i = e_i (x) [h_i, 1]``,
+    working only with their ``B x B`` Gram matrix (never the ``C (d + 1)``-wide
+    gradients): orthogonal matching pursuit picks ``S`` (by largest positive
+    correlation with the residual when ``nonneg``), then non-negative least
+    squares on ``S`` sets the weights. If the pursuit stops early (the mean is
+    already matched, or nothing correlates positively) the budget is filled with
+    random samples and the weights re-solved, so exactly ``k`` come back.
+    The residual ``|sum w g - mean g| / |mean g|`` is reported in the result.
+    (Balles et al. 2023, "A Negative Result on Gradient Matching for Selective
+    Backprop"; GradMatch, Killamsetty et al. 2021.)
+
+    Args:
+        reg: ridge penalty on the weights, relative to the mean squared
+            gradient norm: adds ``reg * mean_i |g_i|^2 * |w|^2`` to the fit.
+        nonneg: constrain weights to be ``>= 0`` (a negative weight would turn a
+            sample's gradient step around).
+        seed: for filling the budget when the pursuit stops early.
+    """
+
+    name = "gradmatch"
+    needs_gradients = True
+
+    def __init__(self, reg: float = 0.0, nonneg: bool = True, seed: Seed = None) -> None:
+        super().__init__(seed)
+        if not (isinstance(reg, (int, float)) and reg >= 0 and math.isfinite(reg)):
+            raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
+        self.reg = float(reg)
+        self.nonneg = bool(nonneg)
+
+    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+        gram = scores.gram().detach().to("cpu", torch.float32).numpy()
+        if not np.isfinite(gram).all():
+            raise ValueError("non-finite values in the last-layer gradients (logit_grad or features)")
+        return self.select_from_gram(gram, k)
+
+    def select_from_gram(self, gram: np.ndarray, k: int) -> Selection:
+        """Select from a precomputed (B, B) Gram matrix of per-sample gradients.
+
+        float32 (what ``Scores.gram`` gives) runs the pursuit's dominant update
+        at twice the speed of float64; the weights are always solved in float64.
+        """
+        if gram.dtype not in (np.float32, np.float64):
+            gram = gram.astype(np.float64)
+        gram = np.ascontiguousarray(gram)
+        b = gram.shape[0]
+        target = kernels.row_means(gram)  # <g_i, mean g>
+        tnorm2 = float(target.mean())  # |mean g|^2
+        ridge = self.reg * float(np.mean(np.diag(gram), dtype=np.float64))
+        if tnorm2 <= 0.0:  # every gradient is zero: nothing to match
+            idx = np.sort(self.rng.choice(b, size=k, replace=False))
+            return Selection(idx, _uniform_weights(k), residual=0.0)
+        chosen, w, _ = kernels.omp_gram(gram, target, k, self.nonneg, ridge)
+        if chosen.shape[0] < k:
+            rest = np.setdiff1d(np.arange(b), chosen)
+            fill = self.rng.choice(rest, size=k - chosen.shape[0], replace=False)
+            chosen = np.concatenate([chosen, fill])
+            w = np.concatenate([w, np.zeros(fill.shape[0])])
+        # Weights in float64 on the chosen block (also repairs float32 round-off).
+        sub = kernels.gather_gram(gram, chosen, ridge)
+        if self.nonneg:
+            w = kernels.nnls_gram(sub, target[chosen], w, 500, 1e-7)
+        else:
+            w = np.linalg.solve(sub + 1e-12 * np.trace(sub) / k * np.eye(k), target[chosen])
+        if ridge:
+            sub[np.diag_indices(k)] -= ridge
+        err2 = float(w @ sub @ w - 2.0 * w @ target[chosen] + tnorm2)
+        residual = math.sqrt(max(err2, 0.0) / tnorm2)
+        order = np.argsort(chosen)
+        return Selection(chosen[order], w[order], residual=residual)
+
+    def _params(self) -> str:
+        return f"reg={self.reg}, nonneg={self.nonneg}"
+
+
+class ImportanceSampling(Strategy):
+    """Sampling proportional to last-layer gradient norm (Katharopoulos & Fleuret 2018).
+
+    ``p_i = |g_i| / sum_j |g_j|``; weights ``1 / (B k p_i)`` make the weighted
+    sub-batch loss an unbiased estimate of the minibatch mean loss.
+
+    Args:
+        replace: ``True`` draws ``k`` independent samples (repeats possible);
+            ``False`` draws ``k`` distinct samples by systematic PPS sampling
+            with inclusion probabilities ``pi_i = min(1, c p_i)`` and weights
+            ``1 / (B pi_i)``.
+        smoothing: mixes ``p`` with the uniform distribution,
+            ``(1 - smoothing) p + smoothing / B``, which bounds the weights.
+        seed: int or ``numpy.random.Generator``.
+    """
+
+    name = "importance"
+    needs_gradients = True
+
+    def __init__(self, replace: bool = True, smoothing: float = 0.0, seed: Seed = None) -> None:
+        super().__init__(seed)
+        if not (isinstance(smoothing, (int, float)) and 0.0 <= smoothing <= 1.0):
+            raise ValueError(f"smoothing must be in [0, 1], got {smoothing!r}")
+        self.replace = bool(replace)
+        self.smoothing = float(smoothing)
+
+    def probabilities(self, norms: np.ndarray) -> np.ndarray:
+        """Sampling distribution from gradient norms (uniform if all are zero)."""
+        b = norms.shape[0]
+        total = norms.sum()
+        p = norms / total if total > 0 else np.full(b, 1.0 / b)
+        if self.smoothing:
+            p = (1.0 - self.smoothing) * p + self.smoothing / b
+        return p
+
+    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+        norms = _numpy(scores.grad_norms())
+        if not np.isfinite(norms).all():
+            raise ValueError("non-finite last-layer gradient norms")
+        b = norms.shape[0]
+        p = self.probabilities(norms)
+        if self.replace:
+            idx = np.sort(self.rng.choice(b, size=k, replace=True, p=p))
+            return Selection(idx, 1.0 / (b * k * p[idx]))
+        if np.count_nonzero(p) < k:  # too few non-zero norms for k distinct draws
+            p = 0.5 * p + 0.5 / b
+        pi = kernels.inclusion_probabilities(p, k)
+        idx = np.sort(kernels.systematic_sample(pi, self.rng.permutation(b), self.rng.random()))
+        return Selection(idx, 1.0 / (b * pi[idx]))
+
+    def _params(self) -> str:
+        return f"replace={self.replace}, smoothing={self.smoothing}"
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "uniform": Uniform,
+    "topk": TopK,
+    "sb": SelectiveBackprop,
+    "gradmatch": GradientMatching,
+    "importance": ImportanceSampling,
+}
+_ALIASES = {"random": "uniform", "selective_backprop": "sb", "gradient_matching": "gradmatch"}
+
+
+def get_strategy(strategy: Union[str, Strategy], seed: Seed = None) -> Strategy:
+    """A strategy object from a registered name (or the object itself, unchanged).
+
+    Names: ``"uniform"``, ``"topk"``, ``"sb"``, ``"gradmatch"``, ``"importance"``
+    (aliases ``"random"``, ``"selective_backprop"``, ``"gradient_matching"``).
+    ``seed`` is passed to the constructor of a named strategy.
+    """
+    if isinstance(strategy, Strategy):
+        return strategy
+    if isinstance(strategy, str):
+        key = _ALIASES.get(strategy.lower(), strategy.lower())
+        if key not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+        return STRATEGIES[key](seed=seed)
+    raise TypeError(f"strategy must be a name or a Strategy object, got {type(strategy).__name__}")
