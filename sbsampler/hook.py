@@ -224,7 +224,7 @@ class ScoringHook:
             targets: (B,) integer class labels in ``[0, C)``.
 
         Returns:
-            ``Scores`` on the inputs' device, in the head's dtype (float32 under AMP).
+            ``Scores`` on the inputs' device, in the head's dtype (float32 for half-precision heads).
         """
         batch = int(inputs.shape[0]) if isinstance(inputs, Tensor) else len(inputs)
         self.validate_targets(targets, batch)
@@ -234,8 +234,13 @@ class ScoringHook:
                 f"the head's input has shape {tuple(h.shape)}; per-sample last-layer "
                 "gradients need (B, d) features (pool or flatten before the head)"
             )
-        h = h.detach().float()
-        z = z.detach().float()
+        # Half-precision (AMP) activations are scored in float32; float32/64 as they are.
+        h = h.detach()
+        z = z.detach()
+        if h.dtype in (torch.float16, torch.bfloat16):
+            h = h.float()
+        if z.dtype in (torch.float16, torch.bfloat16):
+            z = z.float()
         targets = targets.to(z.device)
         if self.loss == "cross_entropy":
             logp = torch.log_softmax(z, dim=1)

@@ -108,7 +108,7 @@ def inclusion_probabilities(p: np.ndarray, k: int) -> np.ndarray:
         for i in range(b):
             if not capped[i]:
                 rest += p[i]
-        scale = (k - n_capped) / rest
+        scale = (k - n_capped) / rest if rest > 0.0 else 0.0
         changed = False
         for i in range(b):
             if not capped[i]:

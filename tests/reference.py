@@ -1,0 +1,55 @@
+"""Slow, obviously-correct NumPy twins of the Numba kernels in ``sbsampler.kernels``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ecdf_ref(history: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """For each loss: the fraction of history values <= it (ones for an empty history)."""
+    if history.size == 0:
+        return np.ones(losses.shape[0])
+    return np.array([np.count_nonzero(history <= v) / history.size for v in losses])
+
+
+def es_order_ref(weights: np.ndarray, uniforms: np.ndarray, k: int) -> np.ndarray:
+    """Efraimidis-Spirakis by brute force: repeatedly take the largest key u**(1/w)."""
+    keys = [(u ** (1.0 / w) if w > 0 else -1.0, -i) for i, (w, u) in enumerate(zip(weights, uniforms))]
+    out = []
+    left = list(range(len(weights)))
+    for _ in range(k):
+        best = max(left, key=lambda i: keys[i])
+        out.append(best)
+        left.remove(best)
+    return np.array(out, dtype=np.int64)
+
+
+def inclusion_probabilities_ref(p: np.ndarray, k: int) -> np.ndarray:
+    """``min(1, c p)`` with ``c`` found by bisection so that the sum is ``k``."""
+    lo, hi = 0.0, 1.0
+    while np.minimum(1.0, hi * p).sum() < k:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if np.minimum(1.0, mid * p).sum() < k:
+            lo = mid
+        else:
+            hi = mid
+    return np.minimum(1.0, hi * p)
+
+
+def omp_ref(atoms: np.ndarray, target: np.ndarray, k: int, nonneg: bool) -> tuple[np.ndarray, np.ndarray]:
+    """OMP on explicit vectors (columns of ``atoms``): pick by correlation, re-fit by lstsq."""
+    chosen: list[int] = []
+    w = np.zeros(0)
+    for _ in range(k):
+        resid = target - atoms[:, chosen] @ w
+        corr = atoms.T @ resid
+        score = corr if nonneg else np.abs(corr)
+        score[chosen] = -np.inf
+        best = int(np.argmax(score))
+        if score[best] <= 1e-10 * np.abs(atoms.T @ target).max():
+            break
+        chosen.append(best)
+        w = np.linalg.lstsq(atoms[:, chosen], target, rcond=None)[0]
+    return np.array(chosen, dtype=np.int64), w

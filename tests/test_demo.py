@@ -1,0 +1,14 @@
+"""The README's demo runs and prints its table (one short epoch here)."""
+
+import sbsampler.demo as demo
+
+
+def test_demo_prints_table(capsys):
+    results = demo.main(["--epochs", "1", "--strategies", "uniform", "gradmatch"])
+    out = capsys.readouterr().out
+    assert "strategy" in out and "select %" in out
+    assert [r.strategy for r in results] == ["full", "uniform", "gradmatch"]
+    full, uniform, gm = results
+    assert full.samples_backprop == full.samples_seen == 1438
+    assert uniform.samples_backprop == gm.samples_backprop < 0.3 * full.samples_backprop
+    assert all(0.0 <= r.test_accuracy <= 1.0 for r in results)

@@ -1,0 +1,194 @@
+"""ScoringHook: closed-form losses and last-layer gradients against autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import sbsampler as sb
+
+
+def mlp(bias: bool = True) -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5, bias=bias))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
+        self.fc = nn.Linear(32, 7)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def per_sample_head_grads(model, head, x, y, loss_fn):
+    """(B, C*d [+ C]) per-sample gradients of the head's weight and bias, by torch.func."""
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    names = [n for n, p in model.named_parameters() if p is head.weight or p is head.bias]
+
+    def loss_one(p, xi, yi):
+        out = functional_call(model, (p, buffers), (xi[None],))
+        return loss_fn(out, yi[None])[0]
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g[n].reshape(len(x), -1) for n in names], dim=1)
+
+
+def assert_close_rel(a, b, rtol=1e-5):
+    scale = b.abs().max().clamp_min(1e-12)
+    assert ((a - b).abs().max() / scale).item() <= rtol, ((a - b).abs().max() / scale).item()
+
+
+CASES = [
+    ("mlp", 0.0, True),
+    ("mlp", 0.1, True),
+    ("mlp-nobias", 0.0, False),
+    ("cnn", 0.0, True),
+    ("cnn", 0.2, True),
+]
+
+
+@pytest.mark.parametrize("arch,smoothing,bias", CASES)
+def test_gram_and_norms_match_autograd(arch, smoothing, bias):
+    torch.manual_seed(0)
+    model = SmallCNN() if arch == "cnn" else mlp(bias)
+    model = model.double()
+    x = torch.randn(9, 3, 5, 5, dtype=torch.float64) if arch == "cnn" else torch.randn(9, 6, dtype=torch.float64)
+    hook = sb.ScoringHook(model, label_smoothing=smoothing)
+    n_classes = hook.num_classes
+    y = torch.randint(0, n_classes, (9,))
+    if arch == "cnn":  # non-trivial running statistics
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(32, 3, 5, 5, dtype=torch.float64) * 2 + 1)
+    scores = hook.score(x, y)
+    loss_fn = lambda z, t: F.cross_entropy(z, t, reduction="none", label_smoothing=smoothing)  # noqa: E731
+    g = per_sample_head_grads(model, hook.head, x, y, loss_fn).to(scores.gram().dtype)
+    assert_close_rel(scores.gram(), g @ g.T)
+    assert_close_rel(scores.grad_norms(), g.norm(dim=1))
+    model.eval()
+    with torch.no_grad():
+        expected_loss = loss_fn(model(x), y)
+    assert_close_rel(scores.loss.double(), expected_loss)
+
+
+def test_callable_loss_matches_autograd():
+    torch.manual_seed(1)
+    model = mlp().double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+
+    def focal(z, t):
+        logp = torch.log_softmax(z, 1).gather(1, t[:, None])[:, 0]
+        return -((1 - logp.exp()) ** 2) * logp
+
+    scores = sb.ScoringHook(model, loss=focal).score(x, y)
+    g = per_sample_head_grads(model, model[-1], x, y, focal).float()
+    assert_close_rel(scores.gram(), g @ g.T)
+
+
+def test_scoring_leaves_model_untouched():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 5, 5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(10, 3, 5, 5) * 3, torch.randint(0, 7, (10,))
+    for train_mode in (False, True):
+        hook = sb.ScoringHook(model, train_mode=train_mode)
+        for mode in (True, False):
+            model.train(mode)
+            hook.score(x, y)
+            assert model.training is mode
+        hook.remove()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_train_mode_uses_batch_statistics():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    x, y = torch.randn(10, 3, 5, 5) * 3 + 2, torch.randint(0, 7, (10,))
+    eval_loss = sb.ScoringHook(model).score(x, y).loss
+    train_loss = sb.ScoringHook(model, train_mode=True).score(x, y).loss
+    model.train()
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y, reduction="none")
+    torch.testing.assert_close(train_loss, expected)
+    assert not torch.allclose(eval_loss, train_loss)
+
+
+def test_hook_is_inert_outside_score():
+    model = mlp()
+    hook = sb.ScoringHook(model)
+    model(torch.randn(4, 6))
+    assert hook._captured is None
+
+
+def test_head_found_automatically_and_explicitly():
+    model = SmallCNN()
+    assert sb.ScoringHook(model).head is model.fc
+    assert sb.find_head(model) is model.fc
+
+
+def test_error_without_linear_layer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    with pytest.raises(ValueError, match="head="):
+        sb.ScoringHook(model)
+
+
+def test_error_when_head_is_not_linear():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        sb.ScoringHook(mlp(), head=nn.Conv2d(1, 1, 1))
+
+
+def test_error_when_head_not_reached():
+    model = mlp()
+    unused = nn.Linear(3, 5)
+    hook = sb.ScoringHook(model, head=unused)
+    with pytest.raises(RuntimeError, match="not called"):
+        hook.score(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
+
+
+def test_error_for_non_2d_features():
+    model = nn.Sequential(nn.Linear(6, 5))
+    hook = sb.ScoringHook(model)
+    with pytest.raises(ValueError, match="flatten"):
+        hook.score(torch.randn(4, 3, 6), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "targets,err,match",
+    [
+        (torch.tensor([0, 1, 5, 2]), ValueError, "out of range"),
+        (torch.tensor([0, -1, 1, 2]), ValueError, "out of range"),
+        (torch.tensor([0.0, 1.0, 1.0, 2.0]), TypeError, "integer"),
+        (torch.tensor([0, 1, 2]), ValueError, "shape"),
+        ([0, 1, 2, 3], TypeError, "torch.Tensor"),
+    ],
+)
+def test_target_validation(targets, err, match):
+    hook = sb.ScoringHook(mlp())
+    with pytest.raises(err, match=match):
+        hook.score(torch.randn(4, 6), targets)
+
+
+def test_callable_loss_must_be_per_sample():
+    hook = sb.ScoringHook(mlp(), loss=lambda z, t: F.cross_entropy(z, t))
+    with pytest.raises(ValueError, match="per-sample"):
+        hook.score(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
+
+
+def test_scores_subset_and_losses_only():
+    scores = sb.ScoringHook(mlp()).score(torch.randn(6, 6), torch.arange(6) % 5)
+    part = scores.subset(torch.tensor([0, 2]))
+    assert len(part) == 2 and part.features.shape == (2, 12)
+    with pytest.raises(ValueError, match="losses only"):
+        sb.Scores(loss=torch.ones(3)).gram()

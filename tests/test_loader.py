@@ -1,0 +1,263 @@
+"""SelectiveLoader over real DataLoaders: indices, rebatching, window, NaN policy, bookkeeping."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import sbsampler as sb
+
+N, DIM, CLASSES = 150, 6, 4
+
+
+def dataset():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, DIM, generator=g)
+    y = torch.randint(0, CLASSES, (N,), generator=g)
+    return TensorDataset(x, y)
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(DIM, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, CLASSES))
+
+
+def make(strategy="uniform", bs=32, shuffle=True, indexed=True, **kw):
+    ds = dataset()
+    dl = DataLoader(sb.with_indices(ds) if indexed else ds, batch_size=bs, shuffle=shuffle,
+                    generator=torch.Generator().manual_seed(1))
+    net = model()
+    return ds, net, sb.SelectiveLoader(dl, sb.ScoringHook(net), strategy=strategy, seed=0, **kw)
+
+
+def check_accounting(stats):
+    assert stats.samples_seen == stats.samples_selected + stats.samples_not_selected + stats.samples_skipped
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "topk", "sb", "gradmatch", "importance"])
+def test_sub_batches_carry_dataset_indices_and_train(strategy):
+    ds, net, loader = make(strategy, fraction=0.25)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    steps = 0
+    for batch in loader:
+        x, y, w, idx = batch
+        assert idx.dtype == torch.int64 and w.dtype == torch.float32
+        torch.testing.assert_close(x, ds.tensors[0][idx])
+        assert torch.equal(y, ds.tensors[1][idx])
+        loss = sb.weighted_loss(F.cross_entropy(net(x), y, reduction="none"), w)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        steps += 1
+    assert steps == len(loader) == math.ceil(N / 32)
+    st = loader.stats
+    assert st.samples_seen == st.samples_scored == N
+    assert st.steps == steps
+    check_accounting(st)
+    if strategy == "gradmatch":
+        assert len(st.residuals) == steps and st.as_dict()["mean_residual"] is not None
+
+
+def test_sub_batch_size_is_ceil_fraction_of_each_batch():
+    _, _, loader = make(fraction=0.1, shuffle=False)
+    sizes = [len(b) for b in loader]
+    assert sizes == [4, 4, 4, 4, 3]  # ceil(0.1*32) x4, ceil(0.1*22)
+    assert loader.stats.samples_yielded == sum(sizes)
+
+
+def test_rebatch_yields_full_batches_and_loses_nothing():
+    ds, _, loader = make("topk", bs=32, fraction=0.3, rebatch=True)
+    batches = list(loader)
+    sizes = [len(b) for b in batches]
+    selected = sum(math.ceil(0.3 * b - 1e-9) for b in [32, 32, 32, 32, 22])
+    assert sizes[:-1] == [32] * (len(sizes) - 1) and sum(sizes) == selected
+    assert len(loader) == len(batches) == math.ceil(selected / 32)
+    idx = torch.cat([b.indices for b in batches])
+    assert idx.unique().numel() == idx.numel()  # every selected sample exactly once
+    for b in batches:  # a rebatched TopK batch is weighted 1/len, the remainder too
+        torch.testing.assert_close(b.weights, torch.full((len(b),), 1 / len(b)))
+        torch.testing.assert_close(b.inputs, ds.tensors[0][b.indices])
+    check_accounting(loader.stats)
+
+
+def test_rebatch_drop_last_counts_the_remainder():
+    _, _, loader = make("uniform", bs=32, fraction=0.3, rebatch=True, drop_last=True)
+    batches = list(loader)
+    st = loader.stats
+    assert all(len(b) == 32 for b in batches) and len(loader) == len(batches)
+    assert st.samples_dropped == st.samples_selected - 32 * len(batches) > 0
+    assert st.samples_yielded + st.samples_dropped == st.samples_selected
+
+
+def test_rebatch_weights_estimate_the_mean():
+    # Importance weights survive rebatching: sum(w) estimates 1 on average.
+    _, _, loader = make("importance", bs=16, fraction=0.5, rebatch=True)
+    sums = [float(b.weights.sum()) for _ in range(5) for b in loader if len(b) == 16]
+    assert abs(np.mean(sums) - 1.0) < 0.15
+
+
+def test_start_end_window_passes_full_batches_through():
+    _, _, loader = make("topk", bs=50, fraction=0.2, start=0.5, end=0.75, epochs=4)
+    scored = []
+    for epoch in range(4):
+        before = loader.stats.samples_scored
+        sizes = [len(b) for b in loader]
+        scored.append(loader.stats.samples_scored - before)
+        if epoch == 2:
+            assert sizes == [10, 10, 10]
+        else:
+            assert sizes == [50, 50, 50]
+    assert scored == [0, 0, N, 0]
+    check_accounting(loader.stats)
+
+
+def test_passthrough_weights_are_one_over_b():
+    _, _, loader = make(bs=50, start=0.0, end=0.0, epochs=1)
+    b = next(iter(loader))
+    torch.testing.assert_close(b.weights, torch.full((50,), 1 / 50))
+
+
+def test_without_indices_uses_stream_positions():
+    _, _, loader = make(indexed=False, shuffle=False, bs=50, fraction=1.0)
+    idx = torch.cat([b.indices for b in loader])
+    assert sorted(idx.tolist()) == list(range(N))
+
+
+class NaNOn(nn.Module):
+    """Features (and so logits and losses) are NaN for inputs whose first feature is > 1.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(DIM, CLASSES)
+
+    def forward(self, x):
+        return self.fc(torch.where(x[:, :1] > 1.5, torch.full_like(x, float("nan")), x))
+
+
+def nan_loader(policy, strategy="topk"):
+    ds = dataset()
+    net = NaNOn()
+    dl = DataLoader(sb.with_indices(ds), batch_size=50)
+    return ds, sb.SelectiveLoader(dl, sb.ScoringHook(net), strategy=strategy, fraction=0.5, nan_policy=policy)
+
+
+def test_nan_policy_raise_names_indices():
+    ds, loader = nan_loader("raise")
+    bad = (ds.tensors[0][:50, 0] > 1.5).nonzero().flatten().tolist()
+    assert bad
+    with pytest.raises(ValueError, match=r"non-finite loss.*dataset indices \[" + str(bad[0])):
+        list(loader)
+
+
+def test_nan_policy_skip_counts_and_excludes():
+    ds, loader = nan_loader("skip")
+    chosen = torch.cat([b.indices for b in loader])
+    bad = set((ds.tensors[0][:, 0] > 1.5).nonzero().flatten().tolist())
+    assert not bad & set(chosen.tolist())
+    assert loader.stats.samples_skipped == len(bad)
+    check_accounting(loader.stats)
+
+
+def test_nan_policy_keep_keeps_candidates():
+    ds, loader = nan_loader("keep")
+    chosen = set(torch.cat([b.indices for b in loader]).tolist())
+    bad = set((ds.tensors[0][:, 0] > 1.5).nonzero().flatten().tolist())
+    assert bad <= chosen  # scored as the largest loss: TopK takes them
+    assert loader.stats.samples_skipped == 0
+
+
+def test_empty_batches_are_skipped():
+    net = model()
+    batches = [(torch.zeros(0, DIM), torch.zeros(0, dtype=torch.long)), (torch.randn(8, DIM), torch.arange(8) % 4)]
+    loader = sb.SelectiveLoader(batches, sb.ScoringHook(net), fraction=0.5, seed=0)
+    out = list(loader)
+    assert [len(b) for b in out] == [4]
+    assert loader.stats.batches_seen == 2
+
+
+def test_dict_batches_and_device():
+    net = model()
+    batches = [{"inputs": torch.randn(8, DIM), "targets": torch.arange(8) % 4, "indices": torch.arange(100, 108)}]
+    loader = sb.SelectiveLoader(batches, sb.ScoringHook(net), fraction=0.5, device="cpu", seed=0)
+    (b,) = list(loader)
+    assert b.indices.min() >= 100 and len(b) == 4
+
+
+@pytest.mark.parametrize(
+    "batch,err,match",
+    [
+        ((torch.randn(8, DIM), torch.arange(7) % 4), ValueError, "8 samples but targets have 7"),
+        ((torch.randn(8, DIM), torch.arange(8) + 10), ValueError, "out of range"),
+        ((torch.randn(8, DIM), torch.rand(8)), TypeError, "integer"),
+        ((torch.randn(8, DIM),), TypeError, "batches must be"),
+        ((torch.randn(8, DIM), torch.arange(8) % 4, torch.arange(5)), ValueError, "5 indices"),
+    ],
+)
+def test_bad_batches(batch, err, match):
+    loader = sb.SelectiveLoader([batch], sb.ScoringHook(model()), fraction=0.5)
+    with pytest.raises(err, match=match):
+        list(loader)
+
+
+@pytest.mark.parametrize(
+    "kw,err,match",
+    [
+        (dict(fraction=0.0), ValueError, "fraction"),
+        (dict(fraction=1.5), ValueError, "fraction"),
+        (dict(start=0.5), ValueError, "epochs"),
+        (dict(start=0.8, end=0.2, epochs=3), ValueError, "start"),
+        (dict(nan_policy="ignore"), ValueError, "nan_policy"),
+        (dict(strategy="nope"), ValueError, "unknown strategy"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+    ],
+)
+def test_bad_arguments(kw, err, match):
+    with pytest.raises(err, match=match):
+        sb.SelectiveLoader([], sb.ScoringHook(model()), **kw)
+
+
+def test_hook_type_checked():
+    with pytest.raises(TypeError, match="ScoringHook"):
+        sb.SelectiveLoader([], model())
+
+
+def test_bernoulli_rebatch_length_unknown():
+    _, _, loader = make(sb.SelectiveBackprop(mode="bernoulli"), rebatch=True)
+    with pytest.raises(TypeError, match="variable count"):
+        len(loader)
+
+
+def test_weighted_loss():
+    torch.testing.assert_close(sb.weighted_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.25, 0.25])),
+                               torch.tensor(1.0))
+    with pytest.raises(ValueError, match="reduction='none'"):
+        sb.weighted_loss(torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="same shape"):
+        sb.weighted_loss(torch.ones(3), torch.ones(2))
+
+
+def test_with_indices_checks_dataset():
+    with pytest.raises(TypeError, match="map-style"):
+        sb.with_indices(iter([]))
+    ds = sb.with_indices([(1, 2), (3, 4)])
+    assert ds[1] == (3, 4, 1) and len(ds) == 2
+
+
+def test_same_seed_same_epoch():
+    runs = []
+    for _ in range(2):
+        _, _, loader = make("sb", fraction=0.25)
+        runs.append(torch.cat([b.indices for b in loader]))
+    assert torch.equal(*runs)
+
+
+def test_stats_reset_and_fraction():
+    _, _, loader = make(fraction=0.5)
+    list(loader)
+    assert 0.45 < loader.stats.backprop_fraction < 0.55
+    loader.stats.reset()
+    assert loader.stats.samples_seen == 0 and loader.stats.residuals == []

@@ -1,0 +1,279 @@
+"""Selection strategies: each rule, its weights, its state and its input checks."""
+
+import numpy as np
+import pytest
+import torch
+
+import sbsampler as sb
+from sbsampler.strategies import budget
+
+B, C, D = 64, 5, 12
+
+
+def make_scores(seed=0, b=B, c=C, d=D, loss=None):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, c, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, c, (b,), generator=g)
+    h = torch.relu(torch.randn(b, d, generator=g, dtype=torch.float64))
+    p = torch.softmax(z, 1)
+    e = p - torch.nn.functional.one_hot(y, c)
+    ce = -torch.log(p.gather(1, y[:, None]))[:, 0]
+    return sb.Scores(loss=ce if loss is None else loss, logit_grad=e, features=h, targets=y)
+
+
+def explicit_grads(scores):
+    """(B, C*(d+1)) materialised last-layer gradients, for checking."""
+    h1 = torch.cat([scores.features, torch.ones(len(scores), 1, dtype=scores.features.dtype)], 1)
+    return torch.einsum("bc,bd->bcd", scores.logit_grad, h1).reshape(len(scores), -1).numpy()
+
+
+def fit_residual(g, idx, w):
+    target = g.mean(0)
+    return np.linalg.norm(w @ g[idx] - target) / np.linalg.norm(target)
+
+
+ALL = ["uniform", "topk", "sb", "gradmatch", "importance"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_strategy_returns_k_weighted_indices(name):
+    s = sb.get_strategy(name, seed=0)
+    idx, w = s.select(make_scores(), 16)
+    assert idx.dtype == np.int64 and w.dtype == np.float32
+    assert idx.shape == w.shape == (16,)
+    assert ((0 <= idx) & (idx < B)).all()
+    assert np.isfinite(w).all() and (w >= 0).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_seed_same_selection_and_state_resumes(name):
+    scores = [make_scores(i) for i in range(4)]
+    a, b = sb.get_strategy(name, seed=7), sb.get_strategy(name, seed=7)
+    for s in scores[:2]:
+        ra, rb = a.select(s, 10), b.select(s, 10)
+        np.testing.assert_array_equal(ra.indices, rb.indices)
+        np.testing.assert_array_equal(ra.weights, rb.weights)
+    saved = a.state_dict()
+    fresh = sb.get_strategy(name, seed=123)
+    fresh.load_state_dict(saved)
+    for s in scores[2:]:
+        ra, rf = a.select(s, 10), fresh.select(s, 10)
+        np.testing.assert_array_equal(ra.indices, rf.indices)
+        np.testing.assert_array_equal(ra.weights, rf.weights)
+
+
+def test_uniform_is_default_and_unbiased():
+    loader_default = sb.SelectiveLoader.__init__.__defaults__
+    assert "uniform" in loader_default
+    scores = make_scores(1)
+    g = explicit_grads(scores)
+    s = sb.Uniform(seed=0)
+    n = 4000
+    acc = np.zeros(g.shape[1])
+    counts = np.zeros(B)
+    for _ in range(n):
+        idx, w = s.select(scores, 8)
+        assert len(set(idx.tolist())) == 8
+        np.testing.assert_allclose(w, 1 / 8)
+        acc += w @ g[idx]
+        counts[idx] += 1
+    target = g.mean(0)
+    # Monte-Carlo error of the mean estimate, relative to the target's size.
+    assert np.linalg.norm(acc / n - target) < 0.1 * np.linalg.norm(target) + 0.05 * np.abs(g).mean()
+    np.testing.assert_allclose(counts / n, 8 / B, atol=0.03)
+
+
+def test_topk_returns_exactly_the_largest_losses():
+    loss = torch.tensor([0.3, 2.0, 0.1, 5.0, 2.0, 0.0, 1.5])
+    idx, w = sb.TopK().select(sb.Scores(loss=loss), 3)
+    assert idx.tolist() == [1, 3, 4]
+    np.testing.assert_allclose(w, 1 / 3)
+    idx, _ = sb.TopK().select(sb.Scores(loss=loss), 2)  # tie at 2.0: the lower position wins
+    assert idx.tolist() == [1, 3]
+    rng = np.random.default_rng(0)
+    big = torch.from_numpy(rng.random(500))
+    idx, _ = sb.TopK().select(sb.Scores(loss=big), 50)
+    assert set(idx.tolist()) == set(np.argsort(-big.numpy())[:50].tolist())
+
+
+def test_gradmatch_beats_uniform_and_reports_true_residual():
+    for seed in range(3):
+        scores = make_scores(seed, b=128)
+        g = explicit_grads(scores)
+        sel = sb.GradientMatching(seed=0).select(scores, 16)
+        assert (sel.weights >= 0).all()
+        np.testing.assert_allclose(sel.residual, fit_residual(g, sel.indices, sel.weights.astype(np.float64)),
+                                   rtol=1e-4)
+        uni = [fit_residual(g, *sb.Uniform(seed=s).select(scores, 16)) for s in range(20)]
+        assert sel.residual < 0.5 * np.median(uni)
+        assert sel.residual < min(uni)
+
+
+def test_gradmatch_full_budget_matches_exactly():
+    scores = make_scores(2, b=20)
+    sel = sb.GradientMatching().select(scores, 20)
+    assert sel.residual < 1e-4
+    assert sorted(sel.indices.tolist()) == list(range(20))
+
+
+def test_gradmatch_signed_and_ridge():
+    scores = make_scores(3, b=60)
+    g = explicit_grads(scores)
+    signed = sb.GradientMatching(nonneg=False).select(scores, 12)
+    np.testing.assert_allclose(signed.residual, fit_residual(g, signed.indices, signed.weights.astype(np.float64)),
+                               rtol=1e-4)
+    nonneg = sb.GradientMatching().select(scores, 12)
+    assert signed.residual <= nonneg.residual + 1e-6
+    ridge = sb.GradientMatching(reg=10.0).select(scores, 12)
+    assert np.abs(ridge.weights).sum() < np.abs(nonneg.weights).sum()
+
+
+def test_gradmatch_fills_budget_when_pursuit_stops_early():
+    # Rank-2 gradients: the mean is matched after 2 atoms, the other 8 are filled in.
+    e = torch.zeros(30, 3, dtype=torch.float64)
+    e[:, 0] = 1.0
+    h = torch.zeros(30, 4, dtype=torch.float64)
+    h[:, 0] = torch.linspace(0.5, 2.0, 30)
+    scores = sb.Scores(loss=torch.ones(30), logit_grad=e, features=h)
+    sel = sb.GradientMatching(seed=0).select(scores, 10)
+    assert len(set(sel.indices.tolist())) == 10
+    assert sel.residual < 1e-4  # the Gram is float32: ~1e-5 is its round-off floor
+
+
+def test_gradmatch_all_zero_gradients():
+    scores = sb.Scores(loss=torch.zeros(10), logit_grad=torch.zeros(10, 3), features=torch.ones(10, 2))
+    sel = sb.GradientMatching(seed=0).select(scores, 4)
+    assert sel.residual == 0.0 and len(sel.indices) == 4
+
+
+def test_selective_backprop_keep_probability_is_cdf_power_beta():
+    s = sb.SelectiveBackprop(beta=2.0, history=1000)
+    s.push(np.arange(1000, dtype=np.float64))  # history 0..999
+    p = s.keep_probabilities(np.array([-1.0, 0.0, 499.0, 999.0, 5000.0]))
+    np.testing.assert_allclose(p, np.array([0.0, 0.001, 0.5, 1.0, 1.0]) ** 2)
+
+
+def test_selective_backprop_bernoulli_keeps_with_cdf_probability():
+    rng = np.random.default_rng(0)
+    s = sb.SelectiveBackprop(beta=1.0, history=4096, mode="bernoulli", seed=0)
+    kept = np.zeros(10)
+    n = 3000
+    for _ in range(n):
+        s.load_state_dict({**s.state_dict(), "history": rng.random(4086)})  # fixed-size random history
+        loss = np.linspace(0.05, 0.95, 10)
+        idx, w = s.select(sb.Scores(loss=torch.from_numpy(loss)), 1)
+        kept[idx] += 1
+        np.testing.assert_allclose(w, 1 / len(idx))
+    # history = 4086 U(0,1) values + the 10 losses: P(keep) ~= loss
+    np.testing.assert_allclose(kept / n, np.linspace(0.05, 0.95, 10), atol=0.04)
+
+
+def test_selective_backprop_history_is_bounded_and_ordered():
+    s = sb.SelectiveBackprop(history=5)
+    s.push(np.arange(3.0))
+    s.push(np.arange(3.0, 7.0))
+    np.testing.assert_array_equal(s.recent_losses(), [2, 3, 4, 5, 6])
+
+
+def test_selective_backprop_fixed_prefers_high_loss():
+    loss = torch.linspace(0, 1, 100, dtype=torch.float64)
+    counts = np.zeros(100)
+    s = sb.SelectiveBackprop(beta=3.0, history=100, seed=0)
+    for _ in range(300):
+        idx, w = s.select(sb.Scores(loss=loss), 20)
+        assert len(set(idx.tolist())) == 20
+        counts[idx] += 1
+    assert counts[80:].sum() > 3 * counts[:20].sum()
+
+
+@pytest.mark.parametrize("mode", ["fixed", "bernoulli"])
+def test_selective_backprop_unbiased_weights(mode):
+    loss = torch.linspace(0.1, 3, 40, dtype=torch.float64)
+    s = sb.SelectiveBackprop(beta=1.0, history=40, mode=mode, unbiased=True, seed=1)
+    est = [float(w @ loss.numpy()[idx]) for idx, w in (s.select(sb.Scores(loss=loss), 10) for _ in range(6000))]
+    np.testing.assert_allclose(np.mean(est), loss.mean().item(), rtol=0.02)
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_importance_sampling_is_unbiased_and_follows_norms(replace):
+    scores = make_scores(4, b=30)
+    loss = scores.loss.numpy()
+    s = sb.ImportanceSampling(replace=replace, seed=0)
+    norms = scores.grad_norms().numpy()
+    counts = np.zeros(30)
+    est = []
+    n = 6000
+    for _ in range(n):
+        idx, w = s.select(scores, 6)
+        if not replace:
+            assert len(set(idx.tolist())) == 6
+        np.add.at(counts, idx, 1)
+        est.append(float(w.astype(np.float64) @ loss[idx]))
+    np.testing.assert_allclose(np.mean(est), loss.mean(), rtol=0.03)
+    if replace:
+        np.testing.assert_allclose(counts / (n * 6), norms / norms.sum(), atol=0.01)
+
+
+def test_importance_probabilities_smoothing_and_zero_norms():
+    s = sb.ImportanceSampling(smoothing=0.5)
+    np.testing.assert_allclose(s.probabilities(np.array([1.0, 0.0])), [0.75, 0.25])
+    np.testing.assert_allclose(sb.ImportanceSampling().probabilities(np.zeros(4)), 0.25)
+
+
+def test_registry_and_aliases():
+    assert set(sb.STRATEGIES) == set(ALL)
+    assert isinstance(sb.get_strategy("random"), sb.Uniform)
+    assert isinstance(sb.get_strategy("selective_backprop"), sb.SelectiveBackprop)
+    obj = sb.TopK()
+    assert sb.get_strategy(obj) is obj
+    with pytest.raises(ValueError, match="unknown strategy"):
+        sb.get_strategy("bogus")
+    with pytest.raises(TypeError):
+        sb.get_strategy(3)
+
+
+@pytest.mark.parametrize("k", [0, B + 1, -1])
+def test_k_out_of_range(k):
+    with pytest.raises(ValueError, match="k must be in"):
+        sb.Uniform().select(make_scores(), k)
+
+
+def test_non_integer_k_and_empty_batch():
+    with pytest.raises(TypeError, match="k must be an int"):
+        sb.Uniform().select(make_scores(), 2.0)
+    with pytest.raises(ValueError, match="empty"):
+        sb.Uniform().select(sb.Scores(loss=torch.zeros(0)), 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_losses_rejected(bad):
+    loss = torch.ones(8)
+    loss[3] = bad
+    with pytest.raises(ValueError, match=r"non-finite loss.*\[3\]"):
+        sb.TopK().select(sb.Scores(loss=loss), 2)
+
+
+@pytest.mark.parametrize(
+    "ctor,match",
+    [
+        (lambda: sb.SelectiveBackprop(beta=-1), "beta"),
+        (lambda: sb.SelectiveBackprop(history=0), "history"),
+        (lambda: sb.SelectiveBackprop(mode="sometimes"), "mode"),
+        (lambda: sb.GradientMatching(reg=-0.1), "reg"),
+        (lambda: sb.ImportanceSampling(smoothing=2), "smoothing"),
+        (lambda: sb.Uniform(seed="abc"), "seed"),
+    ],
+)
+def test_bad_hyper_parameters(ctor, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ctor()
+
+
+def test_budget():
+    assert budget(0.25, 128) == 32
+    assert budget(0.1, 128) == 13
+    assert budget(0.01, 10) == 1
+    assert budget(1.0, 7) == 7
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="fraction"):
+            budget(bad, 10)
