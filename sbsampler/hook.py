@@ -56,10 +56,10 @@ class Scores:
     def grad_norms(self) -> Tensor:
         """(B,) norm of each sample's last-layer gradient: ``|e_i| * |[h_i, 1]|``."""
         e, h = self._require_grads()
-        hsq = h.pow(2).sum(1)
+        hn = torch.linalg.vector_norm(h, dim=1)
         if self.bias:
-            hsq = hsq + 1
-        return e.norm(dim=1) * hsq.sqrt()
+            hn = torch.sqrt(hn * hn + 1)
+        return torch.linalg.vector_norm(e, dim=1) * hn
 
     def gram(self) -> Tensor:
         """(B, B) Gram matrix of last-layer (weight and bias) gradients.

@@ -171,6 +171,20 @@ def _orthogonalise(row: np.ndarray, q: np.ndarray, coef: np.ndarray, m: int) -> 
 
 
 @numba.njit(**_JIT)
+def _most_correlated(corr: np.ndarray, taken: np.ndarray, nonneg: bool, floor: float) -> int:
+    """Index of the untaken entry with the largest (signed or absolute) correlation above ``floor``; -1 if none."""
+    best = -1
+    best_val = floor
+    for i in range(corr.shape[0]):
+        if not taken[i]:
+            v = corr[i] if nonneg else abs(corr[i])
+            if v > best_val:
+                best_val = v
+                best = i
+    return best
+
+
+@numba.njit(**_JIT)
 def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ridge: float):
     """Orthogonal matching pursuit using only inner products.
 
@@ -207,17 +221,8 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
     corr_tol *= 1e-10
     m = 0
     explained = 0.0
-    while m < k:
-        best = -1
-        best_val = corr_tol
-        for i in range(b):
-            if not taken[i]:
-                v = corr[i] if nonneg else abs(corr[i])
-                if v > best_val:
-                    best_val = v
-                    best = i
-        if best < 0:
-            break
+    best = _most_correlated(corr, taken, nonneg, corr_tol)
+    while m < k and best >= 0:
         taken[best] = True
         # Cholesky row of the new atom: its components along u_0 .. u_{m-1}.
         diag = float(gram[best, best]) + ridge
@@ -227,27 +232,38 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
             chol[m, t] = lt
             coef[t] = lt
             sq -= lt * lt
-        if sq <= 1e-10 * diag:
-            continue  # dependent on the atoms already chosen: never pick it again
+        if sq <= 1e-10 * diag:  # dependent on the atoms already chosen: never pick it again
+            best = _most_correlated(corr, taken, nonneg, corr_tol)
+            continue
         d = np.sqrt(sq)
         chol[m, m] = d
-        row = q[m]
-        row[:] = gram[best]
-        _orthogonalise(row, q, coef, m)
         inv = 1.0 / d
-        for i in range(b):
-            row[i] *= inv
-        row[best] = d  # the ridge lives on the chosen atoms only
         yt = target_corr[best]
         for t in range(m):
             yt -= chol[m, t] * y[t]
         yt *= inv
         y[m] = yt
         explained += yt * yt
-        for i in range(b):
-            corr[i] -= yt * row[i]
         chosen[m] = best
         m += 1
+        row = q[m - 1]
+        row[:] = gram[best]
+        _orthogonalise(row, q, coef, m - 1)
+        # One pass: normalise the new direction, update correlations, find the next atom.
+        nxt = -1
+        nxt_val = corr_tol
+        for i in range(b):
+            r = row[i] * inv
+            row[i] = r
+            c = corr[i] - yt * r
+            corr[i] = c
+            if not taken[i]:
+                v = c if nonneg else abs(c)
+                if v > nxt_val:
+                    nxt_val = v
+                    nxt = i
+        row[best] = d  # the ridge lives on the chosen atoms only
+        best = nxt
     # Weights: solve chol^T w = y (back substitution).
     w = np.zeros(m)
     for r in range(m - 1, -1, -1):

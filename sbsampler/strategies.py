@@ -392,7 +392,9 @@ class ImportanceSampling(Strategy):
         b = norms.shape[0]
         p = self.probabilities(norms)
         if self.replace:
-            idx = np.sort(self.rng.choice(b, size=k, replace=True, p=p))
+            # Inverse-CDF draws: the law of rng.choice(p=p) without its per-call validation.
+            cdf = np.cumsum(p)
+            idx = np.sort(np.minimum(np.searchsorted(cdf, self.rng.random(k) * cdf[-1], side="right"), b - 1))
             return Selection(idx, 1.0 / (b * k * p[idx]))
         if np.count_nonzero(p) < k:  # too few non-zero norms for k distinct draws
             p = 0.5 * p + 0.5 / b

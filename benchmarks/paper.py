@@ -1,0 +1,252 @@
+"""Random vs loss vs gradient matching at equal budget (Balles et al. 2023, on offline data).
+
+    python benchmarks/paper.py --quick     # <= 10 min on 2 CPU cores
+    python benchmarks/paper.py             # longer runs, more epochs
+
+For each data set (scikit-learn's 8x8 digits; MNIST-1D from the ``mnist1d``
+package's generator, nothing downloaded), trains full backprop and Uniform,
+SelectiveBackprop (CDF**beta, fixed count), TopK, GradientMatching and
+ImportanceSampling at fractions 0.1 / 0.25 / 0.5, with 3 seeds each, under two
+budgets:
+
+- ``forward``: the same number of epochs as full backprop (equal forward passes);
+- ``backward``: ``epochs / fraction`` epochs, so as many samples are
+  back-propagated as by full backprop.
+
+Every run uses the same optimiser and the same cosine learning-rate schedule over
+its own iterations (one iteration = one batch of the wrapped loader; each yields one
+sub-batch). Prints mean +- std test accuracy and wall time per run, writes
+``benchmarks/results/paper.json`` and ``paper.png`` (accuracy vs samples
+back-propagated), and a verdict per setting: does any strategy beat Uniform by more
+than the seed spread (the two standard deviations added)?
+
+``mean sum(w)`` is the average over steps of the sub-batch's weight sum. Uniform,
+TopK and SB give 1; the unbiased estimators give 1 on average; GradientMatching's
+fitted weights can sum to less, which acts like a smaller learning rate: read its
+rows with that in mind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, table, write_results  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import sbsampler as sb  # noqa: E402
+from sbsampler.demo import DigitsCNN, load_digits_split  # noqa: E402
+
+METHODS = ["full", "uniform", "sb", "topk", "gradmatch", "importance"]
+FRACTIONS = [0.1, 0.25, 0.5]
+BATCH = 64
+LR = 0.02
+
+
+class MNIST1DCNN(nn.Module):
+    """A small 1-D CNN for MNIST-1D's length-40 signals."""
+
+    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, width, 5, padding=2), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Conv1d(width, width, 3, padding=1), nn.BatchNorm1d(width), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(width, width, 3, padding=1), nn.BatchNorm1d(width), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Flatten(), nn.Linear(width * 10, 64), nn.ReLU(),
+        )
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def load(name: str) -> tuple[TensorDataset, TensorDataset, type]:
+    """Train/test sets and the model class for a data set name."""
+    if name == "digits":
+        train, test = load_digits_split(seed=0)
+        return train, test, DigitsCNN
+    if name == "mnist1d":
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        d = make_dataset(get_dataset_args())  # generated, seed fixed by the package's defaults
+        x, xt = (torch.tensor(d[k], dtype=torch.float32).unsqueeze(1) for k in ("x", "x_test"))
+        y, yt = (torch.tensor(d[k], dtype=torch.int64) for k in ("y", "y_test"))
+        return TensorDataset(x, y), TensorDataset(xt, yt), MNIST1DCNN
+    raise ValueError(f"unknown data set {name!r}")
+
+
+_DATA: dict[str, Any] = {}
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one configuration and return its accuracy, budget use and wall time."""
+    torch.set_num_threads(1)
+    name = job["dataset"]
+    if name not in _DATA:
+        _DATA[name] = load(name)
+    train, test, model_cls = _DATA[name]
+    seed, method, fraction, epochs = job["seed"], job["method"], job["fraction"], job["epochs"]
+    torch.manual_seed(seed)
+    model = model_cls()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    base = DataLoader(sb.with_indices(train), batch_size=BATCH, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
+    hook = sb.ScoringHook(model)
+    loader = base if method == "full" else sb.SelectiveLoader(
+        base, hook, strategy=sb.get_strategy(method, seed=seed), fraction=fraction)
+    total_iters = epochs * len(base)
+    it = 0
+    backprop = 0
+    weight_sums = []
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            lr = LR * 0.5 * (1 + math.cos(math.pi * it / total_iters))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if method == "full":
+                x, y, _ = batch
+                loss = F.cross_entropy(model(x), y)
+            else:
+                x, y = batch.inputs, batch.targets
+                loss = sb.weighted_loss(F.cross_entropy(model(x), y, reduction="none"), batch.weights)
+                weight_sums.append(float(batch.weights.sum()))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            backprop += len(y)
+            it += 1
+    wall = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in DataLoader(test, batch_size=1000))
+    return {**job, "accuracy": correct / len(test), "samples_backprop": backprop, "wall_s": wall,
+            "weight_sum": float(np.mean(weight_sums)) if weight_sums else 1.0}
+
+
+def jobs_for(dataset: str, epochs: int, seeds: int) -> list[dict[str, Any]]:
+    jobs = [{"dataset": dataset, "method": "full", "fraction": 1.0, "budget": "full", "epochs": epochs, "seed": s}
+            for s in range(seeds)]
+    for budget in ("forward", "backward"):
+        for f in FRACTIONS:
+            ep = epochs if budget == "forward" else int(round(epochs / f))
+            for m in METHODS[1:]:
+                for s in range(seeds):
+                    jobs.append({"dataset": dataset, "method": m, "fraction": f, "budget": budget,
+                                 "epochs": ep, "seed": s})
+    return jobs
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list] = {}
+    for r in results:
+        groups.setdefault((r["dataset"], r["budget"], r["fraction"], r["method"]), []).append(r)
+    rows = []
+    for (d, b, f, m), rs in groups.items():
+        acc = np.array([r["accuracy"] for r in rs])
+        rows.append({"dataset": d, "budget": b, "fraction": f, "method": m, "epochs": rs[0]["epochs"],
+                     "acc_mean": acc.mean(), "acc_std": acc.std(ddof=1) if len(acc) > 1 else 0.0,
+                     "samples_backprop": int(np.mean([r["samples_backprop"] for r in rs])),
+                     "wall_s": float(np.mean([r["wall_s"] for r in rs])), "seeds": len(rs),
+                     "weight_sum": float(np.mean([r["weight_sum"] for r in rs]))})
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows.sort(key=lambda r: (r["dataset"], r["budget"] != "full", r["budget"], r["fraction"], order[r["method"]]))
+    return rows
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """For each setting: strategies whose mean beats Uniform's by more than std_s + std_u."""
+    lines = []
+    for r in rows:
+        if r["method"] != "uniform":
+            continue
+        peers = [p for p in rows if (p["dataset"], p["budget"], p["fraction"]) == (r["dataset"], r["budget"],
+                                                                                  r["fraction"])]
+        better = [p["method"] for p in peers if p["method"] not in ("uniform",)
+                  and p["acc_mean"] - r["acc_mean"] > p["acc_std"] + r["acc_std"]]
+        worse = [p["method"] for p in peers if p["method"] not in ("uniform",)
+                 and r["acc_mean"] - p["acc_mean"] > p["acc_std"] + r["acc_std"]]
+        lines.append(f"{r['dataset']:8s} {r['budget']:8s} f={r['fraction']:<4}: beats uniform beyond the seed "
+                     f"spread: {', '.join(better) or 'none'}; worse than uniform: {', '.join(worse) or 'none'}")
+    return lines
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    markers = {"forward": "o", "backward": "s", "full": "*"}
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    for ax, d in zip(axes[0], datasets):
+        for m in METHODS:
+            for b in ("forward", "backward", "full"):
+                pts = sorted((r["samples_backprop"], r["acc_mean"], r["acc_std"]) for r in rows
+                             if r["dataset"] == d and r["method"] == m and r["budget"] == b)
+                if not pts:
+                    continue
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker=markers[b], color=colors[m], capsize=2,
+                            linestyle="-" if b == "forward" else ":", markersize=9 if b == "full" else 5,
+                            label=f"{m} ({b})")
+        ax.set_xscale("log")
+        ax.set_xlabel("samples back-propagated")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{d}: circles = equal epochs, squares = equal backprop")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few epochs: <= 10 min on 2 cores")
+    parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of full backprop (default 3 quick, 15)")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    epochs = args.epochs or (3 if args.quick else 15)
+    jobs = [j for d in args.datasets for j in jobs_for(d, epochs, args.seeds)]
+    jobs.sort(key=lambda j: -j["epochs"])  # long runs first: better packing on the pool
+    t0 = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.workers) as pool:
+        results = list(tqdm(pool.imap_unordered(run_one, jobs), total=len(jobs), desc="runs", disable=None))
+    elapsed = time.perf_counter() - t0
+    rows = summarise(results)
+    print(table(rows, [("dataset", "data", "s"), ("budget", "budget", "s"), ("fraction", "fraction", ".2f"),
+                       ("method", "method", "s"), ("epochs", "epochs", "d"), ("acc_mean", "acc mean", ".4f"),
+                       ("acc_std", "acc std", ".4f"), ("samples_backprop", "backprop", "d"),
+                       ("weight_sum", "mean sum(w)", ".2f"), ("wall_s", "wall s/run", ".2f")]))
+    lines = verdicts(rows)
+    print("\n".join(lines))
+    print(f"{len(jobs)} runs in {elapsed:.0f} s on {args.workers} workers")
+    png = RESULTS / "paper.png"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(rows, png)
+    path = write_results("paper", {"quick": args.quick, "epochs_full": epochs, "seeds": args.seeds,
+                                   "batch_size": BATCH, "lr": LR, "elapsed_s": elapsed, "rows": rows,
+                                   "verdicts": lines, "runs": results})
+    print(f"wrote {path} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Does selection save time? Selective vs full training steps against the cost model.
+
+    python benchmarks/step_time.py              # ResNet-18, 32x32, batch 128 (256 on GPU)
+    python benchmarks/step_time.py --quick      # 2 interleaved rounds, no loader section
+
+Measures, in one run and interleaved (round-robin over every configuration, medians
+over rounds):
+
+- a full step: forward + backward + optimiser step on B samples;
+- a selective step at fractions 0.1 / 0.25 / 0.5 for every strategy: scoring forward
+  (no graph) + selection + gather + forward/backward/step on k samples;
+- each cost-model term on its own: the scoring forward on B, each strategy's
+  selection, and the step on k samples.
+
+Prints measured speedup (full / selective), the ideal speedup from the separately
+measured terms (full / (score + select + step(k))), their ratio (target >= 0.9) and
+the selection share of the selective step (target <= 5% for GradientMatching), then
+samples/second through ``SelectiveLoader`` over a ``DataLoader`` with 2 workers.
+Writes ``benchmarks/results/step_time.json`` (the device is recorded). Non-zero exit
+when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table, write_results  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import sbsampler as sb  # noqa: E402
+from sbsampler.strategies import budget  # noqa: E402
+
+FRACTIONS = [0.1, 0.25, 0.5]
+TARGET_EFFICIENCY = 0.9
+TARGET_GM_SHARE = 0.05
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class CompactResNet18(nn.Module):
+    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool): the fallback where torchvision won't import."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet18() -> tuple[nn.Module, str]:
+    """torchvision's resnet18 where it imports, else the compact fallback."""
+    try:
+        from torchvision.models import resnet18 as tv_resnet18
+
+        return tv_resnet18(num_classes=10), "torchvision.models.resnet18"
+    except Exception as exc:  # noqa: BLE001 - torchvision missing or built for another torch
+        return CompactResNet18(), f"CompactResNet18 (torchvision unavailable: {type(exc).__name__})"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 rounds, skip the DataLoader section")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = args.batch or (256 if device.type == "cuda" else 128)
+    rounds = args.rounds or (2 if args.quick else 3)
+    torch.manual_seed(0)
+    model, model_name = resnet18()
+    model = model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    hook = sb.ScoringHook(model)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    ks = {f: budget(f, batch) for f in FRACTIONS}
+    strategies = {name: sb.get_strategy(name, seed=0) for name in sb.STRATEGIES}
+
+    def step(xs: torch.Tensor, ys: torch.Tensor, w: torch.Tensor | None = None) -> None:
+        out = model(xs)
+        if w is None:
+            loss = F.cross_entropy(out, ys)
+        else:
+            loss = sb.weighted_loss(F.cross_entropy(out, ys, reduction="none"), w)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def selective(name: str, f: float) -> None:
+        scores = hook.score(x, y)
+        idx, w = strategies[name].select(scores, ks[f])
+        on = torch.from_numpy(idx).to(device)
+        step(x[on], y[on], torch.from_numpy(w).to(device))
+
+    scores_cache = hook.score(x, y)
+    configs: dict[str, Callable[[], None]] = {"full": lambda: step(x, y), "score": lambda: hook.score(x, y)}
+    for f, k in ks.items():
+        configs[f"step_k{k}"] = lambda k=k: step(x[:k], y[:k], torch.full((k,), 1.0 / k, device=device))
+        for name in strategies:
+            configs[f"select_{name}_{f}"] = lambda n=name, f=f: strategies[n].select(scores_cache, ks[f])
+            configs[f"selective_{name}_{f}"] = lambda n=name, f=f: selective(n, f)
+    for fn in configs.values():  # warm-up: kernels compiled, allocator and caches primed
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    rng = random.Random(0)
+    for r in range(rounds):
+        order = list(configs)
+        rng.shuffle(order)
+        for key in order:
+            times[key].append(timed(configs[key], device))
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+
+    rows = []
+    full = med["full"]
+    for f, k in ks.items():
+        for name in strategies:
+            measured = med[f"selective_{name}_{f}"]
+            ideal = med["score"] + med[f"select_{name}_{f}"] + med[f"step_k{k}"]
+            rows.append({"strategy": name, "fraction": f, "k": k, "full_ms": 1e3 * full,
+                         "selective_ms": 1e3 * measured, "score_ms": 1e3 * med["score"],
+                         "select_ms": 1e3 * med[f"select_{name}_{f}"], "step_k_ms": 1e3 * med[f"step_k{k}"],
+                         "speedup": full / measured, "ideal_speedup": full / ideal,
+                         "efficiency": ideal / measured,
+                         "select_share": med[f"select_{name}_{f}"] / measured})
+    print(f"device: {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}), "
+          f"model: {model_name}, batch {batch}, {rounds} interleaved rounds, torch threads {torch.get_num_threads()}")
+    print(table(rows, [("strategy", "strategy", "s"), ("fraction", "fraction", ".2f"), ("k", "k", "d"),
+                       ("full_ms", "full ms", ".0f"), ("selective_ms", "selective ms", ".0f"),
+                       ("score_ms", "score ms", ".0f"), ("select_ms", "select ms", ".2f"),
+                       ("step_k_ms", "step(k) ms", ".0f"), ("speedup", "speedup", ".2f"),
+                       ("ideal_speedup", "ideal", ".2f"), ("efficiency", "measured/ideal", ".2f"),
+                       ("select_share", "select share", ".3f")]))
+
+    loader_rows = []
+    if not args.quick:
+        n = 4 * batch
+        data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
+        dl = DataLoader(sb.with_indices(data), batch_size=batch, shuffle=True, num_workers=2,
+                        persistent_workers=True, pin_memory=device.type == "cuda")
+        for mode in ("full", "uniform", "gradmatch"):
+            for _ in range(2):  # first pass starts the workers
+                t0 = time.perf_counter()
+                if mode == "full":
+                    for xb, yb, _ in dl:
+                        step(xb.to(device), yb.to(device))
+                else:
+                    loader = sb.SelectiveLoader(dl, hook, strategy=mode, fraction=0.25, device=device, seed=0)
+                    for b in loader:
+                        step(b.inputs, b.targets, b.weights)
+                sync(device)
+                elapsed = time.perf_counter() - t0
+            loader_rows.append({"loader": mode, "fraction": 1.0 if mode == "full" else 0.25,
+                                "samples_per_s": n / elapsed, "epoch_s": elapsed})
+        base = loader_rows[0]["samples_per_s"]
+        for r in loader_rows:
+            r["vs_full"] = r["samples_per_s"] / base
+        print(table(loader_rows, [("loader", "loader", "s"), ("fraction", "fraction", ".2f"),
+                                  ("samples_per_s", "samples/s", ".0f"), ("epoch_s", "epoch s", ".2f"),
+                                  ("vs_full", "x full", ".2f")]))
+
+    checks = []
+    for r in rows:
+        checks.append((f"{r['strategy']} f={r['fraction']}: measured/ideal {r['efficiency']:.2f} >= "
+                       f"{TARGET_EFFICIENCY}", r["efficiency"] >= TARGET_EFFICIENCY))
+        if r["strategy"] == "gradmatch":
+            checks.append((f"gradmatch f={r['fraction']}: selection share {r['select_share']:.3f} <= "
+                           f"{TARGET_GM_SHARE}", r["select_share"] <= TARGET_GM_SHARE))
+    for msg, ok in checks:
+        print(("PASS " if ok else "MISS ") + msg)
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    path = write_results("step_time" if device.type == "cpu" else "step_time_gpu", {
+        "device": device_name, "model": model_name, "batch": batch, "rounds": rounds, "quick": args.quick,
+        "torch_threads": torch.get_num_threads(), "rows": rows, "loader": loader_rows,
+        "raw_median_s": med, "targets": [{"check": m, "met": ok} for m, ok in checks]})
+    print(f"wrote {path}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
