@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from _common import table, write_results  # noqa: E402
+from resnets import resnet  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -46,48 +48,9 @@ TARGET_EFFICIENCY = 0.9
 TARGET_GM_SHARE = 0.05
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-
-class CompactResNet18(nn.Module):
-    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool): the fallback where torchvision won't import."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
-        layers, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
 def resnet18() -> tuple[nn.Module, str]:
-    """torchvision's resnet18 where it imports, else the compact fallback."""
-    try:
-        from torchvision.models import resnet18 as tv_resnet18
-
-        return tv_resnet18(num_classes=10), "torchvision.models.resnet18"
-    except Exception as exc:  # noqa: BLE001 - torchvision missing or built for another torch
-        return CompactResNet18(), f"CompactResNet18 (torchvision unavailable: {type(exc).__name__})"
+    """ResNet-18 for 32x32 inputs: torchvision's where it imports, else the examples' compact one."""
+    return resnet("resnet18", num_classes=10, small_input=True)
 
 
 def sync(device: torch.device) -> None:

@@ -118,6 +118,9 @@ class ScoringHook:
         train_mode: score with BatchNorm batch statistics and dropout as in the
             training forward (every module buffer is restored afterwards).
             Default ``False`` scores in eval mode, with running statistics.
+        amp_dtype: run the scoring forward under ``torch.autocast`` with this
+            dtype (``torch.float16``/``torch.bfloat16``), as a mixed-precision
+            training step does; losses and gradients are still computed in float32.
 
     Example:
         >>> hook = ScoringHook(model)                # doctest: +SKIP
@@ -132,6 +135,7 @@ class ScoringHook:
         loss: Union[str, LossFn] = "cross_entropy",
         label_smoothing: float = 0.0,
         train_mode: bool = False,
+        amp_dtype: Optional[torch.dtype] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -151,6 +155,9 @@ class ScoringHook:
         self.loss = loss
         self.label_smoothing = float(label_smoothing)
         self.train_mode = bool(train_mode)
+        if amp_dtype not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
+        self.amp_dtype = amp_dtype
         self._active = False
         self._captured: Optional[tuple[Tensor, Tensor]] = None
         self._handle = head.register_forward_hook(self._capture)
@@ -198,7 +205,9 @@ class ScoringHook:
             model.eval()
         self._active, self._captured = True, None
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(
+                device_type=inputs.device.type, dtype=self.amp_dtype or torch.float16, enabled=self.amp_dtype is not None
+            ):
                 model(inputs)
         finally:
             self._active = False

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .ffcv import FFCVBatches, is_ffcv_loader
 from .hook import Scores, ScoringHook
 from .strategies import Seed, Strategy, budget, get_strategy
 
@@ -163,7 +164,7 @@ def _as_index_tensor(idx: Any, n: int) -> Tensor:
     t = torch.as_tensor(idx).reshape(-1)
     if t.dtype.is_floating_point or t.dtype == torch.bool:
         raise TypeError(f"indices must be integers, got dtype {t.dtype}")
-    t = t.to("cpu", torch.int64)
+    t = t.to("cpu", torch.int64, copy=True)  # a copy: FFCV reuses its output buffers
     if t.shape[0] != n:
         raise ValueError(f"got {t.shape[0]} indices for a batch of {n} samples")
     return t
@@ -177,7 +178,8 @@ class SelectiveLoader:
 
     Args:
         loader: any re-iterable of batches: a ``torch.utils.data.DataLoader``,
-            or anything yielding ``(inputs, targets)`` /
+            an ``ffcv.loader.Loader`` over a ``.beton`` with an ``"index"`` field
+            (see ``sbsampler.ffcv``), or anything yielding ``(inputs, targets)`` /
             ``(inputs, targets, indices)`` tuples or dicts with those keys.
         hook: the ``ScoringHook`` on the model being trained.
         strategy: a name (``"uniform"``, ``"topk"``, ``"sb"``, ``"gradmatch"``,
@@ -230,6 +232,8 @@ class SelectiveLoader:
             raise ValueError(f"nan_policy must be 'raise', 'skip' or 'keep', got {nan_policy!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if is_ffcv_loader(loader):
+            loader = FFCVBatches(loader)
         self.loader = loader
         self.hook = hook
         self.strategy = get_strategy(strategy, seed=seed)
@@ -272,10 +276,10 @@ class SelectiveLoader:
 
     def _batch_sizes(self, n_batches: int) -> Optional[list[int]]:
         dataset = getattr(self.loader, "dataset", None)
+        n = len(dataset) if dataset is not None else getattr(self.loader, "num_samples", None)
         bs = getattr(self.loader, "batch_size", None)
-        if dataset is None or bs is None:
+        if n is None or bs is None:
             return None
-        n = len(dataset)
         sizes = [bs] * (n // bs)
         if n % bs and not getattr(self.loader, "drop_last", False):
             sizes.append(n % bs)

@@ -23,4 +23,4 @@ fi
 # --no-build-isolation: build against the numpy already installed (not a fresh one in an
 # isolated env); --no-deps: see above.
 "$PY" -m pip install --quiet --no-build-isolation --no-deps "ffcv==1.0.2"
-"$PY" -c "import ffcv, ffcv.loader, ffcv.writer; print('ffcv', ffcv.__version__ if hasattr(ffcv, '__version__') else 'ok')"
+"$PY" -c "import importlib.metadata as m, ffcv.loader, ffcv.writer; print('ffcv', m.version('ffcv'))"

@@ -8,4 +8,8 @@ PY=${PYTHON:-python3}
 # (or a range a newer release satisfies) pulls several GB of CUDA packages.
 "$PY" -m pip install --quiet "torch==2.13.0"
 "$PY" -m pip install --quiet -e ".[demo,test,bench]"
+# FFCV (the .beton pipeline): Debian packages + a source build; skip with SBSAMPLER_NO_FFCV=1.
+if [ "${SBSAMPLER_NO_FFCV:-0}" != 1 ]; then
+  bash scripts/install_ffcv.sh
+fi
 "$PY" -c "import sbsampler, torch, numba; print('sbsampler', sbsampler.__version__, '| torch', torch.__version__, '| numba', numba.__version__)"

@@ -192,3 +192,15 @@ def test_scores_subset_and_losses_only():
     assert len(part) == 2 and part.features.shape == (2, 12)
     with pytest.raises(ValueError, match="losses only"):
         sb.Scores(loss=torch.ones(3)).gram()
+
+
+def test_amp_scoring_matches_float32_closely():
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(16, 6), torch.randint(0, 5, (16,))
+    full = sb.ScoringHook(model).score(x, y)
+    amp = sb.ScoringHook(model, amp_dtype=torch.bfloat16).score(x, y)
+    assert amp.loss.dtype == torch.float32 and amp.features.dtype == torch.float32
+    torch.testing.assert_close(amp.loss, full.loss, atol=0.05, rtol=0.05)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        sb.ScoringHook(model, amp_dtype=torch.float64)

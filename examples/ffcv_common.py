@@ -1,0 +1,123 @@
+"""Training-loop pieces shared by the FFCV examples (ImageNet and CIFAR).
+
+The learning rate follows the *wrapped* loader's iterations: at each step, training
+progress is ``epoch + batches_consumed / batches_per_epoch`` where batches are those
+of the FFCV loader that ``SelectiveLoader`` wraps (``loader.stats.batches_seen``). A
+schedule written per epoch therefore stays correct however many sub-batch steps
+selection makes per epoch, with or without rebatching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+import sbsampler as sb
+
+__all__ = ["cyclic_lr", "step_lr", "selective_loader", "train_epoch", "evaluate", "param_groups"]
+
+
+def cyclic_lr(progress: float, lr: float, epochs: int, peak_epoch: float) -> float:
+    """FFCV's triangular schedule: ``1e-4 lr`` -> ``lr`` at ``peak_epoch`` -> 0 at ``epochs``."""
+    return float(np.interp(progress, [0, peak_epoch, epochs], [1e-4 * lr, lr, 0.0]))
+
+
+def step_lr(progress: float, lr: float, epochs: int, step_ratio: float, step_length: int) -> float:
+    """``lr * step_ratio ** (epoch // step_length)``, 0 after the last epoch."""
+    if progress >= epochs:
+        return 0.0
+    return lr * step_ratio ** int(progress // step_length)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on BatchNorm parameters (as in FFCV's ImageNet example)."""
+    bn, other = [], []
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        (bn if isinstance(module, nn.modules.batchnorm._BatchNorm) else other).extend(params)
+    return [{"params": bn, "weight_decay": 0.0}, {"params": other, "weight_decay": weight_decay}]
+
+
+def selective_loader(ffcv_loader, model: nn.Module, strategy: str, fraction: float, rebatch: bool,
+                     start: float, end: float, epochs: int, label_smoothing: float,
+                     amp_dtype: Optional[torch.dtype], seed: int) -> sb.SelectiveLoader:
+    """Wrap an FFCV loader; ``strategy="full"`` passes every batch through (no scoring)."""
+    hook = sb.ScoringHook(model, label_smoothing=label_smoothing, amp_dtype=amp_dtype)
+    if strategy == "full":
+        start = end = 0.0
+        strategy = "uniform"
+    return sb.SelectiveLoader(ffcv_loader, hook, strategy=strategy, fraction=fraction, rebatch=rebatch,
+                              start=start, end=end, epochs=epochs, seed=seed)
+
+
+def train_epoch(model: nn.Module, loader: sb.SelectiveLoader, opt: torch.optim.Optimizer,
+                lr_at: Callable[[float], float], epoch: int, label_smoothing: float,
+                scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
+                channels_last: bool = False, max_steps: Optional[int] = None) -> dict:
+    """One epoch of weighted sub-batch steps; returns loss, steps, samples and time."""
+    model.train()
+    per_epoch = len(loader.loader)
+    seen0 = loader.stats.batches_seen
+    steps, samples, total, lr = 0, 0, 0.0, lr_at(epoch)
+    t0 = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=None, leave=False)
+    for batch in bar:
+        lr = lr_at(epoch + (loader.stats.batches_seen - seen0) / per_epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = batch.inputs
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast(device_type=x.device.type, dtype=amp_dtype) if amp_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
+            out = model(x)
+            per_sample = F.cross_entropy(out, batch.targets, reduction="none", label_smoothing=label_smoothing)
+            loss = sb.weighted_loss(per_sample.float(), batch.weights)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        steps += 1
+        samples += len(batch)
+        total += float(loss.detach())
+        bar.set_postfix(lr=f"{lr:.3g}", loss=f"{float(loss.detach()):.3f}")
+        if max_steps is not None and steps >= max_steps:
+            break
+    return {"epoch": epoch, "loss": total / max(steps, 1), "steps": steps, "samples_backprop": samples,
+            "seconds": time.perf_counter() - t0, "lr_last_step": lr}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
+             flip_tta: bool = False) -> dict:
+    """Top-1 / top-5 accuracy over an FFCV loader of ``(images, labels)``."""
+    model.eval()
+    top1 = top5 = n = 0
+    for images, labels in loader:
+        labels = labels.reshape(-1)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast(device_type=images.device.type, dtype=amp_dtype) if amp_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
+            out = model(images).float()
+            if flip_tta:
+                out = out + model(torch.flip(images, dims=[3])).float()
+        k = min(5, out.shape[1])
+        pred = out.topk(k, dim=1).indices
+        top1 += int((pred[:, 0] == labels).sum())
+        top5 += int((pred == labels[:, None]).any(1).sum())
+        n += len(labels)
+    return {"top_1": top1 / max(n, 1), "top_5": top5 / max(n, 1)}

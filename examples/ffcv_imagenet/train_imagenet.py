@@ -1,0 +1,203 @@
+"""ImageNet training with FFCV and Selective Backprop, after FFCV's ImageNet example.
+
+    python examples/ffcv_imagenet/train_imagenet.py \\
+        --config-file examples/ffcv_imagenet/rn18_configs/rn18_16_epochs.yaml \\
+        --data.train_dataset=/path/to/train.beton --data.val_dataset=/path/to/val.beton \\
+        --selection.strategy=gradmatch --selection.fraction=0.25
+
+Same structure and configs as FFCV's ``ffcv-imagenet``: ResNet-18/50 for 16-88 epochs,
+SGD with a cyclic (triangular) LR set every iteration, label smoothing, progressive
+resizing (``resolution.min_res`` -> ``max_res`` between ``start_ramp`` and
+``end_ramp``), no weight decay on BatchNorm, channels-last, and AMP (float16) on GPU.
+The ``selection`` section picks the strategy (``full`` for plain training), the
+fraction, rebatching and the start/end window.
+
+LR schedule: per iteration of the *wrapped* FFCV loader (training progress =
+epoch + FFCV batches consumed / FFCV batches per epoch), so it is unchanged when
+selection changes the number of optimiser steps per epoch.
+
+The ``.beton`` files need an ``index`` field: write them with
+``sbsampler.ffcv.write_beton`` (or add ``IntField()`` named ``index`` holding the
+sample's index to FFCV's ``write_imagenet.py``). Models come from
+``torchvision.models`` where it imports, else ``examples/resnets.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from argparse import ArgumentParser
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastargs import Param, Section, get_current_config
+from fastargs.validation import OneOf
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from ffcv_common import cyclic_lr, evaluate, param_groups, selective_loader, step_lr, train_epoch  # noqa: E402
+from resnets import resnet  # noqa: E402
+
+import sbsampler as sb  # noqa: E402
+
+Section("model", "model details").params(
+    arch=Param(OneOf(["resnet18", "resnet50"]), default="resnet18"),
+)
+Section("resolution", "resolution scheduling").params(
+    min_res=Param(int, "the minimum (starting) resolution", default=160),
+    max_res=Param(int, "the maximum (final) resolution", default=192),
+    end_ramp=Param(int, "epoch at which the resolution reaches max_res", default=13),
+    start_ramp=Param(int, "epoch at which the resolution starts to grow", default=11),
+)
+Section("data", "data").params(
+    train_dataset=Param(str, "training .beton (with an 'index' field)", default=""),
+    val_dataset=Param(str, "validation .beton", default=""),
+    num_workers=Param(int, "FFCV decoding threads", default=12),
+    in_memory=Param(int, "does the dataset fit in memory? (1/0)", default=1),
+    num_classes=Param(int, "number of classes", default=1000),
+)
+Section("lr", "learning-rate schedule").params(
+    lr_schedule_type=Param(OneOf(["cyclic", "step"]), default="cyclic"),
+    lr=Param(float, "peak learning rate", default=0.5),
+    lr_peak_epoch=Param(float, "epoch at which the cyclic LR peaks", default=2),
+    step_ratio=Param(float, "step schedule ratio", default=0.1),
+    step_length=Param(int, "step schedule length (epochs)", default=30),
+)
+Section("logging", "logging").params(
+    folder=Param(str, "where to write log.json", default="/tmp/sbsampler_imagenet"),
+)
+Section("validation", "validation").params(
+    batch_size=Param(int, "validation batch size", default=512),
+    resolution=Param(int, "validation resolution", default=256),
+    lr_tta=Param(int, "average with the horizontally flipped image (1/0)", default=1),
+)
+Section("training", "training").params(
+    batch_size=Param(int, "batch size of the FFCV loader (before selection)", default=1024),
+    epochs=Param(int, "number of epochs", default=16),
+    momentum=Param(float, "SGD momentum", default=0.9),
+    weight_decay=Param(float, "weight decay (not on BatchNorm)", default=5e-5),
+    label_smoothing=Param(float, "label smoothing", default=0.1),
+    max_steps=Param(int, "stop each epoch after this many steps (0: no limit; for smoke tests)", default=0),
+    seed=Param(int, "seed for order and selection", default=0),
+)
+Section("selection", "Selective Backprop").params(
+    strategy=Param(OneOf(["full", *sb.STRATEGIES]), default="uniform"),
+    fraction=Param(float, "fraction of each batch to back-propagate", default=0.25),
+    rebatch=Param(int, "refill full batches from selected samples (1/0)", default=0),
+    start=Param(float, "selective window start, fraction of the epochs", default=0.0),
+    end=Param(float, "selective window end, fraction of the epochs", default=1.0),
+)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
+CROP_RATIO = 224 / 256
+
+
+def resolution_at(epoch: int, cfg) -> int:
+    """Progressive resizing: min_res until start_ramp, then up to max_res by end_ramp (multiples of 32)."""
+    lo, hi = cfg["resolution.min_res"], cfg["resolution.max_res"]
+    start, end = cfg["resolution.start_ramp"], cfg["resolution.end_ramp"]
+    if epoch <= start:
+        return lo
+    if epoch >= end:
+        return hi
+    return int(np.round(np.interp(epoch, [start, end], [lo, hi]) / 32)) * 32
+
+
+def make_loaders(cfg, device: torch.device):
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    on_gpu = device.type == "cuda"
+    to_dev = [ToDevice(device, non_blocking=True)] if on_gpu else []
+
+    def to_model(*head):
+        """Decoder ops, then to a normalised CHW tensor on the training device.
+
+        On GPU, FFCV's order: ToTensor, ToDevice, ToTorchImage, NormalizeImage (float16, on the GPU).
+        On CPU, NormalizeImage is a Numba op and must come before ToTensor: FFCV 1.0.2's
+        Graph.group_operations never ends for a pipeline that returns to Numba after a torch op.
+        """
+        if on_gpu:
+            return [*head, ToTensor(), *to_dev, ToTorchImage(), NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float16)]
+        return [*head, NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(), ToTorchImage()]
+
+    res = resolution_at(0, cfg)
+    decoder = RandomResizedCropRGBImageDecoder((res, res))
+    train = Loader(
+        cfg["data.train_dataset"], batch_size=cfg["training.batch_size"], num_workers=cfg["data.num_workers"],
+        order=OrderOption.RANDOM, os_cache=bool(cfg["data.in_memory"]), drop_last=True, seed=cfg["training.seed"],
+        pipelines={
+            "image": to_model(decoder, RandomHorizontalFlip()),
+            "label": [IntDecoder(), ToTensor(), Squeeze(), *to_dev],
+            "index": [IntDecoder(), ToTensor(), Squeeze()],
+        })
+    vres = cfg["validation.resolution"]
+    val = Loader(
+        cfg["data.val_dataset"], batch_size=cfg["validation.batch_size"], num_workers=cfg["data.num_workers"],
+        order=OrderOption.SEQUENTIAL, drop_last=False,
+        pipelines={
+            "image": to_model(CenterCropRGBImageDecoder((vres, vres), ratio=CROP_RATIO)),
+            "label": [IntDecoder(), ToTensor(), Squeeze(), *to_dev],
+            "index": None,
+        })
+    return train, val, decoder
+
+
+def main() -> dict:
+    """Parse ``--section.name=value`` / ``--config-file`` (fastargs), train, evaluate, log."""
+    cfg = get_current_config()
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    cfg.augment_argparse(parser)
+    cfg.collect_argparse_args(parser)
+    cfg.validate(mode="stderr")
+    for key in ("data.train_dataset", "data.val_dataset"):
+        if not cfg[key] or not Path(cfg[key]).is_file():
+            print(f"--{key} is {cfg[key]!r}: not a file.\n"
+                  "ImageNet .beton files go there: write train and val with sbsampler.ffcv.write_beton(dataset, path)\n"
+                  "(or FFCV's write_imagenet.py plus an IntField named 'index'), then pass\n"
+                  "  --data.train_dataset=/path/to/train.beton --data.val_dataset=/path/to/val.beton")
+            raise SystemExit(2)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg["training.seed"])
+    amp_dtype = torch.float16 if device.type == "cuda" else None
+    model, model_name = resnet(cfg["model.arch"], num_classes=cfg["data.num_classes"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    train, val, decoder = make_loaders(cfg, device)
+    epochs = cfg["training.epochs"]
+    loader = selective_loader(train, model, cfg["selection.strategy"], cfg["selection.fraction"],
+                              bool(cfg["selection.rebatch"]), cfg["selection.start"], cfg["selection.end"], epochs,
+                              cfg["training.label_smoothing"], amp_dtype, cfg["training.seed"])
+    opt = torch.optim.SGD(param_groups(model, cfg["training.weight_decay"]), lr=cfg["lr.lr"],
+                          momentum=cfg["training.momentum"])
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    if cfg["lr.lr_schedule_type"] == "cyclic":
+        def lr_at(p): return cyclic_lr(p, cfg["lr.lr"], epochs, cfg["lr.lr_peak_epoch"])
+    else:
+        def lr_at(p): return step_lr(p, cfg["lr.lr"], epochs, cfg["lr.step_ratio"], cfg["lr.step_length"])
+    print(f"model {model_name} on {device}; selection {loader!r}")
+    log = []
+    for epoch in range(epochs):
+        res = resolution_at(epoch, cfg)
+        decoder.output_size = (res, res)
+        row = train_epoch(model, loader, opt, lr_at, epoch, cfg["training.label_smoothing"], scaler, amp_dtype,
+                          channels_last=True, max_steps=cfg["training.max_steps"] or None)
+        row["resolution"] = res
+        log.append(row)
+        print(json.dumps(row))
+    stats = evaluate(model, val, amp_dtype, channels_last=True, flip_tta=bool(cfg["validation.lr_tta"]))
+    result = {"model": model_name, "device": str(device), **stats, "epochs": log,
+              "loader_stats": loader.stats.as_dict()}
+    folder = Path(cfg["logging.folder"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "log.json").write_text(json.dumps(result, indent=2))
+    print(f"top_1 {stats['top_1']:.4f} top_5 {stats['top_5']:.4f}; "
+          f"back-propagated {loader.stats.samples_yielded} of {loader.stats.samples_seen} samples; "
+          f"log in {folder / 'log.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
