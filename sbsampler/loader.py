@@ -146,10 +146,9 @@ def weighted_loss(losses: Tensor, weights: Tensor) -> Tensor:
 
 def _split_batch(batch: Any) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     if isinstance(batch, dict):
-        keys = [k for k in ("inputs", "targets", "indices") if k in batch]
         if "inputs" not in batch or "targets" not in batch:
             raise TypeError(f"dict batches need 'inputs' and 'targets' keys, got {sorted(batch)}")
-        return batch["inputs"], batch["targets"], batch.get("indices") if "indices" in keys else None
+        return batch["inputs"], batch["targets"], batch.get("indices")
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) in (2, 3):
         x, y = batch[0], batch[1]
         idx = batch[2] if len(batch) == 3 else None
