@@ -5,7 +5,8 @@
 
 For each data set (scikit-learn's 8x8 digits; MNIST-1D from the ``mnist1d``
 package's generator, nothing downloaded), trains full backprop and Uniform,
-SelectiveBackprop (CDF**beta, fixed count), TopK, GradientMatching and
+SelectiveBackprop (CDF**beta, fixed count), TopK, GradientMatching (fitted weights,
+and ``gradmatch_norm``: the same subsets with weights rescaled to sum 1) and
 ImportanceSampling at fractions 0.1 / 0.25 / 0.5, with 3 seeds each, under two
 budgets:
 
@@ -22,8 +23,8 @@ than the seed spread (the two standard deviations added)?
 
 ``mean sum(w)`` is the average over steps of the sub-batch's weight sum. Uniform,
 TopK and SB give 1; the unbiased estimators give 1 on average; GradientMatching's
-fitted weights can sum to less, which acts like a smaller learning rate: read its
-rows with that in mind.
+fitted weights can sum to less, which acts like a smaller learning rate; the
+``gradmatch_norm`` rows separate that effect from the choice of samples.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import sbsampler as sb  # noqa: E402
 from sbsampler.demo import DigitsCNN, load_digits_split  # noqa: E402
 
-METHODS = ["full", "uniform", "sb", "topk", "gradmatch", "importance"]
+METHODS = ["full", "uniform", "sb", "topk", "gradmatch", "gradmatch_norm", "importance"]
 FRACTIONS = [0.1, 0.25, 0.5]
 BATCH = 64
 LR = 0.02
@@ -104,8 +105,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     base = DataLoader(sb.with_indices(train), batch_size=BATCH, shuffle=True,
                       generator=torch.Generator().manual_seed(seed))
     hook = sb.ScoringHook(model)
-    loader = base if method == "full" else sb.SelectiveLoader(
-        base, hook, strategy=sb.get_strategy(method, seed=seed), fraction=fraction)
+    strategy = (sb.GradientMatching(normalize=True, seed=seed) if method == "gradmatch_norm"
+                else None if method == "full" else sb.get_strategy(method, seed=seed))
+    loader = base if method == "full" else sb.SelectiveLoader(base, hook, strategy=strategy, fraction=fraction)
     total_iters = epochs * len(base)
     it = 0
     backprop = 0

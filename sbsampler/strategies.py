@@ -292,14 +292,20 @@ class GradientMatching(Strategy):
             gradient norm: adds ``reg * mean_i |g_i|^2 * |w|^2`` to the fit.
         nonneg: constrain weights to be ``>= 0`` (a negative weight would turn a
             sample's gradient step around).
+        normalize: rescale the fitted weights to sum to 1. The fit usually
+            sums to less than 1 (the subset's gradients add up to more than the
+            mean), which acts as a smaller learning rate; ``True`` keeps the
+            subset and its relative weights but the step size of the others.
+            The reported residual is that of the returned weights.
         seed: for filling the budget when the pursuit stops early.
     """
 
     name = "gradmatch"
     needs_gradients = True
 
-    def __init__(self, reg: float = 0.0, nonneg: bool = True, seed: Seed = None) -> None:
+    def __init__(self, reg: float = 0.0, nonneg: bool = True, normalize: bool = False, seed: Seed = None) -> None:
         super().__init__(seed)
+        self.normalize = bool(normalize)
         if not (isinstance(reg, (int, float)) and reg >= 0 and math.isfinite(reg)):
             raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
         self.reg = float(reg)
@@ -339,6 +345,8 @@ class GradientMatching(Strategy):
             w = kernels.nnls_gram(sub, target[chosen], w, 500, 1e-7)
         else:
             w = np.linalg.solve(sub + 1e-12 * np.trace(sub) / k * np.eye(k), target[chosen])
+        if self.normalize and w.sum() > 0:
+            w = w / w.sum()
         if ridge:
             sub[np.diag_indices(k)] -= ridge
         err2 = float(w @ sub @ w - 2.0 * w @ target[chosen] + tnorm2)
@@ -347,7 +355,7 @@ class GradientMatching(Strategy):
         return Selection(chosen[order], w[order], residual=residual)
 
     def _params(self) -> str:
-        return f"reg={self.reg}, nonneg={self.nonneg}"
+        return f"reg={self.reg}, nonneg={self.nonneg}, normalize={self.normalize}"
 
 
 class ImportanceSampling(Strategy):

@@ -277,3 +277,16 @@ def test_budget():
     for bad in (0, 1.5, -0.1, True):
         with pytest.raises(ValueError, match="fraction"):
             budget(bad, 10)
+
+
+def test_gradmatch_normalize_keeps_subset_and_ratios():
+    scores = make_scores(5, b=80)
+    g = explicit_grads(scores)
+    plain = sb.GradientMatching(seed=0).select(scores, 10)
+    norm = sb.GradientMatching(normalize=True, seed=0).select(scores, 10)
+    np.testing.assert_array_equal(plain.indices, norm.indices)
+    np.testing.assert_allclose(norm.weights.sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(norm.weights, plain.weights / plain.weights.sum(), rtol=1e-5)
+    np.testing.assert_allclose(norm.residual, fit_residual(g, norm.indices, norm.weights.astype(np.float64)),
+                               rtol=1e-4)
+    assert norm.residual >= plain.residual - 1e-9  # the fit was optimal; rescaling can only lose
