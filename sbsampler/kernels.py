@@ -208,8 +208,9 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
     the projection of ``t`` onto their span.
     """
     b = gram.shape[0]
-    q = np.zeros((k, b), dtype=gram.dtype)  # q[t, i] = <g_i, u_t>, u_t orthonormal
-    chol = np.zeros((k, k))  # lower Cholesky factor of gram[S, S] + ridge * I
+    # Rows of q and chol are written before they are read: no need to zero them.
+    q = np.empty((k, b), dtype=gram.dtype)  # q[t, i] = <g_i, u_t>, u_t orthonormal
+    chol = np.empty((k, k))  # lower Cholesky factor of gram[S, S] + ridge * I
     coef = np.zeros(k, dtype=gram.dtype)
     y = np.zeros(k)  # y[t] = <target, u_t>
     corr = target_corr.astype(np.float64)  # <g_i, residual>
