@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ffcv_common import cyclic_lr, evaluate, param_groups, selective_loader, train_epoch  # noqa: E402
+from ffcv_common import (  # noqa: E402
+    cyclic_lr, evaluate, image_pipeline, label_pipeline, param_groups, selective_loader, train_epoch,
+)
 from resnets import resnet  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
@@ -50,26 +52,18 @@ def synthetic_betons(n: int, folder: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def loaders(train_path: Path, val_path: Path, batch_size: int, workers: int, device: torch.device, seed: int):
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import RandomHorizontalFlip
 
-    on_gpu = device.type == "cuda"
-
-    def image(*head):
-        # On CPU, NormalizeImage (a Numba op) must precede ToTensor: see examples/ffcv_imagenet.
-        if on_gpu:
-            return [SimpleRGBImageDecoder(), *head, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
-                    NormalizeImage(CIFAR_MEAN, CIFAR_STD, np.float16)]
-        return [SimpleRGBImageDecoder(), *head, NormalizeImage(CIFAR_MEAN, CIFAR_STD, np.float32), ToTensor(),
-                ToTorchImage()]
-
-    label = [IntDecoder(), ToTensor(), Squeeze(), *([ToDevice(device, non_blocking=True)] if on_gpu else [])]
     train = Loader(str(train_path), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM, seed=seed,
-                   drop_last=True, pipelines={"image": image(RandomHorizontalFlip()), "label": label,
-                                              "index": [IntDecoder(), ToTensor(), Squeeze()]})
+                   drop_last=True, pipelines={
+                       "image": image_pipeline([SimpleRGBImageDecoder(), RandomHorizontalFlip()], device,
+                                               CIFAR_MEAN, CIFAR_STD),
+                       "label": label_pipeline(device), "index": label_pipeline()})
     val = Loader(str(val_path), batch_size=512, num_workers=workers, order=OrderOption.SEQUENTIAL, drop_last=False,
-                 pipelines={"image": image(), "label": label, "index": None})
+                 pipelines={"image": image_pipeline([SimpleRGBImageDecoder()], device, CIFAR_MEAN, CIFAR_STD),
+                            "label": label_pipeline(device), "index": None})
     return train, val
 
 

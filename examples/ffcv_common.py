@@ -21,7 +21,32 @@ from tqdm.auto import tqdm
 
 import sbsampler as sb
 
-__all__ = ["cyclic_lr", "step_lr", "selective_loader", "train_epoch", "evaluate", "param_groups"]
+__all__ = ["cyclic_lr", "step_lr", "image_pipeline", "label_pipeline", "selective_loader", "train_epoch", "evaluate",
+           "param_groups"]
+
+
+def image_pipeline(ops: list, device: torch.device, mean: np.ndarray, std: np.ndarray) -> list:
+    """Decoder/augmentation ``ops``, then a normalised CHW tensor on ``device``.
+
+    On GPU, FFCV's order: ToTensor, ToDevice, ToTorchImage, NormalizeImage (float16, on the GPU).
+    On CPU, NormalizeImage is a Numba op and must come before ToTensor: FFCV 1.0.2's
+    ``Graph.group_operations`` never ends for a pipeline that returns to Numba after a torch op.
+    """
+    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+
+    if device.type == "cuda":
+        return [*ops, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+                NormalizeImage(mean, std, np.float16)]
+    return [*ops, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+
+
+def label_pipeline(device: Optional[torch.device] = None) -> list:
+    """Integer field as a (B,) int64 tensor, moved to ``device`` when it is a GPU (indices stay on the CPU)."""
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    to_dev = [ToDevice(device, non_blocking=True)] if device is not None and device.type == "cuda" else []
+    return [IntDecoder(), ToTensor(), Squeeze(), *to_dev]
 
 
 def cyclic_lr(progress: float, lr: float, epochs: int, peak_epoch: float) -> float:

@@ -36,7 +36,9 @@ from fastargs.validation import OneOf
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from ffcv_common import cyclic_lr, evaluate, param_groups, selective_loader, step_lr, train_epoch  # noqa: E402
+from ffcv_common import (  # noqa: E402
+    cyclic_lr, evaluate, image_pipeline, label_pipeline, param_groups, selective_loader, step_lr, train_epoch,
+)
 from resnets import resnet  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
@@ -106,23 +108,9 @@ def resolution_at(epoch: int, cfg) -> int:
 
 
 def make_loaders(cfg, device: torch.device):
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
-
-    on_gpu = device.type == "cuda"
-    to_dev = [ToDevice(device, non_blocking=True)] if on_gpu else []
-
-    def to_model(*head):
-        """Decoder ops, then to a normalised CHW tensor on the training device.
-
-        On GPU, FFCV's order: ToTensor, ToDevice, ToTorchImage, NormalizeImage (float16, on the GPU).
-        On CPU, NormalizeImage is a Numba op and must come before ToTensor: FFCV 1.0.2's
-        Graph.group_operations never ends for a pipeline that returns to Numba after a torch op.
-        """
-        if on_gpu:
-            return [*head, ToTensor(), *to_dev, ToTorchImage(), NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float16)]
-        return [*head, NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(), ToTorchImage()]
+    from ffcv.transforms import RandomHorizontalFlip
 
     res = resolution_at(0, cfg)
     decoder = RandomResizedCropRGBImageDecoder((res, res))
@@ -130,17 +118,18 @@ def make_loaders(cfg, device: torch.device):
         cfg["data.train_dataset"], batch_size=cfg["training.batch_size"], num_workers=cfg["data.num_workers"],
         order=OrderOption.RANDOM, os_cache=bool(cfg["data.in_memory"]), drop_last=True, seed=cfg["training.seed"],
         pipelines={
-            "image": to_model(decoder, RandomHorizontalFlip()),
-            "label": [IntDecoder(), ToTensor(), Squeeze(), *to_dev],
-            "index": [IntDecoder(), ToTensor(), Squeeze()],
+            "image": image_pipeline([decoder, RandomHorizontalFlip()], device, IMAGENET_MEAN, IMAGENET_STD),
+            "label": label_pipeline(device),
+            "index": label_pipeline(),
         })
     vres = cfg["validation.resolution"]
     val = Loader(
         cfg["data.val_dataset"], batch_size=cfg["validation.batch_size"], num_workers=cfg["data.num_workers"],
         order=OrderOption.SEQUENTIAL, drop_last=False,
         pipelines={
-            "image": to_model(CenterCropRGBImageDecoder((vres, vres), ratio=CROP_RATIO)),
-            "label": [IntDecoder(), ToTensor(), Squeeze(), *to_dev],
+            "image": image_pipeline([CenterCropRGBImageDecoder((vres, vres), ratio=CROP_RATIO)], device,
+                                    IMAGENET_MEAN, IMAGENET_STD),
+            "label": label_pipeline(device),
             "index": None,
         })
     return train, val, decoder
