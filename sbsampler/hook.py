@@ -110,6 +110,8 @@ class ScoringHook:
     Args:
         model: the network. It is left exactly as it was: train/eval mode
             restored, BatchNorm running statistics untouched, no ``.grad`` set.
+            A ``DistributedDataParallel``/``DataParallel`` wrapper is scored
+            through its ``.module`` (no collective runs during scoring).
         head: the last linear layer; found automatically when omitted.
         loss: ``"cross_entropy"`` (closed-form gradient) or a callable
             ``loss(logits, targets) -> (B,)`` per-sample loss, differentiated by
@@ -139,6 +141,10 @@ class ScoringHook:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            # Score the wrapped module: a DDP forward may broadcast buffers (a collective),
+            # and ranks do not always score the same number of times.
+            model = model.module
         if head is None:
             head = find_head(model)
         if not isinstance(head, nn.Linear):

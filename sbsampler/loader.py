@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .ffcv import FFCVBatches, is_ffcv_loader
 from .hook import Scores, ScoringHook
+from .distributed import RankSync, default_sync
 from .strategies import Seed, Strategy, budget, get_strategy
 
 __all__ = ["SubBatch", "LoaderStats", "SelectiveLoader", "IndexedDataset", "with_indices", "weighted_loss"]
@@ -33,12 +34,17 @@ class SubBatch:
         weights: (k,) float32 loss weights: the step's loss is ``sum(w * l)``.
         indices: (k,) int64 dataset indices (stream positions when the wrapped
             loader provides none), on the CPU.
+        extras: the batch's other fields, gathered alongside: a dict batch's
+            other keys, or a tuple batch's items after the indices by position
+            (3, 4, ...). Per-sample values (tensors, arrays, lists with one entry
+            per sample) are gathered; batch-level values pass through unchanged.
     """
 
     inputs: Tensor
     targets: Tensor
     weights: Tensor
     indices: Tensor
+    extras: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -56,7 +62,9 @@ class LoaderStats:
     ``samples_seen == samples_selected + samples_not_selected + samples_skipped``,
     ``samples_yielded`` counts rows yielded for back-propagation (a sample drawn
     twice by sampling with replacement counts twice); with no repeats,
-    ``samples_yielded + samples_dropped == samples_selected``.
+    ``samples_yielded + samples_dropped + samples_abandoned == samples_selected``
+    once an epoch has ended. ``samples_padded`` counts the zero-weight repeats
+    added under DDP (not included in ``samples_yielded``).
     """
 
     batches_seen: int = 0
@@ -67,6 +75,8 @@ class LoaderStats:
     samples_skipped: int = 0  # non-finite losses under nan_policy="skip", empty batches
     samples_yielded: int = 0  # samples back-propagated, if every yielded batch is trained on
     samples_dropped: int = 0  # rebatching remainder dropped because drop_last=True
+    samples_abandoned: int = 0  # left in the rebatching queue when an epoch was broken off
+    samples_padded: int = 0  # zero-weight repeats added so that DDP ranks take equal steps
     steps: int = 0  # sub-batches yielded
     time_loading: float = 0.0
     time_scoring: float = 0.0
@@ -144,19 +154,52 @@ def weighted_loss(losses: Tensor, weights: Tensor) -> Tensor:
     return (losses * weights.to(device=losses.device, dtype=losses.dtype)).sum()
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def _split_batch(batch: Any) -> tuple[Tensor, Tensor, Optional[Tensor], dict]:
+    """``(inputs, targets, indices or None, extras)`` of one batch from the wrapped loader."""
     if isinstance(batch, dict):
         if "inputs" not in batch or "targets" not in batch:
             raise TypeError(f"dict batches need 'inputs' and 'targets' keys, got {sorted(batch)}")
-        return batch["inputs"], batch["targets"], batch.get("indices")
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) in (2, 3):
+        extras = {k: v for k, v in batch.items() if k not in ("inputs", "targets", "indices")}
+        return batch["inputs"], batch["targets"], batch.get("indices"), extras
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
         x, y = batch[0], batch[1]
-        idx = batch[2] if len(batch) == 3 else None
-        return x, y, idx
+        idx = batch[2] if len(batch) >= 3 else None
+        return x, y, idx, {j: batch[j] for j in range(3, len(batch))}
     raise TypeError(
-        "batches must be (inputs, targets) or (inputs, targets, indices) sequences or a dict with those keys; "
-        f"got {type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
+        "batches must be (inputs, targets[, indices, *extras]) sequences or a dict with 'inputs' and "
+        f"'targets' keys; got {type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
     )
+
+
+def _per_sample(value: Any, n: int) -> bool:
+    if isinstance(value, (Tensor, np.ndarray)):
+        return value.ndim >= 1 and value.shape[0] == n
+    return isinstance(value, (list, tuple)) and len(value) == n
+
+
+def _gather(value: Any, pos: Tensor, n: int) -> Any:
+    """Rows ``pos`` of a per-sample value (tensor, array or list); batch-level values unchanged."""
+    if not _per_sample(value, n):
+        return value
+    if isinstance(value, Tensor):
+        return value[pos.to(value.device)]
+    if isinstance(value, np.ndarray):
+        return value[pos.numpy()]
+    return type(value)(value[i] for i in pos.tolist()) if isinstance(value, tuple) else [value[i] for i in pos.tolist()]
+
+
+def _concat(values: list, n_parts: list[int], key: Any) -> Any:
+    first = values[0]
+    if not all(_per_sample(v, m) for v, m in zip(values, n_parts)):
+        raise TypeError(
+            f"extra field {key!r} is not per-sample (a tensor, array or list with one entry per sample), "
+            "so it cannot be rebatched across batches; make it per-sample or use rebatch=False"
+        )
+    if isinstance(first, Tensor):
+        return torch.cat(values)
+    if isinstance(first, np.ndarray):
+        return np.concatenate(values)
+    return [v for part in values for v in part]
 
 
 def _as_index_tensor(idx: Any, n: int) -> Tensor:
@@ -169,6 +212,32 @@ def _as_index_tensor(idx: Any, n: int) -> Tensor:
     return t
 
 
+def _rows(sub: SubBatch, pos: Tensor, weights: Optional[Tensor] = None) -> SubBatch:
+    """The rows ``pos`` (CPU int64) of a sub-batch, extras included."""
+    n = len(sub)
+    on = pos.to(sub.inputs.device)
+    return SubBatch(
+        sub.inputs[on],
+        sub.targets[on],
+        sub.weights[pos.to(sub.weights.device)] if weights is None else weights,
+        sub.indices[pos],
+        {k: _gather(v, pos, n) for k, v in sub.extras.items()},
+    )
+
+
+def _cat(parts: list[SubBatch]) -> SubBatch:
+    if len(parts) == 1:
+        return parts[0]
+    sizes = [len(p) for p in parts]
+    return SubBatch(
+        torch.cat([p.inputs for p in parts]),
+        torch.cat([p.targets for p in parts]),
+        torch.cat([p.weights for p in parts]),
+        torch.cat([p.indices for p in parts]),
+        {k: _concat([p.extras[k] for p in parts], sizes, k) for k in parts[0].extras},
+    )
+
+
 class SelectiveLoader:
     """Wraps a loader of ``(inputs, targets[, indices])`` batches and yields ``SubBatch``es.
 
@@ -178,8 +247,10 @@ class SelectiveLoader:
     Args:
         loader: any re-iterable of batches: a ``torch.utils.data.DataLoader``,
             an ``ffcv.loader.Loader`` over a ``.beton`` with an ``"index"`` field
-            (see ``sbsampler.ffcv``), or anything yielding ``(inputs, targets)`` /
-            ``(inputs, targets, indices)`` tuples or dicts with those keys.
+            (see ``sbsampler.ffcv``), or anything yielding
+            ``(inputs, targets[, indices, *extras])`` tuples or dicts with
+            ``"inputs"``, ``"targets"`` (and ``"indices"``) keys; other fields
+            travel in ``SubBatch.extras``.
         hook: the ``ScoringHook`` on the model being trained.
         strategy: a name (``"uniform"``, ``"topk"``, ``"sb"``, ``"gradmatch"``,
             ``"importance"``) or a ``Strategy`` object. Default ``"uniform"``.
@@ -202,6 +273,22 @@ class SelectiveLoader:
         drop_last: with ``rebatch``, drop the incomplete last batch of an epoch
             (counted in ``stats.samples_dropped``).
         seed: seed for a strategy given by name.
+        distributed: agree on the step count with the other ranks of a
+            ``torch.distributed`` job (see ``sbsampler.distributed`` for the
+            rule). ``None`` (default) turns it on when a process group with more
+            than one rank is initialised; ``False`` turns it off; a ``RankSync``
+            uses that group.
+        sync_history: under ``distributed``, share the SelectiveBackprop loss
+            history across ranks (all-gather per round), so every rank ranks its
+            losses against the same, global history; ``False`` keeps one
+            history per rank.
+
+    Resume: ``state_dict()`` between two steps captures the epoch, the position
+    in it, the strategy's state (RNG, loss history), the counters and the
+    rebatching queue as dataset indices; ``load_state_dict()`` on a fresh
+    loader continues the interrupted epoch exactly, provided the wrapped loader
+    replays the same batch order (seed it; call ``sampler.set_epoch`` as usual).
+    The batches already consumed are read again and skipped, unscored.
     """
 
     def __init__(
@@ -219,6 +306,8 @@ class SelectiveLoader:
         batch_size: Optional[int] = None,
         drop_last: bool = False,
         seed: Seed = None,
+        distributed: Union[None, bool, RankSync] = None,
+        sync_history: bool = False,
     ) -> None:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"hook must be a ScoringHook, got {type(hook).__name__}")
@@ -244,8 +333,34 @@ class SelectiveLoader:
         self.nan_policy = nan_policy
         self.batch_size = batch_size if batch_size is not None else getattr(loader, "batch_size", None)
         self.drop_last = bool(drop_last)
+        if distributed is None:
+            self.sync = default_sync()
+        elif distributed is True:
+            self.sync = RankSync()
+        elif distributed is False:
+            self.sync = None
+        elif isinstance(distributed, RankSync):
+            self.sync = distributed
+        else:
+            raise TypeError(f"distributed must be None, a bool or a RankSync, got {type(distributed).__name__}")
+        self.sync_history = bool(sync_history)
+        if self.sync_history:
+            if self.sync is None:
+                raise ValueError("sync_history=True needs a distributed job (torch.distributed initialised, 2+ ranks)")
+            if not hasattr(self.strategy, "history_sync"):
+                raise ValueError(f"sync_history=True needs a strategy with a loss history, got {self.strategy!r}")
+            self.strategy.history_sync = self.sync.all_gather_1d  # type: ignore[attr-defined]
         self.epoch = 0
         self.stats = LoaderStats()
+        # Iteration state, kept on the object so that state_dict() sees it between steps.
+        self._in_epoch = False
+        self._epoch_now = 0
+        self._position = 0  # wrapped batches consumed this epoch
+        self._stream = 0  # samples consumed this epoch (indices when the loader gives none)
+        self._queue: list[tuple[SubBatch, int, Tensor]] = []  # (rows, source batch ordinal, positions in it)
+        self._resume: Optional[dict[str, Any]] = None
+        self._pad_source: Optional[SubBatch] = None
+        self._observed = False
 
     # -- public helpers -----------------------------------------------------------
     def is_selective(self, epoch: Optional[int] = None) -> bool:
@@ -261,7 +376,7 @@ class SelectiveLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        """Sub-batches the next epoch yields; exact for fixed-count strategies."""
+        """Sub-batches the next epoch yields; exact for fixed-count strategies on one process."""
         n_batches = len(self.loader)  # type: ignore[arg-type]
         if not self.is_selective() or not self.rebatch:
             return n_batches
@@ -279,75 +394,250 @@ class SelectiveLoader:
         bs = getattr(self.loader, "batch_size", None)
         if n is None or bs is None:
             return None
+        sampler = getattr(self.loader, "sampler", None)
+        if sampler is not None and hasattr(sampler, "__len__"):
+            n = len(sampler)  # a DistributedSampler's shard
         sizes = [bs] * (n // bs)
         if n % bs and not getattr(self.loader, "drop_last", False):
             sizes.append(n % bs)
         return sizes[:n_batches]
 
-    # -- iteration ----------------------------------------------------------------
-    def __iter__(self) -> Iterator[SubBatch]:
-        selective = self.is_selective()
-        self.epoch += 1
-        queue: list[SubBatch] = []
-        queued = 0
-        position = 0
-        it = iter(self.loader)
-        while True:
-            t0 = time.perf_counter()
+    # -- resume -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue where the last yielded step left off.
+
+        Plain Python/NumPy values (``torch.save``-able): the epoch counters, the
+        number of wrapped batches consumed, the queued samples as (batch ordinal,
+        row, dataset index, weight), the strategy's ``state_dict`` and the counters.
+        """
+        if self._resume is not None:  # loaded but not iterated yet: hand the same state back
+            return dict(self._resume)
+        return {
+            "version": 1,
+            "epoch": self.epoch,
+            "in_epoch": self._in_epoch,
+            "epoch_now": self._epoch_now,
+            "position": self._position,
+            "batch_size": self.batch_size,
+            "queue": [
+                {
+                    "batch": ordinal,
+                    "rows": rows.numpy().copy(),
+                    "indices": sub.indices.numpy().copy(),
+                    "weights": sub.weights.detach().cpu().numpy().copy(),
+                }
+                for sub, ordinal, rows in self._queue
+            ],
+            "strategy": self.strategy.state_dict(),
+            "stats": asdict(self.stats),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; the next iteration continues the saved epoch."""
+        if state.get("version") != 1:
+            raise ValueError(f"unknown SelectiveLoader state version {state.get('version')!r}")
+        self.epoch = int(state["epoch"])
+        self.batch_size = state["batch_size"]
+        self.strategy.load_state_dict(state["strategy"])
+        self.stats = LoaderStats(**{**state["stats"], "residuals": list(state["stats"]["residuals"])})
+        self._queue = []
+        self._in_epoch = False
+        self._resume = dict(state) if state["in_epoch"] else None
+
+    def _fast_forward(self, it: Iterator, state: dict[str, Any]) -> None:
+        """Consume the batches the saved run had consumed; rebuild its queue from them."""
+        wanted: dict[int, list[int]] = {}
+        for j, entry in enumerate(state["queue"]):
+            wanted.setdefault(int(entry["batch"]), []).append(j)
+        pieces: list[Optional[tuple[SubBatch, int, Tensor]]] = [None] * len(state["queue"])
+        for ordinal in range(int(state["position"])):
             try:
                 batch = next(it)
             except StopIteration:
-                break
-            self.stats.time_loading += time.perf_counter() - t0
-            x, y, idx = _split_batch(batch)
-            if self.device is not None:
-                x = x.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
+                raise RuntimeError(
+                    f"cannot resume: the wrapped loader ended after {ordinal} batches, but the saved "
+                    f"state had consumed {state['position']}"
+                ) from None
+            x, y, idx, extras = _split_batch(batch)
             n = int(x.shape[0])
-            if int(y.shape[0]) != n:
-                raise ValueError(f"inputs have {n} samples but targets have {int(y.shape[0])}")
-            idx = _as_index_tensor(idx, n) if idx is not None else torch.arange(position, position + n)
-            position += n
-            self.stats.batches_seen += 1
-            self.stats.samples_seen += n
-            if n == 0:
-                continue
-            if not selective:
-                self.stats.samples_selected += n
-                self.stats.samples_yielded += n
-                self.stats.steps += 1
-                yield SubBatch(x, y, torch.full((n,), 1.0 / n), idx)
-                continue
-            sub = self._select(x, y, idx)
-            if sub is None:
-                continue
-            if not self.rebatch:
-                self.stats.samples_yielded += len(sub)
-                self.stats.steps += 1
-                yield sub
-                continue
-            # Rebatching: weights become relative to the emitted batch (w * k / batch_size).
-            sub.weights = sub.weights * len(sub)
-            queue.append(sub)
-            queued += len(sub)
-            size = self.batch_size or n
-            if self.batch_size is None:
-                self.batch_size = n
-            while queued >= size:
-                out, queue, queued = self._take(queue, size)
-                self.stats.samples_yielded += size
-                self.stats.steps += 1
-                yield out
-        if queued:
-            if self.drop_last:
-                self.stats.samples_dropped += queued
-            else:
-                out, queue, queued = self._take(queue, queued)
-                self.stats.samples_yielded += len(out)
-                self.stats.steps += 1
-                yield out
+            idx = _as_index_tensor(idx, n) if idx is not None else torch.arange(self._stream, self._stream + n)
+            self._stream += n
+            for j in wanted.get(ordinal, ()):
+                entry = state["queue"][j]
+                rows = torch.as_tensor(entry["rows"], dtype=torch.int64)
+                if not torch.equal(idx[rows], torch.as_tensor(entry["indices"], dtype=torch.int64)):
+                    raise RuntimeError(
+                        f"cannot resume: batch {ordinal} of the wrapped loader holds other samples than in the "
+                        "saved run; the loader must replay the same order (seed it, set the sampler's epoch)"
+                    )
+                if self.device is not None:
+                    x, y = x.to(self.device), y.to(self.device)
+                full = SubBatch(x, y, torch.zeros(n), idx, extras)
+                w = torch.as_tensor(entry["weights"], dtype=torch.float32).to(x.device)
+                pieces[j] = (_rows(full, rows, w), ordinal, rows)
+        self._queue = [p for p in pieces if p is not None]
+        self._position = int(state["position"])
 
-    def _select(self, x: Tensor, y: Tensor, idx: Tensor) -> Optional[SubBatch]:
+    # -- iteration ----------------------------------------------------------------
+    def __iter__(self) -> Iterator[SubBatch]:
+        resume, self._resume = self._resume, None
+        if self._in_epoch and self._queue:  # the last epoch was broken off (break or exception)
+            self.stats.samples_abandoned += sum(len(sub) for sub, _, _ in self._queue)
+        self._queue, self._position, self._stream = [], 0, 0
+        if resume is None:
+            self._epoch_now = self.epoch
+            self.epoch += 1
+        else:
+            self._epoch_now = int(resume["epoch_now"])
+        self._in_epoch = True
+        selective = self.is_selective(self._epoch_now)
+        it = iter(self.loader)
+        if resume is not None:
+            self._fast_forward(it, resume)
+        if selective and self.rebatch:
+            yield from self._rebatched(it)
+        else:
+            yield from self._direct(it, selective)
+        self._in_epoch = False
+
+    def _pull(self, it: Iterator, selective: bool) -> tuple[bool, Optional[SubBatch], Optional[Tensor]]:
+        """Next wrapped batch -> ``(exhausted, sub-batch or None, its rows in the batch)``."""
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return True, None, None
+        self.stats.time_loading += time.perf_counter() - t0
+        x, y, idx, extras = _split_batch(batch)
+        if self.device is not None:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+        n = int(x.shape[0])
+        self._last_batch_n = n
+        if int(y.shape[0]) != n:
+            raise ValueError(f"inputs have {n} samples but targets have {int(y.shape[0])}")
+        idx = _as_index_tensor(idx, n) if idx is not None else torch.arange(self._stream, self._stream + n)
+        self._stream += n
+        self._position += 1
+        self.stats.batches_seen += 1
+        self.stats.samples_seen += n
+        if n == 0:
+            return False, None, None
+        full = SubBatch(x, y, torch.full((n,), 1.0 / n, device=x.device), idx, extras)
+        if not selective:
+            self.stats.samples_selected += n
+            return False, full, torch.arange(n)
+        pos, weights = self._select(x, y, idx) or (None, None)
+        if pos is None:
+            return False, None, None
+        return False, _rows(full, pos, weights), pos
+
+    def _emit(self, sub: SubBatch) -> SubBatch:
+        self.stats.samples_yielded += len(sub)
+        self.stats.steps += 1
+        self._pad_source = sub
+        return sub
+
+    def _direct(self, it: Iterator, selective: bool) -> Iterator[SubBatch]:
+        """One step per wrapped batch (no rebatching, or outside the selective window)."""
+        while True:
+            self._observed = False
+            exhausted, sub, _ = self._pull(it, selective)
+            self._observe_nothing(selective)
+            if self.sync is None:
+                if exhausted:
+                    return
+                if sub is not None:
+                    yield self._emit(sub)
+                continue
+            _, (size, more) = self.sync.min_max([len(sub) if sub is not None else 0, int(not exhausted)])
+            if size:
+                yield self._pad(sub, size)
+            if not more:
+                return
+
+    def _rebatched(self, it: Iterator) -> Iterator[SubBatch]:
+        """Jiang et al.'s queue: selected samples accumulate until a full batch is ready."""
+        while True:
+            self._observed = False
+            exhausted, sub, rows = self._pull(it, True)
+            self._observe_nothing(True)
+            if sub is not None:
+                if self.batch_size is None:  # no batch_size given or on the loader: the first batch's
+                    self.batch_size = self._last_batch_n
+                # Weights become relative to the emitted batch: w * k / batch_size.
+                sub.weights = sub.weights * len(sub)
+                self._queue.append((sub, self._position - 1, rows))
+            size = self.batch_size
+            queued = self._queued()
+            ready = queued // size if size else 0
+            if self.sync is None:
+                for _ in range(ready):
+                    yield self._emit(self._take(size, size))
+                if exhausted:
+                    break
+                continue
+            mn, mx = self.sync.min_max([ready, int(not exhausted)])
+            for _ in range(mn[0]):
+                yield self._emit(self._take(size, size))
+            if not mx[1]:
+                break
+        yield from self._tail()
+
+    def _tail(self) -> Iterator[SubBatch]:
+        """The samples left in the queue when the epoch's input has run out."""
+        size = self.batch_size or 1
+        queued = self._queued()
+        if self.sync is None:
+            if queued and self.drop_last:
+                self._drop(queued)
+            elif queued:
+                yield self._emit(self._take(queued, queued))
+            return
+        mn, mx = self.sync.min_max([queued // size, -(-queued // size)])
+        if self.drop_last:
+            for _ in range(mn[0]):
+                yield self._emit(self._take(size, size))
+            self._drop(self._queued())
+            return
+        for _ in range(mx[1]):
+            m = min(size, self._queued())
+            yield self._pad(self._take(m, m) if m else None, size)
+
+    def _queued(self) -> int:
+        return sum(len(sub) for sub, _, _ in self._queue)
+
+    def _drop(self, count: int) -> None:
+        self.stats.samples_dropped += count
+        self._queue = []
+
+    def _pad(self, sub: Optional[SubBatch], size: int) -> SubBatch:
+        """``sub`` made ``size`` rows long with zero-weight repeats (DDP steps must agree)."""
+        have = len(sub) if sub is not None else 0
+        if have >= size:
+            return self._emit(sub)  # type: ignore[arg-type]
+        base = sub if have else self._pad_source
+        if base is None:
+            raise RuntimeError(
+                f"rank {self.sync.rank if self.sync else 0} has no sample to pad a step with: every rank "
+                "needs at least one sample in its first round"
+            )
+        need = size - have
+        pad = _rows(base, torch.arange(need) % len(base), torch.zeros(need, device=base.weights.device))
+        out = _cat([sub, pad]) if have else pad  # type: ignore[list-item]
+        if have:
+            self._pad_source = sub
+        self.stats.samples_yielded += have
+        self.stats.samples_padded += need
+        self.stats.steps += 1
+        return out
+
+    def _observe_nothing(self, selective: bool) -> None:
+        """Under ``sync_history`` a rank that did not select this round still joins the all-gather."""
+        if self.sync_history and selective and not self._observed:
+            self.strategy.observe(np.zeros(0))  # type: ignore[attr-defined]
+
+    def _select(self, x: Tensor, y: Tensor, idx: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         n = int(x.shape[0])
         t0 = time.perf_counter()
         scores = self.hook.score(x, y)
@@ -359,6 +649,7 @@ class SelectiveLoader:
         if m == 0:
             return None
         k = budget(self.fraction, n)
+        self._observed = True
         sel = self.strategy.select(scores, min(k, m))
         if sel.residual is not None:
             self.stats.residuals.append(sel.residual)
@@ -371,10 +662,10 @@ class SelectiveLoader:
         distinct = int(torch.unique(pos).numel())
         self.stats.samples_selected += distinct
         self.stats.samples_not_selected += m - distinct
-        on = pos.to(x.device)
-        out = SubBatch(x[on], y[on], torch.from_numpy(sel.weights).to(x.device), idx[pos])
         self.stats.time_gathering += time.perf_counter() - t2
-        return out
+        if distinct == 0:  # a variable-count rule kept nothing: no step from this batch
+            return None
+        return pos, torch.from_numpy(sel.weights).to(x.device)
 
     def _apply_nan_policy(self, scores: Scores, idx: Tensor) -> tuple[Optional[Tensor], Scores]:
         finite = torch.isfinite(scores.loss)
@@ -406,27 +697,24 @@ class SelectiveLoader:
             h = torch.where(finite[:, None], h, torch.zeros_like(h))
         return None, Scores(loss=loss, logit_grad=e, features=h, targets=scores.targets, bias=scores.bias)
 
-    @staticmethod
-    def _take(queue: list[SubBatch], size: int) -> tuple[SubBatch, list[SubBatch], int]:
-        """Pop ``size`` samples off the front of the queue as one SubBatch."""
+    def _take(self, size: int, divisor: int) -> SubBatch:
+        """Pop ``size`` samples off the front of the queue as one SubBatch (weights / ``divisor``)."""
         parts: list[SubBatch] = []
         need = size
         while need:
-            head = queue[0]
+            head, ordinal, rows = self._queue[0]
             if len(head) <= need:
-                parts.append(queue.pop(0))
+                parts.append(head)
+                self._queue.pop(0)
                 need -= len(head)
             else:
-                parts.append(SubBatch(head.inputs[:need], head.targets[:need], head.weights[:need], head.indices[:need]))
-                queue[0] = SubBatch(head.inputs[need:], head.targets[need:], head.weights[need:], head.indices[need:])
+                parts.append(_rows(head, torch.arange(need)))
+                rest = torch.arange(need, len(head))
+                self._queue[0] = (_rows(head, rest), ordinal, rows[need:])
                 need = 0
-        out = SubBatch(
-            torch.cat([p.inputs for p in parts]),
-            torch.cat([p.targets for p in parts]),
-            torch.cat([p.weights for p in parts]) / size,
-            torch.cat([p.indices for p in parts]),
-        )
-        return out, queue, sum(len(p) for p in queue)
+        out = _cat(parts)
+        out.weights = out.weights / divisor
+        return out
 
     def __repr__(self) -> str:
         return (

@@ -23,7 +23,7 @@ name                    class        rule
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import numpy as np
 import torch
@@ -150,7 +150,7 @@ class Strategy:
 
 
 def _uniform_weights(k: int) -> np.ndarray:
-    return np.full(k, 1.0 / k)
+    return np.full(k, 1.0 / k) if k else np.zeros(0)
 
 
 class Uniform(Strategy):
@@ -225,6 +225,10 @@ class SelectiveBackprop(Strategy):
         self.mode = mode
         self.unbiased = bool(unbiased)
         self._hist = np.zeros(0)
+        #: optional ``f(local_losses) -> losses_of_every_rank`` (set by a DDP
+        #: ``SelectiveLoader(sync_history=True)``): the history then holds every
+        #: rank's losses, in rank order, identical on all ranks.
+        self.history_sync: Optional[Callable[[np.ndarray], np.ndarray]] = None
 
     @property
     def variable_count(self) -> bool:  # type: ignore[override]
@@ -239,13 +243,22 @@ class SelectiveBackprop(Strategy):
         losses = np.asarray(losses, dtype=np.float64).ravel()
         self._hist = np.concatenate([self._hist, losses])[-self.history :]
 
+    def observe(self, losses: np.ndarray) -> None:
+        """Add a batch's losses to the history (through ``history_sync`` when set).
+
+        Under ``history_sync`` every rank must call this once per round, an
+        empty array when it has no batch, as ``SelectiveLoader`` does.
+        """
+        losses = np.asarray(losses, dtype=np.float64).ravel()
+        self.push(losses if self.history_sync is None else self.history_sync(losses))
+
     def keep_probabilities(self, loss: np.ndarray) -> np.ndarray:
         """``CDF(loss) ** beta`` against the current history (no update)."""
         return kernels.ecdf(self._hist, np.ascontiguousarray(loss, dtype=np.float64)) ** self.beta
 
     def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
         b = loss.shape[0]
-        self.push(loss)
+        self.observe(loss)
         p = self.keep_probabilities(loss)
         if self.mode == "bernoulli":
             idx = np.flatnonzero(self.rng.random(b) < p)

@@ -1,0 +1,80 @@
+"""DDP with the real engine: 2 gloo processes, every strategy, with/without rebatching, uneven shards."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    # The timeout turns a deadlock (ranks taking different step counts) into a failure.
+    subprocess.run([sys.executable, str(WORKER), str(out), _free_port()], check=True, timeout=240)
+    r0 = json.loads((out / "rank0.json").read_text())
+    r1 = json.loads((out / "rank1.json").read_text())
+    return r0["configs"], r0["results"], r1["results"]
+
+
+def test_ranks_take_equal_steps_of_equal_size(ddp_results):
+    configs, r0, r1 = ddp_results
+    for cfg, a, b in zip(configs, r0, r1):
+        assert a["sizes"] == b["sizes"], cfg
+        assert sum(map(len, a["sizes"])) > 0, cfg
+        if cfg["rebatch"]:  # every step but an epoch's last is a full batch
+            assert all(s == 32 for ep in a["sizes"] for s in ep[:-1]), cfg
+
+
+def test_parameters_stay_identical_across_ranks(ddp_results):
+    configs, r0, r1 = ddp_results
+    for cfg, a, b in zip(configs, r0, r1):
+        assert a["same_params_as_rank0"] and b["same_params_as_rank0"], cfg
+
+
+def test_nothing_selected_is_lost(ddp_results):
+    configs, r0, r1 = ddp_results
+    for cfg, a, b in zip(configs, r0, r1):
+        for rank, res in enumerate((a, b)):
+            s = res["stats"]
+            n = 2 * (320 if rank == 0 or not cfg["uneven"] else 190)
+            assert s["samples_seen"] == n, cfg
+            assert s["samples_seen"] == s["samples_selected"] + s["samples_not_selected"] + s["samples_skipped"], cfg
+            if cfg["strategy"] != "importance":  # with replacement: repeats yield twice
+                assert s["samples_yielded"] + s["samples_dropped"] == s["samples_selected"], (cfg, rank, s)
+            if not cfg["drop_last"]:
+                assert s["samples_dropped"] == 0, cfg
+
+
+def test_uneven_shards_are_padded_not_dropped(ddp_results):
+    configs, r0, r1 = ddp_results
+    for cfg, a, b in zip(configs, r0, r1):
+        if cfg["uneven"] and not cfg["drop_last"]:
+            assert b["stats"]["samples_padded"] > 0, cfg  # the short rank pads while rank 0 still has data
+
+
+def test_sync_history_shares_the_loss_history(ddp_results):
+    configs, r0, r1 = ddp_results
+    for cfg, a, b in zip(configs, r0, r1):
+        if cfg["strategy"].startswith("sb"):
+            if cfg["sync_history"]:
+                assert a["history"] == b["history"], cfg
+                assert len(a["history"]) == 300
+            else:
+                assert not np.array_equal(a["history"], b["history"]), cfg
