@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     ks = {f: budget(f, batch) for f in FRACTIONS}
-    strategies = {name: sb.get_strategy(name, seed=0) for name in sb.STRATEGIES}
+    strategies = {name: sb.get_strategy(name, seed=0) for name in sb.STRATEGIES if name != "infobatch"}  # fixed-k rules
 
     def step(xs: torch.Tensor, ys: torch.Tensor, w: torch.Tensor | None = None) -> None:
         out = model(xs)

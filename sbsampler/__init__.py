@@ -13,11 +13,14 @@ Wrap a loader, register a scoring hook, pick a strategy::
 
 from . import kernels, strategies
 from .hook import Scores, ScoringHook, find_head
+from .sampler import SelectiveSampler, WeightedBatches
+from .store import ScoreStore
 from .loader import IndexedDataset, LoaderStats, SelectiveLoader, SubBatch, weighted_loss, with_indices
 from .strategies import (
     STRATEGIES,
     GradientMatching,
     ImportanceSampling,
+    InfoBatch,
     Selection,
     SelectiveBackprop,
     Strategy,
@@ -45,6 +48,10 @@ __all__ = [
     "SelectiveBackprop",
     "GradientMatching",
     "ImportanceSampling",
+    "InfoBatch",
+    "ScoreStore",
+    "SelectiveSampler",
+    "WeightedBatches",
     "STRATEGIES",
     "get_strategy",
     "kernels",

@@ -163,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[RunResult]:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", default=[n for n in STRATEGIES if n != "infobatch"],
+                        choices=list(STRATEGIES))
     args = parser.parse_args(argv)
     train, test = load_digits_split(seed=args.seed)
     print(f"digits: {len(train)} train / {len(test)} test, {args.epochs} epochs, batch {args.batch_size}, "

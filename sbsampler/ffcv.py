@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["INDEX_FIELD", "write_beton", "is_ffcv_loader", "FFCVBatches"]
+__all__ = ["INDEX_FIELD", "write_beton", "is_ffcv_loader", "FFCVBatches", "selective_order", "ffcv_epoch_length"]
 
 #: name of the per-sample index field that ``write_beton`` adds
 INDEX_FIELD = "index"
@@ -168,3 +168,58 @@ class FFCVBatches:
         ix, iy, ii = self.positions
         for batch in self.loader:
             yield batch[ix], batch[iy].reshape(-1), batch[ii].reshape(-1)
+
+
+def selective_order(sampler: Any) -> Any:
+    """An FFCV traversal order that loads, each epoch, the plan of a ``SelectiveSampler``.
+
+    Pass it as ``Loader(path, order=selective_order(sampler), ...)`` and iterate
+    with ``sbsampler.WeightedBatches(loader, sampler)``. Written for PyPI FFCV
+    1.0.2, which (a) accepts an *instance* of ``TraversalOrder`` and calls it
+    with the loader, and (b) freezes ``len(loader)`` at the first epoch's order
+    and cuts every later epoch's order to that length. The returned object is a
+    ``TraversalOrder`` instance that binds itself when called, and it refreshes
+    the loader's notion of length each time it draws an epoch's order, so a
+    later epoch that loads more samples is not cut short.
+
+    The FFCV loader's epoch counter drives ``sampler.set_epoch``. The loader
+    must traverse the whole ``.beton`` (no ``indices=`` subset): the store's
+    indices are the ``.beton``'s sample indices.
+    """
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class SelectiveOrder(TraversalOrder):
+        """One epoch's order = the ``SelectiveSampler`` plan for that epoch."""
+
+        def __init__(self, sampler: Any) -> None:  # no loader yet: FFCV binds it by calling us
+            self.sampler = sampler
+            self.loader = None
+            self.indices = None
+            self.seed = sampler.seed
+            self.distributed = False
+
+        def __call__(self, loader: Any) -> "SelectiveOrder":
+            n = len(self.sampler.store)
+            if len(loader.indices) != n or not np.array_equal(np.asarray(loader.indices), np.arange(n)):
+                raise ValueError(
+                    f"selective_order needs the loader to traverse all {n} samples of the store "
+                    f"(got {len(loader.indices)} indices); drop Loader(indices=...)"
+                )
+            self.loader, self.indices, self.distributed = loader, loader.indices, loader.distributed
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            self.sampler.set_epoch(epoch)
+            order = np.fromiter(iter(self.sampler), dtype=np.int64)
+            if self.loader is not None:
+                self.loader.first_traversal_order = order  # FFCV 1.0.2 takes len() and the cut from here
+            return order
+
+    return SelectiveOrder(sampler)
+
+
+def ffcv_epoch_length(loader: Any, sampler: Any) -> int:
+    """Batches the FFCV ``loader`` yields in its next epoch under ``sampler``'s plan."""
+    n = len(sampler._shard(sampler.plan(loader.next_epoch)[0]))
+    bs = int(loader.batch_size)
+    return n // bs if loader.drop_last else -(-n // bs)

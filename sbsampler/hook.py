@@ -34,6 +34,8 @@ class Scores:
         features: (B, d) ``H``, the head's input.
         targets: (B,) int64 class labels.
         bias: whether the head has a bias (adds the ``1`` in ``[h_i, 1]``).
+        norms: (B,) last-layer gradient norms when they are known without
+            ``E`` and ``H`` (scores remembered in a ``ScoreStore``).
     """
 
     loss: Tensor
@@ -41,6 +43,7 @@ class Scores:
     features: Optional[Tensor] = None
     targets: Optional[Tensor] = None
     bias: bool = True
+    norms: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return int(self.loss.shape[0])
@@ -55,6 +58,8 @@ class Scores:
 
     def grad_norms(self) -> Tensor:
         """(B,) norm of each sample's last-layer gradient: ``|e_i| * |[h_i, 1]|``."""
+        if self.norms is not None:
+            return self.norms
         e, h = self._require_grads()
         hn = torch.linalg.vector_norm(h, dim=1)
         if self.bias:

@@ -282,6 +282,9 @@ class SelectiveLoader:
             history across ranks (all-gather per round), so every rank ranks its
             losses against the same, global history; ``False`` keeps one
             history per rank.
+        store: a ``ScoreStore`` that records every scored sample's loss and
+            last-layer gradient norm (by dataset index, stamped with the epoch),
+            for a ``SelectiveSampler`` to choose from later.
 
     Resume: ``state_dict()`` between two steps captures the epoch, the position
     in it, the strategy's state (RNG, loss history), the counters and the
@@ -308,6 +311,7 @@ class SelectiveLoader:
         seed: Seed = None,
         distributed: Union[None, bool, RankSync] = None,
         sync_history: bool = False,
+        store: Optional[Any] = None,
     ) -> None:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"hook must be a ScoringHook, got {type(hook).__name__}")
@@ -343,6 +347,7 @@ class SelectiveLoader:
             self.sync = distributed
         else:
             raise TypeError(f"distributed must be None, a bool or a RankSync, got {type(distributed).__name__}")
+        self.store = store
         self.sync_history = bool(sync_history)
         if self.sync_history:
             if self.sync is None:
@@ -645,6 +650,9 @@ class SelectiveLoader:
         t1 = time.perf_counter()
         self.stats.time_scoring += t1 - t0
         candidates, scores = self._apply_nan_policy(scores, idx)
+        if self.store is not None and len(scores):
+            kept = idx if candidates is None else idx[candidates]
+            self.store.update(kept, scores.loss, scores.grad_norms(), epoch=self._epoch_now)
         m = len(scores)
         if m == 0:
             return None

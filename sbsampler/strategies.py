@@ -17,6 +17,7 @@ name                    class        rule
 ``"sb"``                SelectiveBackprop  keep-probability ``CDF(loss)**beta`` (Jiang et al. 2019)
 ``"gradmatch"``         GradientMatching   weighted subset matching the mean gradient (OMP + NNLS)
 ``"importance"``        ImportanceSampling ``p ~ grad norm``, ``w = 1/(B k p)`` (Katharopoulos & Fleuret 2018)
+``"infobatch"``         InfoBatch    drop below-mean losses w.p. r, up-weight the rest ``1/(1-r)`` (Qin et al. 2024)
 ======================  ===========  =====================================================
 """
 
@@ -39,6 +40,7 @@ __all__ = [
     "SelectiveBackprop",
     "GradientMatching",
     "ImportanceSampling",
+    "InfoBatch",
     "STRATEGIES",
     "get_strategy",
     "budget",
@@ -427,12 +429,49 @@ class ImportanceSampling(Strategy):
         return f"replace={self.replace}, smoothing={self.smoothing}"
 
 
+class InfoBatch(Strategy):
+    """InfoBatch's rule (Qin et al. 2024, "InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data Pruning").
+
+    Samples whose loss is below the mean loss are dropped at random with
+    probability ``prune``; the kept ones among them are up-weighted by
+    ``1 / (1 - prune)``, the others keep weight 1, so the weighted sum is an
+    unbiased estimate of the full sum. Weights are divided by the number of
+    candidates ``B`` (an estimate of the mean loss). The count varies and
+    ``k`` is ignored: the expected kept share is ``1 - prune * P(loss < mean)``.
+
+    Args:
+        prune: probability of dropping a below-mean sample, in [0, 1).
+        seed: int or ``numpy.random.Generator``.
+    """
+
+    name = "infobatch"
+    variable_count = True
+
+    def __init__(self, prune: float = 0.5, seed: Seed = None) -> None:
+        super().__init__(seed)
+        if not (isinstance(prune, (int, float)) and 0.0 <= prune < 1.0):
+            raise ValueError(f"prune must be in [0, 1), got {prune!r}")
+        self.prune = float(prune)
+
+    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+        b = loss.shape[0]
+        low = loss < loss.mean()
+        drop = low & (self.rng.random(b) < self.prune)
+        idx = np.flatnonzero(~drop)
+        w = np.where(low[idx], 1.0 / (1.0 - self.prune), 1.0) / b
+        return Selection(idx, w)
+
+    def _params(self) -> str:
+        return f"prune={self.prune}"
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
     "uniform": Uniform,
     "topk": TopK,
     "sb": SelectiveBackprop,
     "gradmatch": GradientMatching,
     "importance": ImportanceSampling,
+    "infobatch": InfoBatch,
 }
 _ALIASES = {"random": "uniform", "selective_backprop": "sb", "gradient_matching": "gradmatch"}
 
@@ -440,7 +479,7 @@ _ALIASES = {"random": "uniform", "selective_backprop": "sb", "gradient_matching"
 def get_strategy(strategy: Union[str, Strategy], seed: Seed = None) -> Strategy:
     """A strategy object from a registered name (or the object itself, unchanged).
 
-    Names: ``"uniform"``, ``"topk"``, ``"sb"``, ``"gradmatch"``, ``"importance"``
+    Names: ``"uniform"``, ``"topk"``, ``"sb"``, ``"gradmatch"``, ``"importance"``, ``"infobatch"``
     (aliases ``"random"``, ``"selective_backprop"``, ``"gradient_matching"``).
     ``seed`` is passed to the constructor of a named strategy.
     """

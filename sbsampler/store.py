@@ -1,0 +1,120 @@
+"""Per-sample memory of scores: what a sampler chooses from before anything is loaded.
+
+``ScoreStore`` keeps, for every dataset index, the latest loss, the latest
+last-layer gradient norm and the epoch in which they were measured, as NumPy
+arrays. It is written by ``SelectiveLoader(store=...)`` (from the scoring pass)
+or by the training step itself (``store.update(batch.indices, losses)``, no extra
+forward), and read by ``SelectiveSampler`` at the start of each epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = ["ScoreStore"]
+
+ArrayLike = Union[np.ndarray, torch.Tensor, list]
+
+
+def _array(values: ArrayLike, dtype) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype).reshape(-1)
+
+
+class ScoreStore:
+    """Latest loss, gradient norm and epoch seen, per dataset index.
+
+    Args:
+        num_samples: dataset size; indices must lie in ``[0, num_samples)``.
+
+    Attributes:
+        loss: float64 (N,) latest loss (NaN: never scored).
+        grad_norm: float64 (N,) latest last-layer gradient norm (NaN: unknown).
+        seen_epoch: int64 (N,) epoch of the latest update (-1: never).
+        epoch: the epoch that ``update`` stamps by default (``SelectiveSampler``
+            sets it at the start of each epoch).
+    """
+
+    def __init__(self, num_samples: int) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        n = int(num_samples)
+        self.loss = np.full(n, np.nan)
+        self.grad_norm = np.full(n, np.nan)
+        self.seen_epoch = np.full(n, -1, dtype=np.int64)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return int(self.loss.shape[0])
+
+    def update(
+        self,
+        indices: ArrayLike,
+        losses: ArrayLike,
+        grad_norms: Optional[ArrayLike] = None,
+        epoch: Optional[int] = None,
+    ) -> None:
+        """Record losses (and gradient norms) of the samples at ``indices``.
+
+        Raises ``ValueError`` on indices out of range, mismatched lengths or
+        non-finite losses (they would poison every later selection). A repeated
+        index keeps its last value.
+        """
+        idx = _array(indices, np.int64)
+        loss = _array(losses, np.float64)
+        if loss.shape != idx.shape:
+            raise ValueError(f"got {loss.shape[0]} losses for {idx.shape[0]} indices")
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            bad = int(idx.min() if idx.min() < 0 else idx.max())
+            raise ValueError(f"index {bad} is out of range for a store of {len(self)} samples")
+        if not np.isfinite(loss).all():
+            raise ValueError(f"non-finite loss for indices {idx[~np.isfinite(loss)][:10].tolist()}")
+        self.loss[idx] = loss
+        if grad_norms is not None:
+            norms = _array(grad_norms, np.float64)
+            if norms.shape != idx.shape:
+                raise ValueError(f"got {norms.shape[0]} gradient norms for {idx.shape[0]} indices")
+            self.grad_norm[idx] = norms
+        self.seen_epoch[idx] = self.epoch if epoch is None else int(epoch)
+
+    def scored(self) -> np.ndarray:
+        """Boolean (N,) mask of the samples with a stored loss."""
+        return self.seen_epoch >= 0
+
+    def merge(self, sync: Any) -> None:
+        """Merge the stores of every DDP rank in place: per sample, the latest update wins.
+
+        ``sync`` is a ``sbsampler.distributed.RankSync``. Call it on every rank
+        at the same point (e.g. at the end of each epoch); afterwards every rank
+        holds the same store, so every rank draws the same ``SelectiveSampler`` plan.
+        """
+        epochs = sync.all_gather_1d(self.seen_epoch.astype(np.float64)).reshape(sync.world_size, -1)
+        losses = sync.all_gather_1d(self.loss).reshape(sync.world_size, -1)
+        norms = sync.all_gather_1d(self.grad_norm).reshape(sync.world_size, -1)
+        # The latest epoch wins; ties go to the highest rank (a fixed rule, the same on every rank).
+        winner = (len(epochs) - 1) - np.argmax(epochs[::-1], axis=0)
+        cols = np.arange(len(self))
+        self.seen_epoch = epochs[winner, cols].astype(np.int64)
+        self.loss = losses[winner, cols]
+        self.grad_norm = norms[winner, cols]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the arrays and the epoch counter."""
+        return {"loss": self.loss.copy(), "grad_norm": self.grad_norm.copy(),
+                "seen_epoch": self.seen_epoch.copy(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` (the dataset size must match)."""
+        if len(state["loss"]) != len(self):
+            raise ValueError(f"state holds {len(state['loss'])} samples, this store {len(self)}")
+        self.loss = np.array(state["loss"], dtype=np.float64)
+        self.grad_norm = np.array(state["grad_norm"], dtype=np.float64)
+        self.seen_epoch = np.array(state["seen_epoch"], dtype=np.int64)
+        self.epoch = int(state["epoch"])
+
+    def __repr__(self) -> str:
+        return f"ScoreStore(num_samples={len(self)}, scored={int(self.scored().sum())}, epoch={self.epoch})"
