@@ -87,8 +87,16 @@ def worker(rank: int, out_dir: str, port: str) -> None:
     x, y = load_digits(return_X_y=True)
     data = (torch.tensor(x[:640] / 16.0, dtype=torch.float32), torch.tensor(y[:640]))
     results = [run_config(cfg, rank, data) for cfg in CONFIGS]
+    # ScoreStore.merge: rank 0 scored samples 0-5 at epoch 1, rank 1 samples 4-9 at epoch 2.
+    store = sb.ScoreStore(10)
+    if rank == 0:
+        store.update(np.arange(6), np.full(6, 1.0), np.full(6, 10.0), epoch=1)
+    else:
+        store.update(np.arange(4, 10), np.full(6, 2.0), np.full(6, 20.0), epoch=2)
+    store.merge(sb.distributed.RankSync())
+    merged = {"loss": store.loss.tolist(), "grad_norm": store.grad_norm.tolist(), "seen": store.seen_epoch.tolist()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"configs": CONFIGS, "results": results}, f)
+        json.dump({"configs": CONFIGS, "results": results, "merged_store": merged}, f)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -13,6 +13,7 @@ import pytest
 import torch.distributed as dist
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
+_MERGED: dict = {}
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -30,6 +31,7 @@ def ddp_results(tmp_path_factory):
     subprocess.run([sys.executable, str(WORKER), str(out), _free_port()], check=True, timeout=240)
     r0 = json.loads((out / "rank0.json").read_text())
     r1 = json.loads((out / "rank1.json").read_text())
+    _MERGED["stores"] = (r0["merged_store"], r1["merged_store"])
     return r0["configs"], r0["results"], r1["results"]
 
 
@@ -78,3 +80,11 @@ def test_sync_history_shares_the_loss_history(ddp_results):
                 assert len(a["history"]) == 300
             else:
                 assert not np.array_equal(a["history"], b["history"]), cfg
+
+
+def test_score_store_merge_across_ranks(ddp_results):
+    a, b = _MERGED["stores"]
+    assert a == b  # every rank holds the same store afterwards
+    assert a["loss"] == [1.0] * 4 + [2.0] * 6  # the latest epoch wins where both scored (4, 5)
+    assert a["grad_norm"] == [10.0] * 4 + [20.0] * 6
+    assert a["seen"] == [1] * 4 + [2] * 6
