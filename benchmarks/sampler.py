@@ -158,7 +158,7 @@ def loading_table(epochs: int) -> list[dict[str, Any]]:
                                              **window)
             for epoch in range(epochs):
                 t0 = time.perf_counter()
-                loaded = len(store) if not mode.startswith("sampler") else len(sampler._shard(sampler.plan(epoch)[0]))
+                loaded = sampler.num_indices(epoch) if mode.startswith("sampler") else len(store)
                 back = 0
                 for b in batches:
                     loss = _train_step(model, opt, b.inputs, b.targets, b.weights)

@@ -220,6 +220,6 @@ def selective_order(sampler: Any) -> Any:
 
 def ffcv_epoch_length(loader: Any, sampler: Any) -> int:
     """Batches the FFCV ``loader`` yields in its next epoch under ``sampler``'s plan."""
-    n = len(sampler._shard(sampler.plan(loader.next_epoch)[0]))
+    n = sampler.num_indices(loader.next_epoch)
     bs = int(loader.batch_size)
     return n // bs if loader.drop_last else -(-n // bs)

@@ -463,11 +463,13 @@ class SelectiveLoader:
                     f"cannot resume: the wrapped loader ended after {ordinal} batches, but the saved "
                     f"state had consumed {state['position']}"
                 ) from None
-            x, y, idx, extras = _split_batch(batch)
-            n = int(x.shape[0])
-            idx = _as_index_tensor(idx, n) if idx is not None else torch.arange(self._stream, self._stream + n)
-            self._stream += n
-            for j in wanted.get(ordinal, ()):
+            x, y, idx, extras = self._unpack(batch)
+            if ordinal not in wanted:
+                continue
+            if self.device is not None:
+                x, y = x.to(self.device), y.to(self.device)
+            full = SubBatch(x, y, torch.zeros(len(idx)), idx, extras)
+            for j in wanted[ordinal]:
                 entry = state["queue"][j]
                 rows = torch.as_tensor(entry["rows"], dtype=torch.int64)
                 if not torch.equal(idx[rows], torch.as_tensor(entry["indices"], dtype=torch.int64)):
@@ -475,9 +477,6 @@ class SelectiveLoader:
                         f"cannot resume: batch {ordinal} of the wrapped loader holds other samples than in the "
                         "saved run; the loader must replay the same order (seed it, set the sampler's epoch)"
                     )
-                if self.device is not None:
-                    x, y = x.to(self.device), y.to(self.device)
-                full = SubBatch(x, y, torch.zeros(n), idx, extras)
                 w = torch.as_tensor(entry["weights"], dtype=torch.float32).to(x.device)
                 pieces[j] = (_rows(full, rows, w), ordinal, rows)
         self._queue = [p for p in pieces if p is not None]
@@ -505,6 +504,16 @@ class SelectiveLoader:
             yield from self._direct(it, selective)
         self._in_epoch = False
 
+    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """Split a wrapped batch, check its lengths, and give it indices (stream positions if none)."""
+        x, y, idx, extras = _split_batch(batch)
+        n = int(x.shape[0])
+        if int(y.shape[0]) != n:
+            raise ValueError(f"inputs have {n} samples but targets have {int(y.shape[0])}")
+        idx = _as_index_tensor(idx, n) if idx is not None else torch.arange(self._stream, self._stream + n)
+        self._stream += n
+        return x, y, idx, extras
+
     def _pull(self, it: Iterator, selective: bool) -> tuple[bool, Optional[SubBatch], Optional[Tensor]]:
         """Next wrapped batch -> ``(exhausted, sub-batch or None, its rows in the batch)``."""
         t0 = time.perf_counter()
@@ -513,16 +522,12 @@ class SelectiveLoader:
         except StopIteration:
             return True, None, None
         self.stats.time_loading += time.perf_counter() - t0
-        x, y, idx, extras = _split_batch(batch)
+        x, y, idx, extras = self._unpack(batch)
         if self.device is not None:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
         n = int(x.shape[0])
         self._last_batch_n = n
-        if int(y.shape[0]) != n:
-            raise ValueError(f"inputs have {n} samples but targets have {int(y.shape[0])}")
-        idx = _as_index_tensor(idx, n) if idx is not None else torch.arange(self._stream, self._stream + n)
-        self._stream += n
         self._position += 1
         self.stats.batches_seen += 1
         self.stats.samples_seen += n

@@ -147,7 +147,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
                 scores = Scores(loss=torch.from_numpy(self.store.loss[fresh]),
                                 norms=torch.from_numpy(norms) if self.strategy.needs_gradients else None)
                 sel = self.strategy.select(scores, budget(self.fraction, fresh.size))
-                picked, counts = np.unique(sel.indices, return_counts=True)
+                picked = np.unique(sel.indices)
                 w = np.zeros(fresh.size)
                 np.add.at(w, sel.indices, sel.weights.astype(np.float64))  # repeats add up
                 idx = np.concatenate([idx, fresh[picked]])
@@ -174,9 +174,13 @@ class SelectiveSampler(torch.utils.data.Sampler):
         self.active_epoch = self.epoch
         return iter(self._shard(idx).tolist())
 
+    def num_indices(self, epoch: Optional[int] = None) -> int:
+        """Indices this rank loads in ``epoch`` (default: the current one); draws the plan if needed."""
+        return int(self._shard(self.plan(epoch)[0]).size)
+
     def __len__(self) -> int:
         """Indices this rank loads in the current epoch (exact: the plan is drawn here if needed)."""
-        return int(self._shard(self.plan()[0]).size)
+        return self.num_indices()
 
     def weights_for(self, indices: Union[np.ndarray, torch.Tensor], epoch: Optional[int] = None) -> np.ndarray:
         """Plan multipliers (mean 1 over the plan) of dataset ``indices`` in ``epoch`` (default: the active one)."""
