@@ -1,17 +1,30 @@
 """Training-loop pieces shared by the FFCV examples (ImageNet and CIFAR).
 
-The learning rate follows the *wrapped* loader's iterations: at each step, training
-progress is ``epoch + batches_consumed / batches_per_epoch`` where batches are those
-of the FFCV loader that ``SelectiveLoader`` wraps (``loader.stats.batches_seen``). A
-schedule written per epoch therefore stays correct however many sub-batch steps
-selection makes per epoch, with or without rebatching.
+Two ways to select, both feeding ``train_epoch``:
+
+- per batch (``--mode batch``): ``SelectiveLoader`` loads and scores every sample,
+  then back-propagates a weighted subset of each batch;
+- per epoch from stored scores (``--mode sampler``): a ``SelectiveSampler`` picks
+  which samples the FFCV loader loads at all (``sb.ffcv.selective_order``), from
+  the losses the training step itself wrote into a ``ScoreStore`` in earlier
+  epochs; the first epoch loads everything, later ones fewer.
+
+The learning rate is a function of training progress measured in epochs, set at
+every step, so a schedule written per epoch stays correct however many steps an
+epoch has:
+
+- per batch: progress is ``epoch + batches_consumed / batches_per_epoch`` where
+  batches are those of the FFCV loader that ``SelectiveLoader`` wraps
+  (``loader.stats.batches_seen``), with or without rebatching;
+- sampler: progress is ``epoch + steps / len(loader)`` with ``len()`` read at the
+  start of *each* epoch (the plan's length), never frozen at the first epoch's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -21,8 +34,11 @@ from tqdm.auto import tqdm
 
 import sbsampler as sb
 
-__all__ = ["cyclic_lr", "step_lr", "image_pipeline", "label_pipeline", "selective_loader", "train_epoch", "evaluate",
-           "param_groups"]
+__all__ = ["cyclic_lr", "step_lr", "image_pipeline", "label_pipeline", "selective_loader", "score_sampler",
+           "train_epoch", "evaluate", "param_groups", "SAMPLER_STRATEGIES"]
+
+#: strategies that can choose from losses the training step stored (no gradient norms, no current gradients)
+SAMPLER_STRATEGIES = ("uniform", "topk", "sb", "infobatch")
 
 
 def image_pipeline(ops: list, device: torch.device, mean: np.ndarray, std: np.ndarray) -> list:
@@ -82,19 +98,52 @@ def selective_loader(ffcv_loader, model: nn.Module, strategy: str, fraction: flo
                               start=start, end=end, epochs=epochs, seed=seed)
 
 
-def train_epoch(model: nn.Module, loader: sb.SelectiveLoader, opt: torch.optim.Optimizer,
+def score_sampler(num_samples: int, strategy: str, fraction: float, max_staleness: Optional[int], anneal: float,
+                  epochs: int, seed: int) -> tuple[sb.ScoreStore, sb.SelectiveSampler]:
+    """A ``ScoreStore`` of ``num_samples`` and the ``SelectiveSampler`` that plans each epoch from it.
+
+    Only strategies that work from stored losses: ``SAMPLER_STRATEGIES``. (ImportanceSampling
+    also needs gradient norms, which the training step here does not compute, and
+    GradientMatching needs the current gradients: select those per batch.)
+    """
+    if strategy not in SAMPLER_STRATEGIES:
+        raise SystemExit(f"--mode sampler chooses from stored losses: strategy must be one of "
+                         f"{', '.join(SAMPLER_STRATEGIES)}, got {strategy!r} (use --mode batch for it)")
+    store = sb.ScoreStore(num_samples)
+    sampler = sb.SelectiveSampler(store, strategy, fraction=fraction, max_staleness=max_staleness or None,
+                                  anneal=anneal, epochs=epochs, seed=seed)
+    return store, sampler
+
+
+def train_epoch(model: nn.Module, loader: Union[sb.SelectiveLoader, sb.WeightedBatches], opt: torch.optim.Optimizer,
                 lr_at: Callable[[float], float], epoch: int, label_smoothing: float,
                 scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
-                channels_last: bool = False, max_steps: Optional[int] = None) -> dict:
-    """One epoch of weighted sub-batch steps; returns loss, steps, samples and time."""
+                channels_last: bool = False, max_steps: Optional[int] = None,
+                store: Optional[sb.ScoreStore] = None) -> dict:
+    """One epoch of weighted sub-batch steps; returns loss, steps, samples, LRs and time.
+
+    ``loader`` is a ``SelectiveLoader`` (per-batch selection) or ``WeightedBatches``
+    over a ``SelectiveSampler`` (sampler mode). ``store``: record each sample's
+    training loss there (sampler mode: the next epoch's plan is drawn from it).
+    """
     model.train()
-    per_epoch = len(loader.loader)
-    seen0 = loader.stats.batches_seen
+    if isinstance(loader, sb.SelectiveLoader):
+        per_epoch, seen0 = len(loader.loader), loader.stats.batches_seen
+
+        def progress(steps: int) -> float:
+            return epoch + (loader.stats.batches_seen - seen0) / per_epoch
+    else:
+        per_epoch = len(loader)  # this epoch's plan: read now, every epoch
+
+        def progress(steps: int) -> float:
+            return epoch + steps / max(per_epoch, 1)
     steps, samples, total, lr = 0, 0, 0.0, lr_at(epoch)
+    lr_first = None
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=None, leave=False)
     for batch in bar:
-        lr = lr_at(epoch + (loader.stats.batches_seen - seen0) / per_epoch)
+        lr = lr_at(progress(steps + 1))
+        lr_first = lr if lr_first is None else lr_first
         for group in opt.param_groups:
             group["lr"] = lr
         x = batch.inputs
@@ -106,6 +155,8 @@ def train_epoch(model: nn.Module, loader: sb.SelectiveLoader, opt: torch.optim.O
             out = model(x)
             per_sample = F.cross_entropy(out, batch.targets, reduction="none", label_smoothing=label_smoothing)
             loss = sb.weighted_loss(per_sample.float(), batch.weights)
+        if store is not None:
+            store.update(batch.indices, per_sample.detach().float())  # no extra forward
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -120,8 +171,9 @@ def train_epoch(model: nn.Module, loader: sb.SelectiveLoader, opt: torch.optim.O
         bar.set_postfix(lr=f"{lr:.3g}", loss=f"{float(loss.detach()):.3f}")
         if max_steps is not None and steps >= max_steps:
             break
-    return {"epoch": epoch, "loss": total / max(steps, 1), "steps": steps, "samples_backprop": samples,
-            "seconds": time.perf_counter() - t0, "lr_last_step": lr}
+    return {"epoch": epoch, "loss": total / max(steps, 1), "steps": steps, "batches_per_epoch": per_epoch,
+            "samples_backprop": samples, "seconds": time.perf_counter() - t0, "lr_first_step": lr_first,
+            "lr_last_step": lr}
 
 
 @torch.no_grad()

@@ -15,6 +15,11 @@ Each epoch's *plan* is a pure function of (store, strategy, seed, epoch):
    count). A pick's multiplier is ``w_i * n`` with ``w`` the strategy's
    weights, so the plan's weighted sum estimates the whole dataset's sum.
 
+A plan is frozen when its epoch starts (``__iter__``); until then ``len()``
+and ``plan()`` follow the store, so asking for the next epoch's length early
+(mid-epoch, or before the last scores are written) never fixes a plan on
+incomplete scores, and the epoch in progress keeps its own plan and weights.
+
 Multipliers are normalised to mean 1 over the plan: ``WeightedBatches`` turns
 them into ``SubBatch.weights = r_i / len(batch)``, so a batch's weighted loss
 estimates the dataset's mean loss (uniform selection gives plain ``1/b``).
@@ -105,8 +110,8 @@ class SelectiveSampler(torch.utils.data.Sampler):
         self.seed = int(seed)
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
-        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._weights: dict[int, np.ndarray] = {}
+        # epoch -> (store version it was drawn from, indices, multipliers, per-index weights)
+        self._plans: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
         self.active_epoch: Optional[int] = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -121,12 +126,23 @@ class SelectiveSampler(torch.utils.data.Sampler):
     def plan(self, epoch: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, multipliers)`` to load in ``epoch`` (default: the current one), for all ranks.
 
-        Drawn once per epoch and cached, so ``len()`` and ``__iter__`` agree; scores
-        written during epoch ``e`` shape the plan of ``e + 1``.
+        Cached, so ``len()`` and ``__iter__`` agree; scores written during epoch
+        ``e`` shape the plan of ``e + 1``. The plan of the epoch being iterated is
+        frozen; another epoch's is drawn again if the store changed since.
         """
-        e = self.epoch if epoch is None else int(epoch)
-        if e in self._plans:
-            return self._plans[e]
+        return self._cached(self.epoch if epoch is None else int(epoch))[1:3]
+
+    def _cached(self, e: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        hit = self._plans.get(e)
+        if hit is not None and (e == self.active_epoch or hit[0] == self.store.version):
+            return hit
+        entry = (self.store.version, *self._draw(e))
+        # keep the epoch in progress and the newest draw, nothing older
+        self._plans = {k: v for k, v in self._plans.items() if k == self.active_epoch}
+        self._plans[e] = entry
+        return entry
+
+    def _draw(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = len(self.store)
         if self.is_annealing(e):
             idx, mult = np.arange(n), np.ones(n)
@@ -156,11 +172,9 @@ class SelectiveSampler(torch.utils.data.Sampler):
             order = np.random.default_rng([self.seed, e, 0]).permutation(idx.size)
             idx, mult = idx[order], mult[order]
         mult = mult * (idx.size / mult.sum()) if mult.sum() > 0 else mult
-        self._plans = {e: (idx, mult)}  # keep only the latest epoch's plan
         weights = np.full(n, np.nan)
         weights[idx] = mult
-        self._weights = {e: weights}
-        return idx, mult
+        return idx, mult, weights
 
     def _shard(self, idx: np.ndarray) -> np.ndarray:
         if self.num_replicas == 1:
@@ -171,7 +185,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[int]:
         idx, _ = self.plan()
-        self.active_epoch = self.epoch
+        self.active_epoch = self.epoch  # freezes this epoch's plan
         return iter(self._shard(idx).tolist())
 
     def num_indices(self, epoch: Optional[int] = None) -> int:
@@ -185,13 +199,36 @@ class SelectiveSampler(torch.utils.data.Sampler):
     def weights_for(self, indices: Union[np.ndarray, torch.Tensor], epoch: Optional[int] = None) -> np.ndarray:
         """Plan multipliers (mean 1 over the plan) of dataset ``indices`` in ``epoch`` (default: the active one)."""
         e = self.active_epoch if epoch is None else epoch
-        if e is None or e not in self._weights:
-            self.plan(e)
+        weights = self._cached(self.epoch if e is None else int(e))[3]
         idx = np.asarray(indices.cpu().numpy() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
-        w = self._weights[e][idx]
+        w = weights[idx]
         if np.isnan(w).any():
             raise ValueError(f"indices {idx[np.isnan(w)][:10].tolist()} are not in epoch {e}'s plan")
         return w
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch counters and the frozen plan of the epoch in progress (indices and multipliers).
+
+        Save it with the ``ScoreStore``'s: the store changes during an epoch, so
+        after a restart the epoch in progress could not be drawn again from it.
+        """
+        active = self._plans.get(self.active_epoch) if self.active_epoch is not None else None
+        return {"epoch": self.epoch, "active_epoch": self.active_epoch,
+                "plan": None if active is None else (active[1].copy(), active[2].copy())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``: the epoch in progress keeps the plan it was started with."""
+        self.set_epoch(state["epoch"])
+        self.active_epoch = state["active_epoch"]
+        self._plans = {}
+        if state["plan"] is not None:
+            idx = np.asarray(state["plan"][0], dtype=np.int64)
+            mult = np.asarray(state["plan"][1], dtype=np.float64)
+            if idx.shape != mult.shape or (idx.size and (idx.min() < 0 or idx.max() >= len(self.store))):
+                raise ValueError(f"the saved plan does not fit a store of {len(self.store)} samples")
+            weights = np.full(len(self.store), np.nan)
+            weights[idx] = mult
+            self._plans[self.active_epoch] = (self.store.version, idx, mult, weights)
 
     def __repr__(self) -> str:
         return (f"SelectiveSampler(strategy={self.strategy!r}, fraction={self.fraction}, "
@@ -218,20 +255,34 @@ class WeightedBatches:
         self._ffcv = loader if is_ffcv_loader(loader) else None
         self.loader = FFCVBatches(loader) if self._ffcv is not None else loader
         self.sampler = sampler
+        self._epoch_len: Optional[int] = None
 
     def __len__(self) -> int:
-        """Batches of the next epoch, from that epoch's plan."""
+        """Batches of the epoch being iterated, else of the next one (from that epoch's plan)."""
+        if self._epoch_len is not None:
+            return self._epoch_len
         if self._ffcv is not None:
             from .ffcv import ffcv_epoch_length
 
             return ffcv_epoch_length(self._ffcv, self.sampler)
         return len(self.loader)  # type: ignore[arg-type]
 
+    def __repr__(self) -> str:
+        return f"WeightedBatches({type(self.loader).__name__}, {self.sampler!r})"
+
     def __iter__(self) -> Iterator[SubBatch]:
-        for batch in self.loader:
-            x, y, idx, extras = _split_batch(batch)
-            if idx is None:
-                raise ValueError("WeightedBatches needs dataset indices in each batch: wrap the dataset with_indices")
-            idx = _as_index_tensor(idx, int(x.shape[0]))
-            w = torch.from_numpy(self.sampler.weights_for(idx) / max(len(idx), 1)).float()
-            yield SubBatch(x, y, w.to(x.device), idx, extras)
+        # FFCV's len() means the *next* epoch once this one has started: remember this one's
+        n = len(self)
+        try:
+            self._epoch_len = n
+            for batch in self.loader:
+                x, y, idx, extras = _split_batch(batch)
+                if idx is None:
+                    raise ValueError(
+                        "WeightedBatches needs dataset indices in each batch: wrap the dataset with_indices"
+                    )
+                idx = _as_index_tensor(idx, int(x.shape[0]))
+                w = torch.from_numpy(self.sampler.weights_for(idx) / max(len(idx), 1)).float()
+                yield SubBatch(x, y, w.to(x.device), idx, extras)
+        finally:
+            self._epoch_len = None

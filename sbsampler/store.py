@@ -37,6 +37,8 @@ class ScoreStore:
         seen_epoch: int64 (N,) epoch of the latest update (-1: never).
         epoch: the epoch that ``update`` stamps by default (``SelectiveSampler``
             sets it at the start of each epoch).
+        version: counts the writes (``update``, ``merge``, ``load_state_dict``),
+            so a sampler can tell whether a plan drawn earlier is out of date.
     """
 
     def __init__(self, num_samples: int) -> None:
@@ -47,6 +49,7 @@ class ScoreStore:
         self.grad_norm = np.full(n, np.nan)
         self.seen_epoch = np.full(n, -1, dtype=np.int64)
         self.epoch = 0
+        self.version = 0
 
     def __len__(self) -> int:
         return int(self.loss.shape[0])
@@ -80,6 +83,7 @@ class ScoreStore:
                 raise ValueError(f"got {norms.shape[0]} gradient norms for {idx.shape[0]} indices")
             self.grad_norm[idx] = norms
         self.seen_epoch[idx] = self.epoch if epoch is None else int(epoch)
+        self.version += 1
 
     def scored(self) -> np.ndarray:
         """Boolean (N,) mask of the samples with a stored loss."""
@@ -101,6 +105,7 @@ class ScoreStore:
         self.seen_epoch = epochs[winner, cols].astype(np.int64)
         self.loss = losses[winner, cols]
         self.grad_norm = norms[winner, cols]
+        self.version += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Copies of the arrays and the epoch counter."""
@@ -115,6 +120,7 @@ class ScoreStore:
         self.grad_norm = np.array(state["grad_norm"], dtype=np.float64)
         self.seen_epoch = np.array(state["seen_epoch"], dtype=np.int64)
         self.epoch = int(state["epoch"])
+        self.version += 1
 
     def __repr__(self) -> str:
         return f"ScoreStore(num_samples={len(self)}, scored={int(self.scored().sum())}, epoch={self.epoch})"

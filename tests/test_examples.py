@@ -56,6 +56,45 @@ def test_imagenet_example_smoke(tiny_betons):
     assert 0.0 <= log["top_1"] <= log["top_5"] <= 1.0
 
 
+def _cyclic(progress, lr, epochs, peak):
+    sys.path.insert(0, str(ROOT / "examples"))
+    from ffcv_common import cyclic_lr
+
+    return cyclic_lr(progress, lr, epochs, peak)
+
+
+def test_imagenet_example_sampler_mode_keeps_the_lr_schedule(tiny_betons):
+    """Sampler mode: epoch 0 loads all 256 images, later epochs the planned quarter; every
+    epoch's LR runs over that epoch's own length, so the schedule still ends at 0 on the last
+    step (a length frozen at epoch 0's 8 batches would stop epoch 2 at progress 2.25)."""
+    train, val, folder = tiny_betons
+    log_dir = folder / "log_sampler"
+    res = run([
+        "examples/ffcv_imagenet/train_imagenet.py", "-C", "examples/ffcv_imagenet/rn18_configs/rn18_16_epochs.yaml",
+        f"--data.train_dataset={train}", f"--data.val_dataset={val}", "--data.num_workers=2",
+        "--data.num_classes=10", "--training.batch_size=32", "--training.epochs=3",
+        "--resolution.min_res=32", "--resolution.max_res=32", "--validation.resolution=32",
+        "--validation.batch_size=64", "--selection.mode=sampler", "--selection.strategy=uniform",
+        "--selection.fraction=0.25", "--lr.lr=0.1", "--lr.lr_peak_epoch=1", f"--logging.folder={log_dir}",
+    ])
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = json.loads((log_dir / "log.json").read_text())
+    epochs = log["epochs"]
+    assert [e["steps"] for e in epochs] == [8, 2, 2] == [e["batches_per_epoch"] for e in epochs]
+    assert [e["samples_backprop"] for e in epochs] == [256, 64, 64]
+    assert log["samples_loaded"] == log["samples_backprop"] == 384
+    for e in epochs:
+        k = e["epoch"]
+        assert e["lr_first_step"] == pytest.approx(_cyclic(k + 1 / e["steps"], 0.1, 3, 1))
+        assert e["lr_last_step"] == pytest.approx(_cyclic(k + 1, 0.1, 3, 1))
+    assert epochs[-1]["lr_last_step"] == 0.0
+
+
+def test_sampler_mode_refuses_strategies_that_need_current_gradients():
+    res = run(["examples/cifar_ffcv.py", "--synthetic", "64", "--mode", "sampler", "--strategy", "gradmatch"])
+    assert res.returncode != 0 and "--mode batch" in res.stderr
+
+
 def test_imagenet_example_says_where_the_data_goes():
     res = run(["examples/ffcv_imagenet/train_imagenet.py", "--data.train_dataset=/nonexistent/train.beton"])
     assert res.returncode == 2
@@ -67,3 +106,14 @@ def test_cifar_example_smoke():
                "--strategy", "sb", "--fraction", "0.25"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "top_1" in res.stdout and "back-propagated 64 of 256 samples" in res.stdout
+
+
+def test_cifar_example_sampler_mode_with_infobatch_and_anneal():
+    res = run(["examples/cifar_ffcv.py", "--synthetic", "128", "--epochs", "3", "--batch-size", "32",
+               "--mode", "sampler", "--strategy", "infobatch", "--anneal", "0.34", "--lr-peak-epoch", "1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    steps = [r["steps"] for r in rows]
+    assert steps[0] == 4 and steps[1] < 4 and steps[2] == 4  # full, pruned, annealed to full
+    assert all(r["steps"] == r["batches_per_epoch"] for r in rows)
+    assert rows[-1]["lr_last_step"] == 0.0

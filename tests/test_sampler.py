@@ -77,6 +77,48 @@ def test_staleness_forces_a_rescore():
     assert mult[fresh][0] / mult[~fresh][0] == pytest.approx(10.0)
 
 
+def test_a_plan_follows_the_store_until_its_epoch_starts():
+    """Asking for the next epoch's length early never fixes its plan on incomplete scores,
+    and never disturbs the plan (and weights) of the epoch in progress."""
+    store = sb.ScoreStore(100)
+    sampler = sb.SelectiveSampler(store, "topk", fraction=0.5, shuffle=False)
+    sampler.set_epoch(0)
+    it = iter(sampler)  # epoch 0 starts: all 100, weight 1
+    first = [next(it) for _ in range(50)]
+    store.update(first, np.arange(50.0))  # half of epoch 0 scored so far
+    assert sampler.num_indices(1) == 50 + 25  # 50 unscored forced + top half of the 50 fresh
+    store.update(list(it), 100.0 + np.arange(50.0))  # the rest of epoch 0 scored
+    assert sampler.weights_for([0, 99]).tolist() == [1.0, 1.0]  # epoch 0's own plan, unchanged
+    assert sampler.num_indices(1) == 50  # redrawn from the complete store
+    sampler.set_epoch(1)
+    got = list(sampler)  # epoch 1 starts: frozen from here
+    assert sorted(got) == list(range(50, 100))
+    store.update(got, np.zeros(50))
+    assert list(sampler) == got and len(sampler) == 50
+
+
+def test_sampler_state_restores_the_epoch_in_progress():
+    """Mid-epoch restart: the store has changed since the epoch began, yet the epoch keeps its plan."""
+    store = _store()
+    sampler = sb.SelectiveSampler(store, "topk", fraction=0.3, seed=4)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    weights = sampler.weights_for(order)
+    store.update(order[:10], np.zeros(10))  # the first steps of epoch 2 wrote new (low) losses
+    saved_store, saved = store.state_dict(), sampler.state_dict()
+
+    store2 = sb.ScoreStore(100)
+    store2.load_state_dict(saved_store)
+    fresh = sb.SelectiveSampler(store2, "topk", fraction=0.3, seed=4)
+    fresh.set_epoch(2)
+    assert list(fresh) != order  # drawn again from the changed store: not the same epoch
+    restored = sb.SelectiveSampler(store2, "topk", fraction=0.3, seed=4)
+    restored.load_state_dict(saved)
+    assert list(restored) == order and np.array_equal(restored.weights_for(order), weights)
+    restored.set_epoch(3)
+    assert len(restored) == 30  # later epochs are drawn from the store as usual
+
+
 def test_anneal_loads_the_full_data_at_the_end():
     sampler = sb.SelectiveSampler(_store(), "infobatch", anneal=0.2, epochs=10)
     sampler.set_epoch(7)
@@ -206,6 +248,7 @@ def test_ffcv_selective_order(tmp_path):
         got = []
         for b in batches:
             assert torch.equal(b.inputs, imgs[b.indices])
+            assert len(batches) == expected  # this epoch's length while it runs, not the next one's
             got += b.indices.tolist()
             store.update(b.indices, torch.rand(len(b)) + 0.1)
         assert -(-len(got) // 16) == expected == len(loader)

@@ -9,12 +9,16 @@ Same structure and configs as FFCV's ``ffcv-imagenet``: ResNet-18/50 for 16-88 e
 SGD with a cyclic (triangular) LR set every iteration, label smoothing, progressive
 resizing (``resolution.min_res`` -> ``max_res`` between ``start_ramp`` and
 ``end_ramp``), no weight decay on BatchNorm, channels-last, and AMP (float16) on GPU.
-The ``selection`` section picks the strategy (``full`` for plain training), the
-fraction, rebatching and the start/end window.
+The ``selection`` section picks the mode, the strategy (``full`` for plain
+training), the fraction, rebatching and the start/end window. ``selection.mode=batch``
+selects within each loaded batch (``SelectiveLoader``); ``selection.mode=sampler``
+chooses per epoch which images to load at all, from the losses the training step
+stored in earlier epochs (``SelectiveSampler``, with ``max_staleness`` and ``anneal``).
 
-LR schedule: per iteration of the *wrapped* FFCV loader (training progress =
-epoch + FFCV batches consumed / FFCV batches per epoch), so it is unchanged when
-selection changes the number of optimiser steps per epoch.
+LR schedule: set every iteration from training progress in epochs, so it is
+unchanged when selection changes the number of optimiser steps per epoch. Per
+batch, progress = epoch + FFCV batches consumed / FFCV batches per epoch; in
+sampler mode, epoch + steps / this epoch's ``len()`` (read afresh each epoch).
 
 The ``.beton`` files need an ``index`` field: write them with
 ``sbsampler.ffcv.write_beton`` (or add ``IntField()`` named ``index`` holding the
@@ -28,6 +32,7 @@ import json
 import sys
 from argparse import ArgumentParser
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -37,7 +42,8 @@ from fastargs.validation import OneOf
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from ffcv_common import (  # noqa: E402
-    cyclic_lr, evaluate, image_pipeline, label_pipeline, param_groups, selective_loader, step_lr, train_epoch,
+    SAMPLER_STRATEGIES, cyclic_lr, evaluate, image_pipeline, label_pipeline, param_groups, score_sampler,
+    selective_loader, step_lr, train_epoch,
 )
 from resnets import resnet  # noqa: E402
 
@@ -84,11 +90,16 @@ Section("training", "training").params(
     seed=Param(int, "seed for order and selection", default=0),
 )
 Section("selection", "Selective Backprop").params(
-    strategy=Param(OneOf(["full", *sb.STRATEGIES]), default="uniform"),
-    fraction=Param(float, "fraction of each batch to back-propagate", default=0.25),
-    rebatch=Param(int, "refill full batches from selected samples (1/0)", default=0),
-    start=Param(float, "selective window start, fraction of the epochs", default=0.0),
-    end=Param(float, "selective window end, fraction of the epochs", default=1.0),
+    mode=Param(OneOf(["batch", "sampler"]), "select within each batch, or which images to load", default="batch"),
+    strategy=Param(OneOf(["full", *sb.STRATEGIES]), f"sampler mode: one of {', '.join(SAMPLER_STRATEGIES)}",
+                   default="uniform"),
+    fraction=Param(float, "fraction of each batch (sampler mode: of the scored images) to back-propagate",
+                   default=0.25),
+    rebatch=Param(int, "batch mode: refill full batches from selected samples (1/0)", default=0),
+    start=Param(float, "batch mode: selective window start, fraction of the epochs", default=0.0),
+    end=Param(float, "batch mode: selective window end, fraction of the epochs", default=1.0),
+    max_staleness=Param(int, "sampler mode: reload an image at least every N epochs (0: never forced)", default=0),
+    anneal=Param(float, "sampler mode: share of the final epochs that load the full data", default=0.0),
 )
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
@@ -107,7 +118,8 @@ def resolution_at(epoch: int, cfg) -> int:
     return int(np.round(np.interp(epoch, [start, end], [lo, hi]) / 32)) * 32
 
 
-def make_loaders(cfg, device: torch.device):
+def make_loaders(cfg, device: torch.device, sampler: Optional[sb.SelectiveSampler] = None):
+    """Train loader (random order, or ``sampler``'s plan), val loader, and the train decoder (for resizing)."""
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import RandomHorizontalFlip
@@ -116,7 +128,7 @@ def make_loaders(cfg, device: torch.device):
     decoder = RandomResizedCropRGBImageDecoder((res, res))
     train = Loader(
         cfg["data.train_dataset"], batch_size=cfg["training.batch_size"], num_workers=cfg["data.num_workers"],
-        order=OrderOption.RANDOM, os_cache=bool(cfg["data.in_memory"]), drop_last=True, seed=cfg["training.seed"],
+        order=OrderOption.RANDOM if sampler is None else sb.ffcv.selective_order(sampler), os_cache=bool(cfg["data.in_memory"]), drop_last=True, seed=cfg["training.seed"],
         pipelines={
             "image": image_pipeline([decoder, RandomHorizontalFlip()], device, IMAGENET_MEAN, IMAGENET_STD),
             "label": label_pipeline(device),
@@ -154,11 +166,21 @@ def main() -> dict:
     amp_dtype = torch.float16 if device.type == "cuda" else None
     model, model_name = resnet(cfg["model.arch"], num_classes=cfg["data.num_classes"])
     model = model.to(device).to(memory_format=torch.channels_last)
-    train, val, decoder = make_loaders(cfg, device)
     epochs = cfg["training.epochs"]
-    loader = selective_loader(train, model, cfg["selection.strategy"], cfg["selection.fraction"],
-                              bool(cfg["selection.rebatch"]), cfg["selection.start"], cfg["selection.end"], epochs,
-                              cfg["training.label_smoothing"], amp_dtype, cfg["training.seed"])
+    store = sampler = None
+    if cfg["selection.mode"] == "sampler":
+        from ffcv.reader import Reader
+
+        store, sampler = score_sampler(Reader(cfg["data.train_dataset"]).num_samples, cfg["selection.strategy"],
+                                       cfg["selection.fraction"], cfg["selection.max_staleness"],
+                                       cfg["selection.anneal"], epochs, cfg["training.seed"])
+    train, val, decoder = make_loaders(cfg, device, sampler)
+    if sampler is not None:
+        loader = sb.WeightedBatches(train, sampler)
+    else:
+        loader = selective_loader(train, model, cfg["selection.strategy"], cfg["selection.fraction"],
+                                  bool(cfg["selection.rebatch"]), cfg["selection.start"], cfg["selection.end"],
+                                  epochs, cfg["training.label_smoothing"], amp_dtype, cfg["training.seed"])
     opt = torch.optim.SGD(param_groups(model, cfg["training.weight_decay"]), lr=cfg["lr.lr"],
                           momentum=cfg["training.momentum"])
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
@@ -172,18 +194,21 @@ def main() -> dict:
         res = resolution_at(epoch, cfg)
         decoder.output_size = (res, res)
         row = train_epoch(model, loader, opt, lr_at, epoch, cfg["training.label_smoothing"], scaler, amp_dtype,
-                          channels_last=True, max_steps=cfg["training.max_steps"] or None)
+                          channels_last=True, max_steps=cfg["training.max_steps"] or None, store=store)
         row["resolution"] = res
         log.append(row)
         print(json.dumps(row))
     stats = evaluate(model, val, amp_dtype, channels_last=True, flip_tta=bool(cfg["validation.lr_tta"]))
-    result = {"model": model_name, "device": str(device), **stats, "epochs": log,
-              "loader_stats": loader.stats.as_dict()}
+    backprop = sum(row["samples_backprop"] for row in log)
+    loaded = loader.stats.samples_seen if sampler is None else backprop
+    result = {"model": model_name, "device": str(device), "mode": cfg["selection.mode"], **stats, "epochs": log,
+              "samples_loaded": loaded, "samples_backprop": backprop,
+              "loader_stats": loader.stats.as_dict() if sampler is None else None}
     folder = Path(cfg["logging.folder"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "log.json").write_text(json.dumps(result, indent=2))
     print(f"top_1 {stats['top_1']:.4f} top_5 {stats['top_5']:.4f}; "
-          f"back-propagated {loader.stats.samples_yielded} of {loader.stats.samples_seen} samples; "
+          f"loaded {loaded} samples, back-propagated {backprop}; "
           f"log in {folder / 'log.json'}")
     return result
 
