@@ -15,6 +15,9 @@ Kernels
 ``inclusion_probabilities`` / ``systematic_sample``
     Probability-proportional-to-size sampling of exactly ``k`` distinct indices
     with known inclusion probabilities, for unbiased Horvitz-Thompson weights.
+``outer_norms``
+    Norms of per-sample outer products ``e_i (x) [h_i, 1]`` (last-layer gradient
+    norms) from ``E`` and ``H``, in one pass over each.
 ``omp_gram``
     Orthogonal matching pursuit in Gram space: greedily picks the atoms whose
     span best approximates the target, touching only the ``B x B`` Gram matrix.
@@ -34,6 +37,7 @@ __all__ = [
     "sample_without_replacement",
     "inclusion_probabilities",
     "systematic_sample",
+    "outer_norms",
     "omp_gram",
     "row_means",
     "gather_gram",
@@ -41,6 +45,8 @@ __all__ = [
 ]
 
 _JIT = {"cache": True, "nogil": True}
+# Reassociation (vectorised sums) and fused multiply-add, but not "no NaNs": a NaN must stay a NaN.
+_FAST = {**_JIT, "fastmath": {"reassoc", "contract"}}
 
 
 @numba.njit(**_JIT)
@@ -151,10 +157,35 @@ def systematic_sample(pi: np.ndarray, order: np.ndarray, u: float) -> np.ndarray
     return out
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _orthogonalise(row: np.ndarray, q: np.ndarray, coef: np.ndarray, m: int) -> None:
-    """``row -= sum_{t < m} coef[t] * q[t]``, four rows of ``q`` per pass."""
-    n = row.shape[0]
+@numba.njit(**_FAST)
+def outer_norms(e: np.ndarray, h: np.ndarray, bias: bool) -> np.ndarray:
+    """float64 (B,) ``|e_i| * |[h_i, 1]|`` (``|e_i| * |h_i|`` without ``bias``).
+
+    The Frobenius norm of the outer product ``e_i (x) [h_i, 1]``, i.e. of sample
+    ``i``'s last-layer gradient, from ``E`` (B, C) and ``H`` (B, d), C-contiguous.
+    Squares are summed in the inputs' dtype (16 lanes at a time for float32, so
+    the rounding error stays near float32 epsilon), the product in float64.
+    """
+    b = e.shape[0]
+    out = np.empty(b)
+    zero_e = np.zeros(1, dtype=e.dtype)[0]
+    zero_h = np.zeros(1, dtype=h.dtype)[0]
+    for i in range(b):
+        se = zero_e
+        ei = e[i]
+        for c in range(e.shape[1]):
+            se += ei[c] * ei[c]
+        sh = zero_h
+        hi = h[i]
+        for c in range(h.shape[1]):
+            sh += hi[c] * hi[c]
+        out[i] = np.sqrt(float(se) * (float(sh) + (1.0 if bias else 0.0)))
+    return out
+
+
+@numba.njit(**_FAST)
+def _orthogonalise(row: np.ndarray, q: np.ndarray, coef: np.ndarray, m: int, n: int) -> None:
+    """``row[:n] -= sum_{t < m} coef[t] * q[t, :n]``, four rows of ``q`` per pass."""
     t = 0
     while t + 4 <= m:
         a0, a1, a2, a3 = coef[t], coef[t + 1], coef[t + 2], coef[t + 3]
@@ -171,17 +202,37 @@ def _orthogonalise(row: np.ndarray, q: np.ndarray, coef: np.ndarray, m: int) -> 
 
 
 @numba.njit(**_JIT)
-def _most_correlated(corr: np.ndarray, taken: np.ndarray, nonneg: bool, floor: float) -> int:
-    """Index of the untaken entry with the largest (signed or absolute) correlation above ``floor``; -1 if none."""
+def _most_correlated(corr: np.ndarray, atom: np.ndarray, live: int, nonneg: bool, floor: float) -> int:
+    """Position (< ``live``) of the largest (signed or absolute) correlation above ``floor``; -1 if none.
+
+    Ties go to the lowest atom id, so the pick does not depend on the column order.
+    """
+    top = floor
+    if nonneg:
+        for p in range(live):  # a plain max: vectorised
+            top = max(top, corr[p])
+    else:
+        for p in range(live):
+            top = max(top, abs(corr[p]))
+    if not top > floor:
+        return -1
     best = -1
-    best_val = floor
-    for i in range(corr.shape[0]):
-        if not taken[i]:
-            v = corr[i] if nonneg else abs(corr[i])
-            if v > best_val:
-                best_val = v
-                best = i
+    for p in range(live):
+        v = corr[p] if nonneg else abs(corr[p])
+        if v == top and (best < 0 or atom[p] < atom[best]):
+            best = p
     return best
+
+
+@numba.njit(**_JIT)
+def _retire(p: int, live: int, q: np.ndarray, m: int, corr: np.ndarray, atom: np.ndarray) -> None:
+    """Swap column ``p`` with the last live column ``live - 1`` (rows ``q[:m]``, ``corr``, ``atom``)."""
+    last = live - 1
+    if p != last:
+        for t in range(m):
+            q[t, p], q[t, last] = q[t, last], q[t, p]
+        corr[p], corr[last] = corr[last], corr[p]
+        atom[p], atom[last] = atom[last], atom[p]
 
 
 @numba.njit(**_JIT)
@@ -191,12 +242,17 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
     Atoms are vectors ``g_i`` with ``gram[i, j] = <g_i, g_j>``; the target is a
     vector ``t`` with ``target_corr[i] = <g_i, t>`` (float64). Each step adds the
     atom most correlated with the current residual ``t - P_S t`` (the largest
-    positive correlation when ``nonneg``, else the largest magnitude), then
-    updates every correlation by Gram-Schmidt against the chosen atoms, so step
-    ``j`` costs O(B * j). ``ridge`` is added to the diagonal of the chosen
-    atoms' Gram matrix. The B-long working rows are kept in ``gram``'s dtype
-    (float32 halves the memory traffic of the dominant update; float64 is exact);
-    scalars and the Cholesky factor are float64.
+    positive correlation when ``nonneg``, else the largest magnitude; ties to the
+    lowest index), then updates the correlations of the atoms not yet chosen by
+    Gram-Schmidt against the chosen ones, so step ``j`` costs O((B - j) * j).
+    ``ridge`` is added to the diagonal of the chosen atoms' Gram matrix. The
+    working rows are kept in ``gram``'s dtype (float32 halves the memory traffic
+    of the dominant update; float64 is exact); scalars and the Cholesky factor
+    are float64.
+
+    The columns of the working rows are the candidates still open: a chosen (or
+    numerically dependent) atom's column is swapped out to the end and never
+    touched again, which saves a sixth of the work at ``k = B / 4``.
 
     Stops early when no candidate improves the fit: no correlation above
     ``1e-10`` of the largest initial one, or every candidate left is
@@ -209,12 +265,15 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
     """
     b = gram.shape[0]
     # Rows of q and chol are written before they are read: no need to zero them.
-    q = np.empty((k, b), dtype=gram.dtype)  # q[t, i] = <g_i, u_t>, u_t orthonormal
+    # q[t, p] = <g_atom[p], u_t>, u_t orthonormal. Rows padded by 64 bytes: with a row
+    # length of a multiple of 4 KiB, the rows streamed together would alias in L1.
+    q = np.empty((k, b + 64 // gram.itemsize), dtype=gram.dtype)
     chol = np.empty((k, k))  # lower Cholesky factor of gram[S, S] + ridge * I
     coef = np.zeros(k, dtype=gram.dtype)
     y = np.zeros(k)  # y[t] = <target, u_t>
-    corr = target_corr.astype(np.float64)  # <g_i, residual>
-    taken = np.zeros(b, dtype=np.bool_)
+    corr = target_corr.astype(np.float64)  # corr[p] = <g_atom[p], residual>
+    atom = np.arange(b)  # the atom in each column; columns [0, live) are still open
+    live = b
     chosen = np.empty(k, dtype=np.int64)
     corr_tol = 0.0
     for i in range(b):
@@ -222,19 +281,21 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
     corr_tol *= 1e-10
     m = 0
     explained = 0.0
-    best = _most_correlated(corr, taken, nonneg, corr_tol)
-    while m < k and best >= 0:
-        taken[best] = True
+    pos = _most_correlated(corr, atom, live, nonneg, corr_tol)
+    while m < k and pos >= 0:
+        best = atom[pos]
         # Cholesky row of the new atom: its components along u_0 .. u_{m-1}.
         diag = float(gram[best, best]) + ridge
         sq = diag
         for t in range(m):
-            lt = float(q[t, best])
+            lt = float(q[t, pos])
             chol[m, t] = lt
             coef[t] = lt
             sq -= lt * lt
+        _retire(pos, live, q, m, corr, atom)
+        live -= 1
         if sq <= 1e-10 * diag:  # dependent on the atoms already chosen: never pick it again
-            best = _most_correlated(corr, taken, nonneg, corr_tol)
+            pos = _most_correlated(corr, atom, live, nonneg, corr_tol)
             continue
         d = np.sqrt(sq)
         chol[m, m] = d
@@ -248,23 +309,16 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
         chosen[m] = best
         m += 1
         row = q[m - 1]
-        row[:] = gram[best]
-        _orthogonalise(row, q, coef, m - 1)
-        # One pass: normalise the new direction, update correlations, find the next atom.
-        nxt = -1
-        nxt_val = corr_tol
-        for i in range(b):
-            r = row[i] * inv
-            row[i] = r
-            c = corr[i] - yt * r
-            corr[i] = c
-            if not taken[i]:
-                v = c if nonneg else abs(c)
-                if v > nxt_val:
-                    nxt_val = v
-                    nxt = i
-        row[best] = d  # the ridge lives on the chosen atoms only
-        best = nxt
+        src = gram[best]
+        for p in range(live):
+            row[p] = src[atom[p]]
+        _orthogonalise(row, q, coef, m - 1, live)
+        # Normalise the new direction and update the correlations (vectorised), then find the next atom.
+        for p in range(live):
+            r = row[p] * inv
+            row[p] = r
+            corr[p] -= yt * r
+        pos = _most_correlated(corr, atom, live, nonneg, corr_tol)
     # Weights: solve chol^T w = y (back substitution).
     w = np.zeros(m)
     for r in range(m - 1, -1, -1):
@@ -275,7 +329,7 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
     return chosen[:m].copy(), w, explained
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(**_FAST)
 def row_means(gram: np.ndarray) -> np.ndarray:
     """float64 mean of each row: ``<g_i, mean_j g_j>`` for a Gram matrix."""
     b = gram.shape[0]

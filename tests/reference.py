@@ -53,3 +53,12 @@ def omp_ref(atoms: np.ndarray, target: np.ndarray, k: int, nonneg: bool) -> tupl
         chosen.append(best)
         w = np.linalg.lstsq(atoms[:, chosen], target, rcond=None)[0]
     return np.array(chosen, dtype=np.int64), w
+
+
+def outer_norms_ref(e: np.ndarray, h: np.ndarray, bias: bool) -> np.ndarray:
+    """Frobenius norm of each explicit outer product ``e_i (x) [h_i, 1]``."""
+    rows = []
+    for ei, hi in zip(e.astype(np.float64), h.astype(np.float64)):
+        hb = np.append(hi, 1.0) if bias else hi
+        rows.append(np.linalg.norm(np.outer(ei, hb)))
+    return np.array(rows)

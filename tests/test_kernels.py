@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from scipy.optimize import nnls
 
 from sbsampler import kernels
-from reference import ecdf_ref, es_order_ref, inclusion_probabilities_ref, omp_ref
+from reference import ecdf_ref, es_order_ref, inclusion_probabilities_ref, omp_ref, outer_norms_ref
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -95,6 +95,38 @@ def test_omp_gram_matches_explicit_omp(seed, b, nonneg, data):
     np.testing.assert_allclose(w, ref_w, rtol=1e-6, atol=1e-9)
     proj = atoms[:, chosen] @ w
     np.testing.assert_allclose(explained, proj @ proj, rtol=1e-6, atol=1e-12)
+
+
+def test_omp_gram_matches_explicit_omp_on_a_larger_batch():
+    # Many steps, so many columns are retired (swapped out) along the way.
+    atoms, target = _atoms(11, 300, 400)
+    chosen, w, _ = kernels.omp_gram(atoms.T @ atoms, atoms.T @ target, 120, True, 0.0)
+    ref_chosen, ref_w = omp_ref(atoms, target, 120, True)
+    np.testing.assert_array_equal(chosen, ref_chosen)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-6, atol=1e-9)
+
+
+def test_omp_gram_breaks_ties_by_lowest_index():
+    # Every atom appears twice: equal correlations, and the copy of a chosen atom is dependent.
+    base, _ = _atoms(2, 20, 60)
+    copy_of = np.random.default_rng(0).permutation(40) % 20  # atom i is a copy of base atom copy_of[i]
+    atoms = base[:, copy_of]
+    gram = (base.T @ base)[np.ix_(copy_of, copy_of)]  # exactly equal rows for copies
+    chosen, _, _ = kernels.omp_gram(gram, gram.mean(axis=1), 15, True, 0.0)
+    ref_chosen, _ = omp_ref(atoms, atoms.mean(axis=1), 15, True)
+    np.testing.assert_array_equal(chosen, ref_chosen)
+    first = {int(np.flatnonzero(copy_of == j).min()) for j in range(20)}
+    assert set(chosen.tolist()) <= first  # the lower-index copy every time
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.integers(1, 70), st.integers(0, 70), st.booleans(),
+       st.sampled_from([np.float32, np.float64]))
+def test_outer_norms_matches_explicit_outer_products(seed, b, c, d, bias, dtype):
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal((b, c)).astype(dtype)
+    h = (rng.standard_normal((b, d)) * 10).astype(dtype)
+    np.testing.assert_allclose(kernels.outer_norms(e, h, bias), outer_norms_ref(e, h, bias), rtol=1e-5, atol=1e-12)
 
 
 def test_omp_gram_float32_agrees_with_float64():

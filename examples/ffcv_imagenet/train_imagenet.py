@@ -128,7 +128,8 @@ def make_loaders(cfg, device: torch.device, sampler: Optional[sb.SelectiveSample
     decoder = RandomResizedCropRGBImageDecoder((res, res))
     train = Loader(
         cfg["data.train_dataset"], batch_size=cfg["training.batch_size"], num_workers=cfg["data.num_workers"],
-        order=OrderOption.RANDOM if sampler is None else sb.ffcv.selective_order(sampler), os_cache=bool(cfg["data.in_memory"]), drop_last=True, seed=cfg["training.seed"],
+        order=OrderOption.RANDOM if sampler is None else sb.ffcv.selective_order(sampler),
+        os_cache=bool(cfg["data.in_memory"]), drop_last=True, seed=cfg["training.seed"],
         pipelines={
             "image": image_pipeline([decoder, RandomHorizontalFlip()], device, IMAGENET_MEAN, IMAGENET_STD),
             "label": label_pipeline(device),
