@@ -33,17 +33,21 @@ def tiny_betons(tmp_path_factory):
     return train, val, folder
 
 
-def test_imagenet_example_smoke(tiny_betons):
-    train, val, folder = tiny_betons
-    res = run([
+def run_imagenet(tiny_betons, log_dir, *overrides):
+    """The ImageNet example on the tiny .betons at 32x32, 10 classes, with ``overrides``."""
+    train, val, _ = tiny_betons
+    return run([
         "examples/ffcv_imagenet/train_imagenet.py", "-C", "examples/ffcv_imagenet/rn18_configs/rn18_16_epochs.yaml",
         f"--data.train_dataset={train}", f"--data.val_dataset={val}", "--data.num_workers=2",
-        "--data.num_classes=10", "--training.batch_size=128", "--training.epochs=1",
-        "--resolution.min_res=32", "--resolution.max_res=32", "--validation.resolution=32",
-        "--validation.batch_size=64", "--selection.strategy=gradmatch", "--selection.rebatch=1",
-        "--lr.lr_peak_epoch=0.5",
-        f"--logging.folder={folder / 'log'}",
+        "--data.num_classes=10", "--resolution.min_res=32", "--resolution.max_res=32",
+        "--validation.resolution=32", "--validation.batch_size=64", f"--logging.folder={log_dir}", *overrides,
     ])
+
+
+def test_imagenet_example_smoke(tiny_betons):
+    folder = tiny_betons[2]
+    res = run_imagenet(tiny_betons, folder / "log", "--training.batch_size=128", "--training.epochs=1",
+                       "--selection.strategy=gradmatch", "--selection.rebatch=1", "--lr.lr_peak_epoch=0.5")
     assert res.returncode == 0, res.stderr[-3000:]
     log = json.loads((folder / "log" / "log.json").read_text())
     stats = log["loader_stats"]
@@ -67,16 +71,10 @@ def test_imagenet_example_sampler_mode_keeps_the_lr_schedule(tiny_betons):
     """Sampler mode: epoch 0 loads all 256 images, later epochs the planned quarter; every
     epoch's LR runs over that epoch's own length, so the schedule still ends at 0 on the last
     step (a length frozen at epoch 0's 8 batches would stop epoch 2 at progress 2.25)."""
-    train, val, folder = tiny_betons
-    log_dir = folder / "log_sampler"
-    res = run([
-        "examples/ffcv_imagenet/train_imagenet.py", "-C", "examples/ffcv_imagenet/rn18_configs/rn18_16_epochs.yaml",
-        f"--data.train_dataset={train}", f"--data.val_dataset={val}", "--data.num_workers=2",
-        "--data.num_classes=10", "--training.batch_size=32", "--training.epochs=3",
-        "--resolution.min_res=32", "--resolution.max_res=32", "--validation.resolution=32",
-        "--validation.batch_size=64", "--selection.mode=sampler", "--selection.strategy=uniform",
-        "--selection.fraction=0.25", "--lr.lr=0.1", "--lr.lr_peak_epoch=1", f"--logging.folder={log_dir}",
-    ])
+    log_dir = tiny_betons[2] / "log_sampler"
+    res = run_imagenet(tiny_betons, log_dir, "--training.batch_size=32", "--training.epochs=3",
+                       "--selection.mode=sampler", "--selection.strategy=uniform", "--selection.fraction=0.25",
+                       "--lr.lr=0.1", "--lr.lr_peak_epoch=1")
     assert res.returncode == 0, res.stderr[-3000:]
     log = json.loads((log_dir / "log.json").read_text())
     epochs = log["epochs"]
