@@ -583,13 +583,13 @@ class SelectiveLoader:
             ready = queued // size if size else 0
             if self.sync is None:
                 for _ in range(ready):
-                    yield self._emit(self._take(size, size))
+                    yield self._emit(self._take(size))
                 if exhausted:
                     break
                 continue
             mn, mx = self.sync.min_max([ready, int(not exhausted)])
             for _ in range(mn[0]):
-                yield self._emit(self._take(size, size))
+                yield self._emit(self._take(size))
             if not mx[1]:
                 break
         yield from self._tail()
@@ -602,17 +602,17 @@ class SelectiveLoader:
             if queued and self.drop_last:
                 self._drop(queued)
             elif queued:
-                yield self._emit(self._take(queued, queued))
+                yield self._emit(self._take(queued))
             return
         mn, mx = self.sync.min_max([queued // size, -(-queued // size)])
         if self.drop_last:
             for _ in range(mn[0]):
-                yield self._emit(self._take(size, size))
+                yield self._emit(self._take(size))
             self._drop(self._queued())
             return
         for _ in range(mx[1]):
             m = min(size, self._queued())
-            yield self._pad(self._take(m, m) if m else None, size)
+            yield self._pad(self._take(m) if m else None, size)
 
     def _queued(self) -> int:
         return sum(len(sub) for sub, _, _ in self._queue)
@@ -657,7 +657,8 @@ class SelectiveLoader:
         candidates, scores = self._apply_nan_policy(scores, idx)
         if self.store is not None and len(scores):
             kept = idx if candidates is None else idx[candidates]
-            self.store.update(kept, scores.loss, scores.grad_norms(), epoch=self._epoch_now)
+            scores.norms = scores.grad_norms()  # computed once: a norm-based strategy reads them too
+            self.store.update(kept, scores.loss, scores.norms, epoch=self._epoch_now)
         m = len(scores)
         if m == 0:
             return None
@@ -710,8 +711,8 @@ class SelectiveLoader:
             h = torch.where(finite[:, None], h, torch.zeros_like(h))
         return None, Scores(loss=loss, logit_grad=e, features=h, targets=scores.targets, bias=scores.bias)
 
-    def _take(self, size: int, divisor: int) -> SubBatch:
-        """Pop ``size`` samples off the front of the queue as one SubBatch (weights / ``divisor``)."""
+    def _take(self, size: int) -> SubBatch:
+        """Pop ``size`` samples off the front of the queue as one SubBatch (weights / ``size``)."""
         parts: list[SubBatch] = []
         need = size
         while need:
@@ -726,7 +727,7 @@ class SelectiveLoader:
                 self._queue[0] = (_rows(head, rest), ordinal, rows[need:])
                 need = 0
         out = _cat(parts)
-        out.weights = out.weights / divisor
+        out.weights = out.weights / size
         return out
 
     def __repr__(self) -> str:
