@@ -36,7 +36,7 @@ import torch
 from .hook import Scores
 from .loader import SubBatch, _as_index_tensor, _split_batch
 from .store import ScoreStore
-from .strategies import SelectiveBackprop, Seed, Strategy, budget, get_strategy
+from .strategies import SelectiveBackprop, Strategy, budget, get_strategy
 
 __all__ = ["SelectiveSampler", "WeightedBatches"]
 
@@ -82,9 +82,9 @@ class SelectiveSampler(torch.utils.data.Sampler):
     ) -> None:
         if not isinstance(store, ScoreStore):
             raise TypeError(f"store must be a ScoreStore, got {type(store).__name__}")
-        if isinstance(strategy, str) and strategy.lower() in _NEEDS_CURRENT_GRADIENTS or getattr(
-            strategy, "name", None
-        ) in _NEEDS_CURRENT_GRADIENTS:
+        by_name = isinstance(strategy, str)
+        strategy = get_strategy(strategy)  # names and aliases resolved in one place
+        if strategy.name in _NEEDS_CURRENT_GRADIENTS:
             raise ValueError(
                 "GradientMatching needs the current per-sample gradients, which a store does not hold; "
                 "select per batch with SelectiveLoader instead"
@@ -99,9 +99,9 @@ class SelectiveSampler(torch.utils.data.Sampler):
         if not (isinstance(num_replicas, int) and num_replicas >= 1 and 0 <= rank < num_replicas):
             raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
         self.store = store
-        if isinstance(strategy, str) and strategy.lower() in ("sb", "selective_backprop"):
+        if by_name and isinstance(strategy, SelectiveBackprop):
             strategy = SelectiveBackprop(history=len(store))
-        self.strategy = get_strategy(strategy)
+        self.strategy = strategy
         self.fraction = float(fraction)
         self.max_staleness = max_staleness
         self.anneal = float(anneal)

@@ -148,8 +148,10 @@ def test_importance_needs_stored_norms_and_gradmatch_is_refused():
     s.set_epoch(1)
     with pytest.raises(ValueError, match="gradient norms"):
         len(s)
-    with pytest.raises(ValueError, match="SelectiveLoader"):
-        sb.SelectiveSampler(store, "gradmatch")
+    for name in ("gradmatch", "gradient_matching", sb.GradientMatching()):
+        with pytest.raises(ValueError, match="SelectiveLoader"):
+            sb.SelectiveSampler(store, name)
+    assert sb.SelectiveSampler(store, "selective_backprop").strategy.history == 10  # alias: history = the store
 
 
 def test_ddp_sharding_covers_the_plan():
