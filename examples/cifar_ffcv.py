@@ -118,10 +118,8 @@ def main(argv=None) -> dict:
     model = model.to(device).to(memory_format=torch.channels_last)
     store = sampler = None
     if args.mode == "sampler":
-        from ffcv.reader import Reader
-
-        store, sampler = score_sampler(Reader(str(args.train)).num_samples, args.strategy, args.fraction,
-                                       args.max_staleness, args.anneal, args.epochs, args.seed)
+        store, sampler = score_sampler(args.train, args.strategy, args.fraction, args.max_staleness, args.anneal,
+                                       args.epochs, args.seed)
     train, val = loaders(args.train, args.val, args.batch_size, args.workers, device, args.seed, sampler)
     if sampler is not None:
         loader = sb.WeightedBatches(train, sampler)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -98,9 +99,9 @@ def selective_loader(ffcv_loader, model: nn.Module, strategy: str, fraction: flo
                               start=start, end=end, epochs=epochs, seed=seed)
 
 
-def score_sampler(num_samples: int, strategy: str, fraction: float, max_staleness: Optional[int], anneal: float,
-                  epochs: int, seed: int) -> tuple[sb.ScoreStore, sb.SelectiveSampler]:
-    """A ``ScoreStore`` of ``num_samples`` and the ``SelectiveSampler`` that plans each epoch from it.
+def score_sampler(beton: Union[str, Path], strategy: str, fraction: float, max_staleness: Optional[int],
+                  anneal: float, epochs: int, seed: int) -> tuple[sb.ScoreStore, sb.SelectiveSampler]:
+    """A ``ScoreStore`` over the samples of the ``beton`` file and the ``SelectiveSampler`` that plans from it.
 
     Only strategies that work from stored losses: ``SAMPLER_STRATEGIES``. (ImportanceSampling
     also needs gradient norms, which the training step here does not compute, and
@@ -109,7 +110,9 @@ def score_sampler(num_samples: int, strategy: str, fraction: float, max_stalenes
     if strategy not in SAMPLER_STRATEGIES:
         raise SystemExit(f"--mode sampler chooses from stored losses: strategy must be one of "
                          f"{', '.join(SAMPLER_STRATEGIES)}, got {strategy!r} (use --mode batch for it)")
-    store = sb.ScoreStore(num_samples)
+    from ffcv.reader import Reader
+
+    store = sb.ScoreStore(Reader(str(beton)).num_samples)
     sampler = sb.SelectiveSampler(store, strategy, fraction=fraction, max_staleness=max_staleness or None,
                                   anneal=anneal, epochs=epochs, seed=seed)
     return store, sampler

@@ -165,9 +165,10 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor, Optional[Tensor], dict]:
         x, y = batch[0], batch[1]
         idx = batch[2] if len(batch) >= 3 else None
         return x, y, idx, {j: batch[j] for j in range(3, len(batch))}
+    length = f" of length {len(batch)}" if hasattr(batch, "__len__") else ""
     raise TypeError(
         "batches must be (inputs, targets[, indices, *extras]) sequences or a dict with 'inputs' and "
-        f"'targets' keys; got {type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
+        f"'targets' keys; got {type(batch).__name__}{length}"
     )
 
 

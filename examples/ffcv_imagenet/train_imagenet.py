@@ -170,11 +170,9 @@ def main() -> dict:
     epochs = cfg["training.epochs"]
     store = sampler = None
     if cfg["selection.mode"] == "sampler":
-        from ffcv.reader import Reader
-
-        store, sampler = score_sampler(Reader(cfg["data.train_dataset"]).num_samples, cfg["selection.strategy"],
-                                       cfg["selection.fraction"], cfg["selection.max_staleness"],
-                                       cfg["selection.anneal"], epochs, cfg["training.seed"])
+        store, sampler = score_sampler(cfg["data.train_dataset"], cfg["selection.strategy"], cfg["selection.fraction"],
+                                       cfg["selection.max_staleness"], cfg["selection.anneal"], epochs,
+                                       cfg["training.seed"])
     train, val, decoder = make_loaders(cfg, device, sampler)
     if sampler is not None:
         loader = sb.WeightedBatches(train, sampler)
