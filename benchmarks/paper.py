@@ -14,9 +14,9 @@ budgets:
 - ``backward``: ``epochs / fraction`` epochs, so as many samples are
   back-propagated as by full backprop.
 
-Every run uses the same optimiser and the same cosine learning-rate schedule over
-its own iterations (one iteration = one batch of the wrapped loader; each yields one
-sub-batch). Prints mean +- std test accuracy and wall time per run, writes
+Every run goes through ``harness.train_run`` with the same optimiser and the same
+cosine learning-rate schedule over its own iterations (one iteration = one batch of
+the wrapped loader; each yields one sub-batch). Prints mean +- std test accuracy and wall time per run, writes
 ``benchmarks/results/paper.json`` and ``paper.png`` (accuracy vs samples
 back-propagated; ``paper_quick.*`` with ``--quick``), and a verdict per setting:
 does any strategy beat Uniform by more than the seed spread (the two standard
@@ -31,63 +31,27 @@ fitted weights can sum to less, which acts like a smaller learning rate; the
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing as mp
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, table, write_results  # noqa: E402
+from harness import load_data, train_run  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
-from sbsampler.demo import DigitsCNN, load_digits_split  # noqa: E402
 
 METHODS = ["full", "uniform", "sb", "topk", "gradmatch", "gradmatch_norm", "importance"]
 FRACTIONS = [0.1, 0.25, 0.5]
 BATCH = 64
 LR = 0.02
-
-
-class MNIST1DCNN(nn.Module):
-    """A small 1-D CNN for MNIST-1D's length-40 signals."""
-
-    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv1d(1, width, 5, padding=2), nn.BatchNorm1d(width), nn.ReLU(),
-            nn.Conv1d(width, width, 3, padding=1), nn.BatchNorm1d(width), nn.ReLU(), nn.MaxPool1d(2),
-            nn.Conv1d(width, width, 3, padding=1), nn.BatchNorm1d(width), nn.ReLU(), nn.MaxPool1d(2),
-            nn.Flatten(), nn.Linear(width * 10, 64), nn.ReLU(),
-        )
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
-
-
-def load(name: str) -> tuple[TensorDataset, TensorDataset, type]:
-    """Train/test sets and the model class for a data set name."""
-    if name == "digits":
-        train, test = load_digits_split(seed=0)
-        return train, test, DigitsCNN
-    if name == "mnist1d":
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        d = make_dataset(get_dataset_args())  # generated, seed fixed by the package's defaults
-        x, xt = (torch.tensor(d[k], dtype=torch.float32).unsqueeze(1) for k in ("x", "x_test"))
-        y, yt = (torch.tensor(d[k], dtype=torch.int64) for k in ("y", "y_test"))
-        return TensorDataset(x, y), TensorDataset(xt, yt), MNIST1DCNN
-    raise ValueError(f"unknown data set {name!r}")
-
 
 _DATA: dict[str, Any] = {}
 
@@ -97,46 +61,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     name = job["dataset"]
     if name not in _DATA:
-        _DATA[name] = load(name)
+        _DATA[name] = load_data(name)
     train, test, model_cls = _DATA[name]
-    seed, method, fraction, epochs = job["seed"], job["method"], job["fraction"], job["epochs"]
-    torch.manual_seed(seed)
-    model = model_cls()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
-    base = DataLoader(sb.with_indices(train), batch_size=BATCH, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed))
-    hook = sb.ScoringHook(model)
-    strategy = (sb.GradientMatching(normalize=True, seed=seed) if method == "gradmatch_norm"
-                else None if method == "full" else sb.get_strategy(method, seed=seed))
-    loader = base if method == "full" else sb.SelectiveLoader(base, hook, strategy=strategy, fraction=fraction)
-    total_iters = epochs * len(base)
-    it = 0
-    backprop = 0
-    weight_sums = []
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        for batch in loader:
-            lr = LR * 0.5 * (1 + math.cos(math.pi * it / total_iters))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if method == "full":
-                x, y, _ = batch
-                loss = F.cross_entropy(model(x), y)
-            else:
-                x, y = batch.inputs, batch.targets
-                loss = sb.weighted_loss(F.cross_entropy(model(x), y, reduction="none"), batch.weights)
-                weight_sums.append(float(batch.weights.sum()))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            backprop += len(y)
-            it += 1
-    wall = time.perf_counter() - t0
-    model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in DataLoader(test, batch_size=1000))
-    return {**job, "accuracy": correct / len(test), "samples_backprop": backprop, "wall_s": wall,
-            "weight_sum": float(np.mean(weight_sums)) if weight_sums else 1.0}
+    seed, method = job["seed"], job["method"]
+    strategy = sb.GradientMatching(normalize=True, seed=seed) if method == "gradmatch_norm" else method
+    result = train_run(model_cls, train, test, strategy, fraction=job["fraction"], epochs=job["epochs"],
+                       batch_size=BATCH, lr=LR, weight_decay=5e-4, cosine=True, seed=seed, label=method)
+    return {**job, **asdict(result)}
 
 
 def jobs_for(dataset: str, epochs: int, seeds: int) -> list[dict[str, Any]]:

@@ -26,96 +26,47 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_results  # noqa: E402
+from harness import BetonCNN, digits_rgb, load_data, train_run, train_step  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
 
 FRACTION = 0.3
 BATCH = 64
 LR = 0.02
-MODES = ["full", "batch_uniform", "batch_sb", "sampler_uniform", "sampler_sb", "sampler_infobatch"]
+#: mode -> (strategy, train_run keyword arguments)
+MODES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "full": ("full", {}),
+    "batch_uniform": ("uniform", {"rebatch": True}),
+    "batch_sb": ("sb", {"rebatch": True}),
+    "sampler_uniform": ("uniform", {"sampler": {"max_staleness": 4}}),
+    "sampler_sb": ("sb", {"sampler": {"max_staleness": 4}}),
+    "sampler_infobatch": (sb.InfoBatch(prune=0.5), {"sampler": {"anneal": 0.125}}),
+}
 
 
 def make_sampler(mode: str, store: sb.ScoreStore, seed: int, epochs: int) -> sb.SelectiveSampler:
-    if mode == "sampler_uniform":
-        return sb.SelectiveSampler(store, "uniform", FRACTION, max_staleness=4, seed=seed)
-    if mode == "sampler_sb":
-        return sb.SelectiveSampler(store, "sb", FRACTION, max_staleness=4, seed=seed)
-    return sb.SelectiveSampler(store, sb.InfoBatch(prune=0.5), anneal=0.125, epochs=epochs, seed=seed)
-
-
-def _train_step(model, opt, x, y, w) -> torch.Tensor:
-    loss = F.cross_entropy(model(x), y, reduction="none")
-    opt.zero_grad()
-    sb.weighted_loss(loss, w).backward()
-    opt.step()
-    return loss.detach()
+    """The ``SelectiveSampler`` of a ``sampler_*`` mode (as ``train_run`` builds it)."""
+    strategy, kw = MODES[mode]
+    return sb.SelectiveSampler(store, strategy, FRACTION, epochs=epochs, seed=seed, **kw["sampler"])
 
 
 def accuracy_run(job: dict[str, Any]) -> dict[str, Any]:
     """One (dataset, mode, seed) training run: accuracy, samples back-propagated, wall time."""
-    from paper import load
-
     torch.set_num_threads(1)
-    train, test, model_cls = load(job["dataset"])
-    mode, seed, epochs = job["mode"], job["seed"], job["epochs"]
-    torch.manual_seed(seed)
-    model = model_cls()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    ds = sb.with_indices(train)
-    backprop = 0
-    t0 = time.perf_counter()
-    if mode.startswith("sampler"):
-        store = sb.ScoreStore(len(ds))
-        sampler = make_sampler(mode, store, seed, epochs)
-        batches = sb.WeightedBatches(DataLoader(ds, batch_size=BATCH, sampler=sampler), sampler)
-        for epoch in range(epochs):
-            sampler.set_epoch(epoch)
-            for b in batches:
-                store.update(b.indices, _train_step(model, opt, b.inputs, b.targets, b.weights))
-                backprop += len(b)
-    else:
-        g = torch.Generator().manual_seed(seed)
-        loader = DataLoader(ds, batch_size=BATCH, shuffle=True, generator=g)
-        if mode == "full":
-            loader = sb.SelectiveLoader(loader, sb.ScoringHook(model), fraction=1.0, start=0.0, end=0.0, epochs=epochs)
-        else:
-            loader = sb.SelectiveLoader(loader, sb.ScoringHook(model), mode.split("_")[1], FRACTION, rebatch=True,
-                                        seed=seed)
-        for _ in range(epochs):
-            for b in loader:
-                _train_step(model, opt, b.inputs, b.targets, b.weights)
-                backprop += len(b)
-    wall = time.perf_counter() - t0
-    model.eval()
-    xt, yt = test.tensors
-    with torch.no_grad():
-        acc = float((model(xt).argmax(1) == yt).float().mean())
-    return {**job, "acc": acc, "backprop": backprop, "wall_s": wall}
-
-
-class BetonCNN(nn.Module):
-    """A small CNN for 32x32 RGB uint8 images."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.body(x.float() / 255.0))
+    train, test, model_cls = load_data(job["dataset"])
+    strategy, kw = MODES[job["mode"]]
+    result = train_run(model_cls, train, test, strategy, fraction=FRACTION, epochs=job["epochs"], batch_size=BATCH,
+                       lr=LR, seed=job["seed"], label=job["mode"], **kw)
+    return {**job, **asdict(result)}
 
 
 def loading_table(epochs: int) -> list[dict[str, Any]]:
@@ -127,13 +78,8 @@ def loading_table(epochs: int) -> list[dict[str, Any]]:
     except ImportError:
         print("FFCV is not installed: part 1 (.beton loading) skipped")
         return []
-    from sklearn.datasets import load_digits
-
     torch.set_num_threads(1)
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    imgs = (F.interpolate(x, size=32, mode="bilinear").repeat(1, 3, 1, 1) * 255).round().to(torch.uint8)
-    labels = torch.tensor(d.target)
+    imgs, labels = digits_rgb(32)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "digits32.beton"
@@ -153,16 +99,14 @@ def loading_table(epochs: int) -> list[dict[str, Any]]:
             else:
                 loader = Loader(str(path), batch_size=BATCH, num_workers=2, drop_last=False, order=OrderOption.RANDOM,
                                 seed=0, pipelines=pipelines)
-                window = {"start": 0.0, "end": 0.0, "epochs": epochs} if mode == "full" else {}  # full: no scoring
-                batches = sb.SelectiveLoader(loader, sb.ScoringHook(model), "uniform", FRACTION, rebatch=True, seed=0,
-                                             **window)
+                batches = sb.SelectiveLoader(loader, sb.ScoringHook(model), MODES[mode][0], FRACTION, rebatch=True,
+                                             seed=0)
             for epoch in range(epochs):
                 t0 = time.perf_counter()
                 loaded = sampler.num_indices(epoch) if mode.startswith("sampler") else len(store)
                 back = 0
                 for b in batches:
-                    loss = _train_step(model, opt, b.inputs, b.targets, b.weights)
-                    store.update(b.indices, loss)
+                    store.update(b.indices, train_step(model, opt, b.inputs, b.targets, b.weights))
                     back += len(b)
                 rows.append({"mode": mode, "epoch": epoch, "loaded": loaded, "backprop": back,
                              "wall_s": time.perf_counter() - t0})
@@ -201,9 +145,9 @@ def main(argv=None) -> int:
     for d in ("digits", "mnist1d"):
         for m in MODES:
             rs = [r for r in runs if r["dataset"] == d and r["mode"] == m]
-            acc_rows.append({"dataset": d, "mode": m, "acc_mean": float(np.mean([r["acc"] for r in rs])),
-                             "acc_std": float(np.std([r["acc"] for r in rs])),
-                             "backprop": float(np.mean([r["backprop"] for r in rs])),
+            acc_rows.append({"dataset": d, "mode": m, "acc_mean": float(np.mean([r["accuracy"] for r in rs])),
+                             "acc_std": float(np.std([r["accuracy"] for r in rs])),
+                             "backprop": float(np.mean([r["samples_backprop"] for r in rs])),
                              "wall_s": float(np.mean([r["wall_s"] for r in rs]))})
     print(f"\naccuracy after {epochs} epochs, {seeds} seeds, fraction {FRACTION} ({time.perf_counter() - t0:.0f} s)")
     print(table(acc_rows, [("dataset", "data", "s"), ("mode", "mode", "s"), ("acc_mean", "acc mean", ".4f"),

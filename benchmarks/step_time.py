@@ -32,11 +32,11 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from _common import table, write_results  # noqa: E402
+from harness import train_step  # noqa: E402
 from resnets import resnet  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
@@ -83,23 +83,15 @@ def main(argv=None) -> int:
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     ks = {f: budget(f, batch) for f in FRACTIONS}
-    strategies = {name: sb.get_strategy(name, seed=0) for name in sb.STRATEGIES if name != "infobatch"}  # fixed-k rules
+    strategies = {name: sb.get_strategy(name, seed=0) for name, cls in sb.STRATEGIES.items()
+                  if not (cls.variable_count or cls.keeps_all)}  # the rules that choose exactly k
 
     def step(xs: torch.Tensor, ys: torch.Tensor, w: torch.Tensor | None = None) -> None:
-        out = model(xs)
-        if w is None:
-            loss = F.cross_entropy(out, ys)
-        else:
-            loss = sb.weighted_loss(F.cross_entropy(out, ys, reduction="none"), w)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, xs, ys, w)
 
-    def selective(name: str, f: float) -> None:
-        scores = hook.score(x, y)
-        idx, w = strategies[name].select(scores, ks[f])
-        on = torch.from_numpy(idx).to(device)
-        step(x[on], y[on], torch.from_numpy(w).to(device))
+    def selective(name: str, f: float) -> None:  # what SelectiveLoader does per batch: score, select, gather, step
+        sub = sb.select_batch(hook, strategies[name], (x, y), f).sub
+        step(sub.inputs, sub.targets, sub.weights)
 
     scores_cache = hook.score(x, y)
     configs: dict[str, Callable[[], None]] = {"full": lambda: step(x, y), "score": lambda: hook.score(x, y)}

@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--mode", default="batch", choices=["batch", "sampler"],
                         help="select within each batch, or choose which samples to load each epoch")
-    parser.add_argument("--strategy", default="uniform", choices=["full", *sb.STRATEGIES],
+    parser.add_argument("--strategy", default="uniform", choices=list(sb.STRATEGIES),
                         help=f"--mode sampler takes {', '.join(SAMPLER_STRATEGIES)}")
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--rebatch", action="store_true", help="--mode batch: refill full batches")

@@ -38,8 +38,9 @@ import sbsampler as sb
 __all__ = ["cyclic_lr", "step_lr", "image_pipeline", "label_pipeline", "selective_loader", "score_sampler",
            "train_epoch", "evaluate", "param_groups", "SAMPLER_STRATEGIES"]
 
-#: strategies that can choose from losses the training step stored (no gradient norms, no current gradients)
-SAMPLER_STRATEGIES = ("uniform", "topk", "sb", "infobatch")
+#: strategies that can choose from the losses the training step stored (no gradient norms, no current gradients)
+SAMPLER_STRATEGIES = tuple(name for name, cls in sb.STRATEGIES.items()
+                           if cls.works_from_stored and not cls.needs_gradients and not cls.keeps_all)
 
 
 def image_pipeline(ops: list, device: torch.device, mean: np.ndarray, std: np.ndarray) -> list:
@@ -92,9 +93,6 @@ def selective_loader(ffcv_loader, model: nn.Module, strategy: str, fraction: flo
                      amp_dtype: Optional[torch.dtype], seed: int) -> sb.SelectiveLoader:
     """Wrap an FFCV loader; ``strategy="full"`` passes every batch through (no scoring)."""
     hook = sb.ScoringHook(model, label_smoothing=label_smoothing, amp_dtype=amp_dtype)
-    if strategy == "full":
-        start = end = 0.0
-        strategy = "uniform"
     return sb.SelectiveLoader(ffcv_loader, hook, strategy=strategy, fraction=fraction, rebatch=rebatch,
                               start=start, end=end, epochs=epochs, seed=seed)
 

@@ -9,15 +9,44 @@ Wrap a loader, register a scoring hook, pick a strategy::
         out = model(batch.inputs)
         loss = sb.weighted_loss(F.cross_entropy(out, batch.targets, reduction="none"), batch.weights)
         loss.backward(); opt.step(); opt.zero_grad()
+
+Where things are (one room per concern):
+
+- ``batch``: parsing a wrapped loader's batches, ``SubBatch``, gathering rows,
+  ``with_indices``, ``weighted_loss``, adapting an FFCV loader;
+- ``hook`` and ``scores``: the scoring forward and its ``Scores`` (NaN policy);
+- ``strategies`` and ``kernels``: what to select, and the Numba inner loops;
+- ``select``: ``select_batch``, one batch in, one weighted sub-batch out;
+- ``weights``: the weights rule (multipliers to step weights), in one function;
+- ``loader`` and ``epoch``: ``SelectiveLoader`` (configuration, resume) and its
+  per-epoch ``EpochIterator`` (pull, select, rebatch, pad, tail);
+- ``distributed``: how DDP ranks agree (and ``LocalSync`` for one process);
+- ``schedule``: the start/end window and the sampler's anneal;
+- ``store`` and ``sampler``: per-sample memory and sampler-level selection;
+- ``ffcv``: ``.beton`` files with indices, FFCV batches, the selective order
+  (imported on first use; needs FFCV);
+- ``stats``: the loader's counters.
 """
 
-from . import kernels, strategies
-from .hook import Scores, ScoringHook, find_head
-from .sampler import SelectiveSampler, WeightedBatches
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import distributed, kernels, strategies
+from .batch import IndexedDataset, SubBatch, parse_batch, weighted_loss, with_indices
+from .epoch import EpochIterator
+from .hook import ScoringHook, find_head
+from .loader import SelectiveLoader
+from .sampler import Plan, SelectiveSampler, WeightedBatches
+from .scores import Scores
+from .select import Selected, select_batch
+from .stats import LoaderStats
 from .store import ScoreStore
-from .loader import IndexedDataset, LoaderStats, SelectiveLoader, SubBatch, weighted_loss, with_indices
 from .strategies import (
     STRATEGIES,
+    BernoulliSelectiveBackprop,
+    Full,
     GradientMatching,
     ImportanceSampling,
     InfoBatch,
@@ -28,6 +57,7 @@ from .strategies import (
     Uniform,
     get_strategy,
 )
+from .weights import step_weights
 
 __version__ = "0.1.0"
 
@@ -36,24 +66,40 @@ __all__ = [
     "ScoringHook",
     "find_head",
     "SelectiveLoader",
+    "EpochIterator",
     "SubBatch",
+    "parse_batch",
     "LoaderStats",
     "IndexedDataset",
     "with_indices",
     "weighted_loss",
+    "select_batch",
+    "Selected",
+    "step_weights",
     "Strategy",
     "Selection",
     "Uniform",
     "TopK",
     "SelectiveBackprop",
+    "BernoulliSelectiveBackprop",
     "GradientMatching",
     "ImportanceSampling",
     "InfoBatch",
+    "Full",
     "ScoreStore",
     "SelectiveSampler",
+    "Plan",
     "WeightedBatches",
     "STRATEGIES",
     "get_strategy",
+    "distributed",
     "kernels",
     "strategies",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``sbsampler.ffcv`` is imported on first use: it needs FFCV, the rest of the package does not."""
+    if name == "ffcv":
+        return importlib.import_module(".ffcv", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,18 +22,20 @@ The rule (documented in the README):
   ``stats.samples_dropped`` (``drop_last=True``).
 
 Everything here is a thin translation onto ``torch.distributed`` collectives;
-it runs on any backend (gloo on CPU, NCCL on GPU).
+it runs on any backend (gloo on CPU, NCCL on GPU). ``LocalSync`` answers the same
+questions for a single process (every "collective" returns its input), so the
+epoch iterator (``sbsampler.epoch``) has one code path for one rank and for many.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankSync", "default_sync"]
+__all__ = ["RankSync", "LocalSync", "resolve_sync"]
 
 
 class RankSync:
@@ -77,8 +79,39 @@ class RankSync:
         return np.concatenate(out) if out else np.zeros(0)
 
 
-def default_sync() -> Optional[RankSync]:
-    """A ``RankSync`` on the world group when a multi-process job is running, else ``None``."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+class LocalSync:
+    """The one-process answer to ``RankSync``'s questions: rank 0 of 1, every collective returns its input."""
+
+    rank = 0
+    world_size = 1
+
+    def min_max(self, values: list[int]) -> tuple[list[int], list[int]]:
+        """Element-wise min and max over one rank: the values themselves."""
+        return list(values), list(values)
+
+    def all_gather_1d(self, values: np.ndarray) -> np.ndarray:
+        """Every rank's values in rank order: this rank's."""
+        return np.ascontiguousarray(values, dtype=np.float64).ravel()
+
+
+Sync = Union[RankSync, LocalSync]
+
+
+def resolve_sync(distributed: Union[None, bool, RankSync, LocalSync]) -> Sync:
+    """The sync object for ``SelectiveLoader(distributed=...)``.
+
+    ``None``: a ``RankSync`` on the world group when a process group with more
+    than one rank is initialised, else a ``LocalSync``; ``True``: a ``RankSync``
+    (raises unless ``torch.distributed`` is initialised); ``False``: a
+    ``LocalSync``; a sync object: itself.
+    """
+    if isinstance(distributed, (RankSync, LocalSync)):
+        return distributed
+    if distributed is None:
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return RankSync() if multi else LocalSync()
+    if distributed is True:
         return RankSync()
-    return None
+    if distributed is False:
+        return LocalSync()
+    raise TypeError(f"distributed must be None, a bool or a RankSync, got {type(distributed).__name__}")

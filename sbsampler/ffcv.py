@@ -1,15 +1,20 @@
 """FFCV adapter: write ``.beton`` files that know their sample indices, read FFCV batches.
 
 ``write_beton`` stores each sample's own dataset index in an ``IntField`` named
-``"index"``, so every FFCV batch says which rows it holds. ``SelectiveLoader``
-accepts an ``ffcv.loader.Loader`` directly: ``FFCVBatches`` (applied for you) maps
-its output tuple to ``(images, labels, indices)`` by field name. Scoring and the
-gather run on whatever device the pipeline's ``ToDevice`` chose; only the small
-per-sample score arrays reach the Numba kernels. FFCV reuses its output buffers
-between batches; ``SelectiveLoader`` only keeps gathered copies (``x[idx]``), so
-nothing it holds across steps (the rebatching queue) aliases those buffers.
+``"index"``, so every FFCV batch says which rows it holds. ``SelectiveLoader`` and
+``WeightedBatches`` accept an ``ffcv.loader.Loader`` directly:
+``sbsampler.batch.adapt_loader`` wraps it in ``FFCVBatches``, which maps its output
+tuple to ``(images, labels, indices)`` by field name. Scoring and the gather run on
+whatever device the pipeline's ``ToDevice`` chose; only the small per-sample score
+arrays reach the Numba kernels. FFCV reuses its output buffers between batches;
+``SelectiveLoader`` only keeps gathered copies (``x[idx]``), so nothing it holds
+across steps (the rebatching queue) aliases those buffers.
 
-FFCV is imported lazily: the rest of sbsampler works without it.
+``selective_order(sampler)`` gives a ``SelectiveOrder``, the FFCV traversal order
+that loads a ``SelectiveSampler``'s plan each epoch.
+
+This module imports FFCV; the rest of sbsampler works without it (``sbsampler.ffcv``
+is imported on first use).
 """
 
 from __future__ import annotations
@@ -20,7 +25,17 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["INDEX_FIELD", "write_beton", "is_ffcv_loader", "FFCVBatches", "selective_order", "ffcv_epoch_length"]
+try:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.traversal_order.base import TraversalOrder
+    from ffcv.writer import DatasetWriter
+except ImportError as err:  # pragma: no cover - exercised only without FFCV
+    raise ImportError(
+        "sbsampler.ffcv needs FFCV (the .beton loader): install it with `bash scripts/install_ffcv.sh` "
+        f"({err})"
+    ) from err
+
+__all__ = ["INDEX_FIELD", "write_beton", "FFCVBatches", "SelectiveOrder", "selective_order"]
 
 #: name of the per-sample index field that ``write_beton`` adds
 INDEX_FIELD = "index"
@@ -96,9 +111,6 @@ def write_beton(
     Returns:
         The path written.
     """
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
     if len(dataset) == 0:
         raise ValueError("cannot write an empty dataset to a .beton")
     path = Path(path)
@@ -110,11 +122,6 @@ def write_beton(
     writer = DatasetWriter(str(path), fields, num_workers=num_workers)
     writer.from_indexed_dataset(_IndexedImages(dataset), chunksize=chunk_size)
     return path
-
-
-def is_ffcv_loader(obj: Any) -> bool:
-    """Whether ``obj`` is an ``ffcv.loader.Loader`` (checked without importing FFCV)."""
-    return type(obj).__module__.startswith("ffcv.") and hasattr(obj, "reader") and hasattr(obj, "pipeline_specs")
 
 
 class FFCVBatches:
@@ -162,6 +169,11 @@ class FFCVBatches:
         return len(self.loader.indices)
 
     def __len__(self) -> int:
+        """Batches of the loader's next epoch (from the plan, under ``selective_order``)."""
+        order = self.loader.traversal_order
+        if isinstance(order, SelectiveOrder):  # FFCV 1.0.2's own len() is the first epoch's
+            n = order.sampler.num_indices(self.loader.next_epoch)
+            return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -170,56 +182,51 @@ class FFCVBatches:
             yield batch[ix], batch[iy].reshape(-1), batch[ii].reshape(-1)
 
 
-def selective_order(sampler: Any) -> Any:
+class SelectiveOrder(TraversalOrder):
+    """An FFCV traversal order whose epoch ``e`` is a ``SelectiveSampler``'s plan for ``e``.
+
+    Made by ``selective_order(sampler)``; see there. Written for PyPI FFCV 1.0.2,
+    which accepts an *instance* of ``TraversalOrder`` and calls it with the loader
+    to bind it.
+    """
+
+    def __init__(self, sampler: Any) -> None:  # no loader yet: FFCV binds it by calling us
+        self.sampler = sampler
+        self.loader = None
+        self.indices = None
+        self.seed = sampler.seed
+        self.distributed = False
+
+    def __call__(self, loader: Any) -> "SelectiveOrder":
+        n = len(self.sampler.store)
+        if len(loader.indices) != n or not np.array_equal(np.asarray(loader.indices), np.arange(n)):
+            raise ValueError(
+                f"selective_order needs the loader to traverse all {n} samples of the store "
+                f"(got {len(loader.indices)} indices); drop Loader(indices=...)"
+            )
+        self.loader, self.indices, self.distributed = loader, loader.indices, loader.distributed
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        self.sampler.set_epoch(epoch)
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        if self.loader is not None:
+            self.loader.first_traversal_order = order  # FFCV 1.0.2 takes len() and the cut from here
+        return order
+
+
+def selective_order(sampler: Any) -> SelectiveOrder:
     """An FFCV traversal order that loads, each epoch, the plan of a ``SelectiveSampler``.
 
     Pass it as ``Loader(path, order=selective_order(sampler), ...)`` and iterate
-    with ``sbsampler.WeightedBatches(loader, sampler)``. Written for PyPI FFCV
-    1.0.2, which (a) accepts an *instance* of ``TraversalOrder`` and calls it
-    with the loader, and (b) freezes ``len(loader)`` at the first epoch's order
-    and cuts every later epoch's order to that length. The returned object is a
-    ``TraversalOrder`` instance that binds itself when called, and it refreshes
-    the loader's notion of length each time it draws an epoch's order, so a
-    later epoch that loads more samples is not cut short.
+    with ``sbsampler.WeightedBatches(loader, sampler)``. PyPI FFCV 1.0.2 freezes
+    ``len(loader)`` at the first epoch's order and cuts every later epoch's order
+    to that length; the order refreshes the loader's notion of length each time
+    it draws an epoch, so a later epoch that loads more samples is not cut short
+    (``WeightedBatches``'s ``len()`` reads the plan itself).
 
     The FFCV loader's epoch counter drives ``sampler.set_epoch``. The loader
     must traverse the whole ``.beton`` (no ``indices=`` subset): the store's
     indices are the ``.beton``'s sample indices.
     """
-    from ffcv.traversal_order.base import TraversalOrder
-
-    class SelectiveOrder(TraversalOrder):
-        """One epoch's order = the ``SelectiveSampler`` plan for that epoch."""
-
-        def __init__(self, sampler: Any) -> None:  # no loader yet: FFCV binds it by calling us
-            self.sampler = sampler
-            self.loader = None
-            self.indices = None
-            self.seed = sampler.seed
-            self.distributed = False
-
-        def __call__(self, loader: Any) -> "SelectiveOrder":
-            n = len(self.sampler.store)
-            if len(loader.indices) != n or not np.array_equal(np.asarray(loader.indices), np.arange(n)):
-                raise ValueError(
-                    f"selective_order needs the loader to traverse all {n} samples of the store "
-                    f"(got {len(loader.indices)} indices); drop Loader(indices=...)"
-                )
-            self.loader, self.indices, self.distributed = loader, loader.indices, loader.distributed
-            return self
-
-        def sample_order(self, epoch: int) -> np.ndarray:
-            self.sampler.set_epoch(epoch)
-            order = np.fromiter(iter(self.sampler), dtype=np.int64)
-            if self.loader is not None:
-                self.loader.first_traversal_order = order  # FFCV 1.0.2 takes len() and the cut from here
-            return order
-
     return SelectiveOrder(sampler)
-
-
-def ffcv_epoch_length(loader: Any, sampler: Any) -> int:
-    """Batches the FFCV ``loader`` yields in its next epoch under ``sampler``'s plan."""
-    n = sampler.num_indices(loader.next_epoch)
-    bs = int(loader.batch_size)
-    return n // bs if loader.drop_last else -(-n // bs)

@@ -5,92 +5,24 @@ For a classifier whose last layer is ``z = W h + b`` and a per-sample loss
 product ``g_i = e_i (x) [h_i, 1]`` with ``e_i = dl_i/dz_i``. For cross-entropy
 ``e_i = softmax(z_i) - q_i`` in closed form (``q_i`` the, possibly smoothed,
 target distribution), so one forward pass with no autograd graph gives every
-sample's loss and last-layer gradient. ``Scores`` keeps ``e_i`` and ``h_i`` and
-derives gradient norms and the Gram matrix from them without ever building the
-``C * (d + 1)``-wide gradients.
+sample's loss and last-layer gradient. ``Scores`` (``sbsampler.scores``) keeps
+``e_i`` and ``h_i`` and derives gradient norms and the Gram matrix from them
+without ever building the ``C * (d + 1)``-wide gradients.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Scores", "ScoringHook", "find_head"]
+from .scores import Scores
+
+__all__ = ["ScoringHook", "find_head"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-
-
-@dataclass
-class Scores:
-    """Per-sample scores of one minibatch, as tensors on the batch's device.
-
-    Attributes:
-        loss: (B,) per-sample loss.
-        logit_grad: (B, C) ``E = dl/dz``, the loss gradient at the head's output.
-        features: (B, d) ``H``, the head's input.
-        targets: (B,) int64 class labels.
-        bias: whether the head has a bias (adds the ``1`` in ``[h_i, 1]``).
-        norms: (B,) last-layer gradient norms when they are known without
-            ``E`` and ``H`` (scores remembered in a ``ScoreStore``).
-    """
-
-    loss: Tensor
-    logit_grad: Optional[Tensor] = None
-    features: Optional[Tensor] = None
-    targets: Optional[Tensor] = None
-    bias: bool = True
-    norms: Optional[Tensor] = None
-
-    def __len__(self) -> int:
-        return int(self.loss.shape[0])
-
-    def _require_grads(self) -> tuple[Tensor, Tensor]:
-        if self.logit_grad is None or self.features is None:
-            raise ValueError(
-                "these Scores hold losses only; gradient-based strategies need "
-                "logit_grad and features from ScoringHook.score()"
-            )
-        return self.logit_grad, self.features
-
-    def grad_norms(self) -> Tensor:
-        """(B,) norm of each sample's last-layer gradient: ``|e_i| * |[h_i, 1]|``."""
-        if self.norms is not None:
-            return self.norms
-        e, h = self._require_grads()
-        if all(t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES for t in (e, h)):
-            from .kernels import outer_norms  # one pass over E and H; torch's takes twice as long at C=1000
-
-            e_np, h_np = (t.detach().contiguous().numpy() for t in (e, h))
-            return torch.from_numpy(outer_norms(e_np, h_np, bool(self.bias))).to(e.dtype)
-        hn = torch.linalg.vector_norm(h, dim=1)
-        if self.bias:
-            hn = torch.sqrt(hn * hn + 1)
-        return torch.linalg.vector_norm(e, dim=1) * hn
-
-    def gram(self) -> Tensor:
-        """(B, B) Gram matrix of last-layer (weight and bias) gradients.
-
-        ``<g_i, g_j> = (e_i . e_j) * (h_i . h_j + 1)``, exact, computed in the
-        dtype of the scores on their device.
-        """
-        e, h = self._require_grads()
-        hh = h @ h.T
-        if self.bias:
-            hh = hh + 1
-        return (e @ e.T) * hh
-
-    def subset(self, index: Tensor) -> "Scores":
-        """The scores of the samples at ``index`` (a LongTensor or bool mask)."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v[index] if isinstance(v, Tensor) else v
-        return Scores(**out)
 
 
 def find_head(model: nn.Module) -> nn.Linear:
@@ -222,9 +154,9 @@ class ScoringHook:
             model.eval()
         self._active, self._captured = True, None
         try:
-            with torch.no_grad(), torch.autocast(
-                device_type=inputs.device.type, dtype=self.amp_dtype or torch.float16, enabled=self.amp_dtype is not None
-            ):
+            amp = self.amp_dtype is not None
+            with torch.no_grad(), torch.autocast(device_type=inputs.device.type,
+                                                 dtype=self.amp_dtype or torch.float16, enabled=amp):
                 model(inputs)
         finally:
             self._active = False

@@ -5,42 +5,87 @@ Per-batch selection (``SelectiveLoader``) still loads and scores every sample.
 to load at all, from the losses in a ``ScoreStore`` (Jiang et al.'s StaleSB,
 InfoBatch): a pruned sample costs nothing, not even its loading.
 
-Each epoch's *plan* is a pure function of (store, strategy, seed, epoch):
+Each epoch's ``Plan`` is a pure function of (store, strategy, seed, epoch):
 
-1. in the last ``anneal`` share of the epochs, every sample (weight 1);
+1. in the last ``anneal`` share of the epochs, every sample (multiplier 1);
 2. otherwise every sample never scored, or scored ``max_staleness`` or more
-   epochs ago, is loaded with weight 1 (so its score gets refreshed);
+   epochs ago, is loaded with multiplier 1 (so its score gets refreshed);
 3. the strategy picks among the others from their stored scores
    (``budget(fraction, n)`` of them; InfoBatch and Bernoulli SB choose their own
-   count). A pick's multiplier is ``w_i * n`` with ``w`` the strategy's
-   weights, so the plan's weighted sum estimates the whole dataset's sum.
+   count), with an RNG seeded by (seed, epoch). A pick's multiplier is ``w_i n``
+   with ``w`` the strategy's weights, so the plan's multipliers add up to the
+   dataset size (exactly for the equal-weight rules, in expectation otherwise).
+
+Only strategies that declare ``works_from_stored`` are accepted (not
+GradientMatching, which needs the current gradients); ones that declare
+``needs_gradients`` read the stored gradient norms.
 
 A plan is frozen when its epoch starts (``__iter__``); until then ``len()``
 and ``plan()`` follow the store, so asking for the next epoch's length early
 (mid-epoch, or before the last scores are written) never fixes a plan on
 incomplete scores, and the epoch in progress keeps its own plan and weights.
 
-Multipliers are normalised to mean 1 over the plan: ``WeightedBatches`` turns
-them into ``SubBatch.weights = r_i / len(batch)``, so a batch's weighted loss
-estimates the dataset's mean loss (uniform selection gives plain ``1/b``).
+``WeightedBatches`` turns the plan's multipliers into each batch's weights with
+``sbsampler.weights.step_weights`` (the plan is one draw of ``len(plan)`` picks
+standing for the dataset), so a batch's weighted loss estimates the dataset's
+mean loss (uniform selection gives plain ``1/b``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-from .hook import Scores
-from .loader import SubBatch, _as_index_tensor, _split_batch
+from .batch import SubBatch, adapt_loader, parse_batch
+from .schedule import epoch_progress, in_window
+from .scores import Scores
 from .store import ScoreStore
-from .strategies import SelectiveBackprop, Strategy, budget, get_strategy
+from .strategies import Strategy, budget, get_strategy
+from .weights import step_weights
 
-__all__ = ["SelectiveSampler", "WeightedBatches"]
+__all__ = ["SelectiveSampler", "WeightedBatches", "Plan"]
 
-_NEEDS_CURRENT_GRADIENTS = ("gradmatch",)
+
+@dataclass
+class Plan:
+    """One epoch's plan, for all ranks.
+
+    Attributes:
+        indices: int64 dataset indices to load, in order.
+        multipliers: float64, how many samples of the dataset each one stands for.
+        dataset_size: the number of samples the plan stands for.
+        store_version: the ``ScoreStore.version`` it was drawn from.
+    """
+
+    indices: np.ndarray
+    multipliers: np.ndarray
+    dataset_size: int
+    store_version: int
+
+    def __post_init__(self) -> None:
+        self._by_index = np.full(self.dataset_size, np.nan)
+        self._by_index[self.indices] = self.multipliers
+
+    @property
+    def per_pick(self) -> float:
+        """Samples per pick: ``dataset_size / len(indices)``."""
+        return self.dataset_size / max(self.indices.size, 1)
+
+    @property
+    def shares(self) -> np.ndarray:
+        """Multipliers relative to their mean in expectation (``m / per_pick``): 1 for every uniform pick."""
+        return self.multipliers / self.per_pick
+
+    def multipliers_for(self, indices: np.ndarray, epoch: Any) -> np.ndarray:
+        """Multipliers of dataset ``indices``; raises for an index not in the plan."""
+        m = self._by_index[indices]
+        if np.isnan(m).any():
+            raise ValueError(f"indices {indices[np.isnan(m)][:10].tolist()} are not in epoch {epoch}'s plan")
+        return m
 
 
 class SelectiveSampler(torch.utils.data.Sampler):
@@ -49,9 +94,9 @@ class SelectiveSampler(torch.utils.data.Sampler):
     Args:
         store: the ``ScoreStore`` of this dataset.
         strategy: a name or ``Strategy`` that works from stored scores:
-            ``"uniform"``, ``"topk"``, ``"sb"`` (its history is the whole
-            store when given by name), ``"importance"`` (needs stored gradient
-            norms), ``"infobatch"``. GradientMatching needs the current
+            ``"uniform"``, ``"topk"``, ``"sb"`` (its CDF is taken over the
+            stored losses it chooses from), ``"importance"`` (needs stored
+            gradient norms), ``"infobatch"``. GradientMatching needs the current
             gradients and is refused: use ``SelectiveLoader`` for it.
         fraction: share of the fresh (recently scored) samples to load.
         max_staleness: a sample scored this many epochs ago (or more) is loaded
@@ -60,11 +105,11 @@ class SelectiveSampler(torch.utils.data.Sampler):
             (InfoBatch's annealing); needs ``epochs``.
         epochs: total training epochs (for ``anneal``).
         shuffle: shuffle the plan (seeded by ``seed`` and the epoch).
-        seed: seeds the shuffle and the strategy, per epoch.
-        num_replicas, rank: shard the plan for DDP, as ``DistributedSampler``
-            does (the plan is padded by repeats to a multiple of
-            ``num_replicas``). Every rank must hold the same store
-            (``ScoreStore.merge``) so that every rank draws the same plan.
+        seed: seeds the shuffle and the strategy's draw, per epoch.
+        num_replicas, rank: shard the plan for DDP by ``DistributedSampler``'s
+            rule (padded by repeats to a multiple of ``num_replicas``, then every
+            ``num_replicas``-th index from ``rank``). Every rank must hold the same
+            store (``ScoreStore.merge``) so that every rank draws the same plan.
     """
 
     def __init__(
@@ -82,11 +127,10 @@ class SelectiveSampler(torch.utils.data.Sampler):
     ) -> None:
         if not isinstance(store, ScoreStore):
             raise TypeError(f"store must be a ScoreStore, got {type(store).__name__}")
-        by_name = isinstance(strategy, str)
-        strategy = get_strategy(strategy)  # names and aliases resolved in one place
-        if strategy.name in _NEEDS_CURRENT_GRADIENTS:
+        strategy = get_strategy(strategy)
+        if not strategy.works_from_stored:
             raise ValueError(
-                "GradientMatching needs the current per-sample gradients, which a store does not hold; "
+                f"{strategy!r} needs the current per-sample gradients, which a store does not hold; "
                 "select per batch with SelectiveLoader instead"
             )
         budget(fraction, 1)
@@ -99,8 +143,6 @@ class SelectiveSampler(torch.utils.data.Sampler):
         if not (isinstance(num_replicas, int) and num_replicas >= 1 and 0 <= rank < num_replicas):
             raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
         self.store = store
-        if by_name and isinstance(strategy, SelectiveBackprop):
-            strategy = SelectiveBackprop(history=len(store))
         self.strategy = strategy
         self.fraction = float(fraction)
         self.max_staleness = max_staleness
@@ -110,83 +152,89 @@ class SelectiveSampler(torch.utils.data.Sampler):
         self.seed = int(seed)
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
-        # epoch -> (store version it was drawn from, indices, multipliers, per-index weights)
-        self._plans: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
-        self.active_epoch: Optional[int] = None
+        self.frozen_epoch: Optional[int] = None  # the epoch being iterated: its plan no longer follows the store
+        self._plans: dict[int, Plan] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next ``__iter__``/``__len__`` plans for (also stamps the store's updates)."""
         self.epoch = int(epoch)
-        self.store.epoch = self.epoch
+        self.store.current_epoch = self.epoch
 
     def is_annealing(self, epoch: int) -> bool:
         """Whether ``epoch`` lies in the final full-data share."""
-        return bool(self.anneal) and epoch >= self.epochs * (1.0 - self.anneal)  # type: ignore[operator]
+        return bool(self.anneal) and not in_window(epoch_progress(epoch, self.epochs), 0.0, 1.0 - self.anneal)
 
     def plan(self, epoch: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(indices, multipliers)`` to load in ``epoch`` (default: the current one), for all ranks.
+        """``(indices, shares)`` to load in ``epoch`` (default: the current one), for all ranks.
 
-        Cached, so ``len()`` and ``__iter__`` agree; scores written during epoch
-        ``e`` shape the plan of ``e + 1``. The plan of the epoch being iterated is
-        frozen; another epoch's is drawn again if the store changed since.
+        ``shares`` are the multipliers relative to the plan's samples per pick
+        (``Plan.shares``: 1 for a uniform pick, mean 1 over the plan in
+        expectation). Cached, so ``len()`` and ``__iter__`` agree; scores written
+        during epoch ``e`` shape the plan of ``e + 1``. The plan of the epoch
+        being iterated is frozen; another epoch's is drawn again if the store
+        changed since.
         """
-        return self._cached(self.epoch if epoch is None else int(epoch))[1:3]
+        p = self._plan(self.epoch if epoch is None else int(epoch))
+        return p.indices, p.shares
 
-    def _cached(self, e: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    def _plan(self, e: int) -> Plan:
         hit = self._plans.get(e)
-        if hit is not None and (e == self.active_epoch or hit[0] == self.store.version):
+        if hit is not None and (e == self.frozen_epoch or hit.store_version == self.store.version):
             return hit
-        entry = (self.store.version, *self._draw(e))
+        plan = self._draw(e)
         # keep the epoch in progress and the newest draw, nothing older
-        self._plans = {k: v for k, v in self._plans.items() if k == self.active_epoch}
-        self._plans[e] = entry
-        return entry
+        self._plans = {k: v for k, v in self._plans.items() if k == self.frozen_epoch}
+        self._plans[e] = plan
+        return plan
 
-    def _draw(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _draw(self, e: int) -> Plan:
         n = len(self.store)
         if self.is_annealing(e):
             idx, mult = np.arange(n), np.ones(n)
         else:
             forced = ~self.store.scored()
             if self.max_staleness is not None:
-                forced |= (e - self.store.seen_epoch) >= self.max_staleness
+                forced |= (e - self.store.scored_epoch) >= self.max_staleness
             fresh = np.flatnonzero(~forced)
             idx, mult = np.flatnonzero(forced), np.ones(int(forced.sum()))
             if fresh.size:
-                self.strategy.rng = np.random.default_rng([self.seed, e, 1])
-                norms = self.store.grad_norm[fresh]
-                if self.strategy.needs_gradients and not np.isfinite(norms).all():
-                    raise ValueError(
-                        f"{self.strategy!r} needs stored gradient norms; write them with "
-                        "store.update(indices, losses, grad_norms) or SelectiveLoader(store=...)"
-                    )
-                scores = Scores(loss=torch.from_numpy(self.store.loss[fresh]),
-                                norms=torch.from_numpy(norms) if self.strategy.needs_gradients else None)
-                sel = self.strategy.select(scores, budget(self.fraction, fresh.size))
-                picked = np.unique(sel.indices)
-                w = np.zeros(fresh.size)
-                np.add.at(w, sel.indices, sel.weights.astype(np.float64))  # repeats add up
-                idx = np.concatenate([idx, fresh[picked]])
-                mult = np.concatenate([mult, w[picked] * fresh.size])
+                picked, m = self._pick(fresh, e)
+                idx, mult = np.concatenate([idx, picked]), np.concatenate([mult, m])
         if self.shuffle:
             order = np.random.default_rng([self.seed, e, 0]).permutation(idx.size)
             idx, mult = idx[order], mult[order]
-        mult = mult * (idx.size / mult.sum()) if mult.sum() > 0 else mult
-        weights = np.full(n, np.nan)
-        weights[idx] = mult
-        return idx, mult, weights
+        return Plan(idx, mult, n, self.store.version)
+
+    def _pick(self, fresh: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """The strategy's picks among the ``fresh`` indices and their multipliers."""
+        norms = None
+        if self.strategy.needs_gradients:
+            norms = self.store.grad_norm[fresh]
+            if not np.isfinite(norms).all():
+                raise ValueError(
+                    f"{self.strategy!r} needs stored gradient norms; write them with "
+                    "store.update(indices, losses, grad_norms) or SelectiveLoader(store=...)"
+                )
+            norms = torch.from_numpy(norms)
+        scores = Scores.from_stored(torch.from_numpy(self.store.loss[fresh]), norms)
+        rng = np.random.default_rng([self.seed, e, 1])
+        sel = self.strategy.select(scores, budget(self.fraction, fresh.size), rng=rng)
+        w = np.zeros(fresh.size)
+        np.add.at(w, sel.indices, sel.weights.astype(np.float64))  # repeats add up
+        picked = np.unique(sel.indices)
+        return fresh[picked], w[picked] * fresh.size
 
     def _shard(self, idx: np.ndarray) -> np.ndarray:
         if self.num_replicas == 1:
             return idx
-        total = -(-idx.size // self.num_replicas) * self.num_replicas
-        padded = np.resize(idx, total) if idx.size else idx
-        return padded[self.rank :: self.num_replicas]
+        rule = torch.utils.data.DistributedSampler(range(idx.size), num_replicas=self.num_replicas,
+                                                   rank=self.rank, shuffle=False)
+        return idx[np.fromiter(iter(rule), dtype=np.int64, count=len(rule))]
 
     def __iter__(self) -> Iterator[int]:
-        idx, _ = self.plan()
-        self.active_epoch = self.epoch  # freezes this epoch's plan
-        return iter(self._shard(idx).tolist())
+        plan = self._plan(self.epoch)
+        self.frozen_epoch = self.epoch  # freezes this epoch's plan
+        return iter(self._shard(plan.indices).tolist())
 
     def num_indices(self, epoch: Optional[int] = None) -> int:
         """Indices this rank loads in ``epoch`` (default: the current one); draws the plan if needed."""
@@ -197,14 +245,15 @@ class SelectiveSampler(torch.utils.data.Sampler):
         return self.num_indices()
 
     def weights_for(self, indices: Union[np.ndarray, torch.Tensor], epoch: Optional[int] = None) -> np.ndarray:
-        """Plan multipliers (mean 1 over the plan) of dataset ``indices`` in ``epoch`` (default: the active one)."""
-        e = self.active_epoch if epoch is None else epoch
-        weights = self._cached(self.epoch if e is None else int(e))[3]
+        """Loss weights of one batch of dataset ``indices`` from ``epoch``'s plan (default: the frozen one).
+
+        ``sbsampler.weights.step_weights`` of their multipliers: the batch's
+        weighted loss estimates the dataset's mean loss.
+        """
+        e = self.frozen_epoch if epoch is None else epoch
+        plan = self._plan(self.epoch if e is None else int(e))
         idx = np.asarray(indices.cpu().numpy() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
-        w = weights[idx]
-        if np.isnan(w).any():
-            raise ValueError(f"indices {idx[np.isnan(w)][:10].tolist()} are not in epoch {e}'s plan")
-        return w
+        return step_weights(plan.multipliers_for(idx, e), plan.per_pick)
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch counters and the frozen plan of the epoch in progress (indices and multipliers).
@@ -212,23 +261,21 @@ class SelectiveSampler(torch.utils.data.Sampler):
         Save it with the ``ScoreStore``'s: the store changes during an epoch, so
         after a restart the epoch in progress could not be drawn again from it.
         """
-        active = self._plans.get(self.active_epoch) if self.active_epoch is not None else None
-        return {"epoch": self.epoch, "active_epoch": self.active_epoch,
-                "plan": None if active is None else (active[1].copy(), active[2].copy())}
+        frozen = self._plans.get(self.frozen_epoch) if self.frozen_epoch is not None else None
+        return {"epoch": self.epoch, "frozen_epoch": self.frozen_epoch,
+                "plan": None if frozen is None else (frozen.indices.copy(), frozen.multipliers.copy())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``: the epoch in progress keeps the plan it was started with."""
         self.set_epoch(state["epoch"])
-        self.active_epoch = state["active_epoch"]
+        self.frozen_epoch = state["frozen_epoch"]
         self._plans = {}
         if state["plan"] is not None:
             idx = np.asarray(state["plan"][0], dtype=np.int64)
             mult = np.asarray(state["plan"][1], dtype=np.float64)
             if idx.shape != mult.shape or (idx.size and (idx.min() < 0 or idx.max() >= len(self.store))):
                 raise ValueError(f"the saved plan does not fit a store of {len(self.store)} samples")
-            weights = np.full(len(self.store), np.nan)
-            weights[idx] = mult
-            self._plans[self.active_epoch] = (self.store.version, idx, mult, weights)
+            self._plans[self.frozen_epoch] = Plan(idx, mult, len(self.store), self.store.version)
 
     def __repr__(self) -> str:
         return (f"SelectiveSampler(strategy={self.strategy!r}, fraction={self.fraction}, "
@@ -239,10 +286,11 @@ class WeightedBatches:
     """Batches of a loader driven by a ``SelectiveSampler``, as ``SubBatch``es with the plan's weights.
 
     Works for a ``DataLoader(..., sampler=sampler)`` over ``with_indices(dataset)``
-    and for an FFCV ``Loader`` with ``order=SelectiveOrder(sampler)`` and an
-    ``index`` field. The weights are looked up in the main process from each
-    batch's dataset indices (``r_i / len(batch)``), so they are right with any
-    number of (persistent) workers, which would hold a stale copy of anything else.
+    and for an FFCV ``Loader`` with ``order=sbsampler.ffcv.selective_order(sampler)``
+    and an ``index`` field. The weights are looked up in the main process from each
+    batch's dataset indices (``SelectiveSampler.weights_for``), so they are right
+    with any number of (persistent) workers, which would hold a stale copy of
+    anything else.
 
     Args:
         loader: the wrapped loader.
@@ -250,10 +298,7 @@ class WeightedBatches:
     """
 
     def __init__(self, loader: Iterable, sampler: SelectiveSampler) -> None:
-        from .ffcv import FFCVBatches, is_ffcv_loader
-
-        self._ffcv = loader if is_ffcv_loader(loader) else None
-        self.loader = FFCVBatches(loader) if self._ffcv is not None else loader
+        self.loader = adapt_loader(loader)
         self.sampler = sampler
         self._epoch_len: Optional[int] = None
 
@@ -261,10 +306,6 @@ class WeightedBatches:
         """Batches of the epoch being iterated, else of the next one (from that epoch's plan)."""
         if self._epoch_len is not None:
             return self._epoch_len
-        if self._ffcv is not None:
-            from .ffcv import ffcv_epoch_length
-
-            return ffcv_epoch_length(self._ffcv, self.sampler)
         return len(self.loader)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
@@ -275,14 +316,10 @@ class WeightedBatches:
         n = len(self)
         try:
             self._epoch_len = n
-            for batch in self.loader:
-                x, y, idx, extras = _split_batch(batch)
-                if idx is None:
-                    raise ValueError(
-                        "WeightedBatches needs dataset indices in each batch: wrap the dataset with_indices"
-                    )
-                idx = _as_index_tensor(idx, int(x.shape[0]))
-                w = torch.from_numpy(self.sampler.weights_for(idx) / max(len(idx), 1)).float()
-                yield SubBatch(x, y, w.to(x.device), idx, extras)
+            for raw in self.loader:
+                batch = parse_batch(raw)
+                batch.weights = torch.from_numpy(self.sampler.weights_for(batch.indices)).float().to(
+                    batch.weights.device)
+                yield batch
         finally:
             self._epoch_len = None

@@ -1,10 +1,11 @@
 """Per-sample memory of scores: what a sampler chooses from before anything is loaded.
 
 ``ScoreStore`` keeps, for every dataset index, the latest loss, the latest
-last-layer gradient norm and the epoch in which they were measured, as NumPy
-arrays. It is written by ``SelectiveLoader(store=...)`` (from the scoring pass)
-or by the training step itself (``store.update(batch.indices, losses)``, no extra
-forward), and read by ``SelectiveSampler`` at the start of each epoch.
+last-layer gradient norm and the epoch in which they were measured
+(``scored_epoch``), as NumPy arrays. It is written by ``SelectiveLoader(store=...)``
+(from the scoring pass) or by the training step itself
+(``store.update(batch.indices, losses)``, no extra forward), and read by
+``SelectiveSampler`` at the start of each epoch.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ class ScoreStore:
     Attributes:
         loss: float64 (N,) latest loss (NaN: never scored).
         grad_norm: float64 (N,) latest last-layer gradient norm (NaN: unknown).
-        seen_epoch: int64 (N,) epoch of the latest update (-1: never).
-        epoch: the epoch that ``update`` stamps by default (``SelectiveSampler``
-            sets it at the start of each epoch).
+        scored_epoch: int64 (N,) epoch of the latest update (-1: never).
+        current_epoch: the epoch that ``update`` stamps by default
+            (``SelectiveSampler.set_epoch`` sets it).
         version: counts the writes (``update``, ``merge``, ``load_state_dict``),
             so a sampler can tell whether a plan drawn earlier is out of date.
     """
@@ -47,8 +48,8 @@ class ScoreStore:
         n = int(num_samples)
         self.loss = np.full(n, np.nan)
         self.grad_norm = np.full(n, np.nan)
-        self.seen_epoch = np.full(n, -1, dtype=np.int64)
-        self.epoch = 0
+        self.scored_epoch = np.full(n, -1, dtype=np.int64)
+        self.current_epoch = 0
         self.version = 0
 
     def __len__(self) -> int:
@@ -82,12 +83,12 @@ class ScoreStore:
             if norms.shape != idx.shape:
                 raise ValueError(f"got {norms.shape[0]} gradient norms for {idx.shape[0]} indices")
             self.grad_norm[idx] = norms
-        self.seen_epoch[idx] = self.epoch if epoch is None else int(epoch)
+        self.scored_epoch[idx] = self.current_epoch if epoch is None else int(epoch)
         self.version += 1
 
     def scored(self) -> np.ndarray:
         """Boolean (N,) mask of the samples with a stored loss."""
-        return self.seen_epoch >= 0
+        return self.scored_epoch >= 0
 
     def merge(self, sync: Any) -> None:
         """Merge the stores of every DDP rank in place: per sample, the latest update wins.
@@ -96,13 +97,13 @@ class ScoreStore:
         at the same point (e.g. at the end of each epoch); afterwards every rank
         holds the same store, so every rank draws the same ``SelectiveSampler`` plan.
         """
-        epochs = sync.all_gather_1d(self.seen_epoch.astype(np.float64)).reshape(sync.world_size, -1)
+        epochs = sync.all_gather_1d(self.scored_epoch.astype(np.float64)).reshape(sync.world_size, -1)
         losses = sync.all_gather_1d(self.loss).reshape(sync.world_size, -1)
         norms = sync.all_gather_1d(self.grad_norm).reshape(sync.world_size, -1)
         # The latest epoch wins; ties go to the highest rank (a fixed rule, the same on every rank).
         winner = (len(epochs) - 1) - np.argmax(epochs[::-1], axis=0)
         cols = np.arange(len(self))
-        self.seen_epoch = epochs[winner, cols].astype(np.int64)
+        self.scored_epoch = epochs[winner, cols].astype(np.int64)
         self.loss = losses[winner, cols]
         self.grad_norm = norms[winner, cols]
         self.version += 1
@@ -110,7 +111,7 @@ class ScoreStore:
     def state_dict(self) -> dict[str, Any]:
         """Copies of the arrays and the epoch counter."""
         return {"loss": self.loss.copy(), "grad_norm": self.grad_norm.copy(),
-                "seen_epoch": self.seen_epoch.copy(), "epoch": self.epoch}
+                "scored_epoch": self.scored_epoch.copy(), "current_epoch": self.current_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()`` (the dataset size must match)."""
@@ -118,9 +119,10 @@ class ScoreStore:
             raise ValueError(f"state holds {len(state['loss'])} samples, this store {len(self)}")
         self.loss = np.array(state["loss"], dtype=np.float64)
         self.grad_norm = np.array(state["grad_norm"], dtype=np.float64)
-        self.seen_epoch = np.array(state["seen_epoch"], dtype=np.int64)
-        self.epoch = int(state["epoch"])
+        self.scored_epoch = np.array(state["scored_epoch"], dtype=np.int64)
+        self.current_epoch = int(state["current_epoch"])
         self.version += 1
 
     def __repr__(self) -> str:
-        return f"ScoreStore(num_samples={len(self)}, scored={int(self.scored().sum())}, epoch={self.epoch})"
+        scored = int(self.scored().sum())
+        return f"ScoreStore(num_samples={len(self)}, scored={scored}, current_epoch={self.current_epoch})"

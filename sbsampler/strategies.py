@@ -1,13 +1,28 @@
 """Selection strategies: map a minibatch's ``Scores`` to weighted sample indices.
 
 Every strategy is a small object with one method,
-``select(scores, k) -> Selection(indices, weights)``, where ``indices`` is int64
-(k,) positions in the minibatch and ``weights`` float32 (k,). The sub-batch loss
-``sum_i w_i * l_i`` estimates the mean loss of the whole minibatch (exactly, in
-expectation, for the unbiased rules; as the paper defines it for the others).
+``select(scores, k, rng=None) -> Selection(indices, weights)``, where ``indices``
+is int64 (k,) positions in the minibatch and ``weights`` float32 (k,). The
+sub-batch loss ``sum_i w_i * l_i`` estimates the mean loss of the whole minibatch
+(exactly, in expectation, for the unbiased rules; as the paper defines it for the
+others; ``sbsampler.weights`` says how the weights travel on to a step).
 
-Strategies know nothing about models, loaders or devices. Their state (a loss
-history, an RNG) is explicit: ``state_dict()`` / ``load_state_dict()``.
+Strategies know nothing about models, loaders, ranks or devices. Their state (a
+loss history, an RNG) is explicit: ``state_dict()`` / ``load_state_dict()``. A
+strategy with a loss history remembers what it is shown through ``observe``,
+once per round, by whoever drives it; ``select`` never changes the history.
+
+What a strategy needs is declared on its class, and the loader and the sampler
+read these facts instead of names:
+
+=========================  ==========================================================
+``needs_scores``           reads the scoring pass at all (``Full`` does not)
+``needs_gradients``        reads last-layer gradient information (norms or the Gram)
+``works_from_stored``      can choose from stored losses/norms (``SelectiveSampler``)
+``keeps_history``          remembers past losses (``observe``)
+``variable_count``         may return a count other than ``k``
+``keeps_all``              every sample passes, ``k`` is ignored (no rebatching)
+=========================  ==========================================================
 
 ======================  ===========  =====================================================
 name                    class        rule
@@ -18,19 +33,20 @@ name                    class        rule
 ``"gradmatch"``         GradientMatching   weighted subset matching the mean gradient (OMP + NNLS)
 ``"importance"``        ImportanceSampling ``p ~ grad norm``, ``w = 1/(B k p)`` (Katharopoulos & Fleuret 2018)
 ``"infobatch"``         InfoBatch    drop below-mean losses w.p. r, up-weight the rest ``1/(1-r)`` (Qin et al. 2024)
+``"full"``              Full         every sample, ``w = 1/B``, no scoring pass (full backprop)
 ======================  ===========  =====================================================
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 import torch
 
 from . import kernels
-from .hook import Scores
+from .scores import Scores
 
 __all__ = [
     "Selection",
@@ -38,9 +54,11 @@ __all__ = [
     "Uniform",
     "TopK",
     "SelectiveBackprop",
+    "BernoulliSelectiveBackprop",
     "GradientMatching",
     "ImportanceSampling",
     "InfoBatch",
+    "Full",
     "STRATEGIES",
     "get_strategy",
     "budget",
@@ -100,41 +118,66 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 class Strategy:
     """Base class: validation, the RNG and (empty) state handling.
 
-    Subclasses implement ``_select(scores, loss, k) -> Selection`` where ``loss``
-    is the float64 NumPy copy of ``scores.loss``, already checked finite.
+    Subclasses implement ``_select(scores, loss, k, rng) -> Selection`` where
+    ``loss`` is the float64 NumPy copy of ``scores.loss``, already checked finite
+    (``None`` for a strategy that needs no scores and was given a count).
     """
 
     name: ClassVar[str] = ""
+    #: whether ``select`` reads the scoring pass at all
+    needs_scores: ClassVar[bool] = True
     #: whether ``select`` reads gradient information (``grad_norms``/``gram``)
     needs_gradients: ClassVar[bool] = False
+    #: whether it can choose from stored losses (and gradient norms) alone
+    works_from_stored: ClassVar[bool] = True
+    #: whether it remembers the losses it is shown through ``observe``
+    keeps_history: ClassVar[bool] = False
     #: whether the returned count can differ from ``k``
     variable_count: ClassVar[bool] = False
+    #: whether every sample passes (weights ``1/B``, ``k`` ignored)
+    keeps_all: ClassVar[bool] = False
 
     def __init__(self, seed: Seed = None) -> None:
         self.rng = _rng(seed)
 
-    def select(self, scores: Scores, k: int) -> Selection:
-        """Choose ``k`` samples of the minibatch and their loss weights."""
-        n = len(scores)
+    def select(self, scores: Union[Scores, int], k: int, rng: Seed = None) -> Selection:
+        """Choose ``k`` samples of the minibatch and their loss weights.
+
+        Args:
+            scores: the minibatch's ``Scores``; a strategy that does not read
+                scores (``needs_scores`` false) also takes the batch size.
+            k: the budget, in ``[1, B]``.
+            rng: draw from this generator (or seed) instead of the strategy's
+                own; the strategy's RNG is then left untouched.
+        """
+        given_count = isinstance(scores, (int, np.integer)) and not isinstance(scores, bool)
+        if given_count and self.needs_scores:
+            raise TypeError(f"{self!r} reads the batch's scores: pass Scores, not a count")
+        n = int(scores) if given_count else len(scores)
         if n == 0:
             raise ValueError("cannot select from an empty batch (0 samples)")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         if not 1 <= k <= n:
             raise ValueError(f"k must be in [1, {n}] for a batch of {n} samples, got k={k}")
-        loss = _numpy(scores.loss)
-        if loss.shape != (n,):
-            raise ValueError(f"scores.loss must have shape ({n},), got {loss.shape}")
-        bad = ~np.isfinite(loss)
-        if bad.any():
-            raise ValueError(
-                f"{int(bad.sum())} non-finite loss value(s) at batch positions "
-                f"{np.flatnonzero(bad)[:10].tolist()}; use nan_policy='skip' or 'keep' in SelectiveLoader"
-            )
-        return self._select(scores, loss, int(k))
+        loss = None
+        if not given_count:
+            loss = _numpy(scores.loss)
+            if loss.shape != (n,):
+                raise ValueError(f"scores.loss must have shape ({n},), got {loss.shape}")
+            bad = ~np.isfinite(loss)
+            if bad.any():
+                raise ValueError(
+                    f"{int(bad.sum())} non-finite loss value(s) at batch positions "
+                    f"{np.flatnonzero(bad)[:10].tolist()}; use nan_policy='skip' or 'keep' in SelectiveLoader"
+                )
+        return self._select(scores, loss, int(k), self.rng if rng is None else _rng(rng))
 
-    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+    def _select(self, scores: Any, loss: Optional[np.ndarray], k: int, rng: np.random.Generator) -> Selection:
         raise NotImplementedError
+
+    def observe(self, losses: np.ndarray) -> None:
+        """Remember a round's losses (a no-op unless ``keeps_history``)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue identically: here, the RNG state."""
@@ -164,20 +207,22 @@ class Uniform(Strategy):
 
     name = "uniform"
 
-    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
-        idx = np.sort(self.rng.choice(loss.shape[0], size=k, replace=False))
+    def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
+        idx = np.sort(rng.choice(loss.shape[0], size=k, replace=False))
         return Selection(idx, _uniform_weights(k))
 
 
 class TopK(Strategy):
     """The ``k`` largest losses (ties to the lower position), ``w = 1/k``.
 
-    Deterministic; the rule of Composer's ``SelectiveBackprop`` algorithm.
+    Deterministic; the "ordered SGD" rule (Kawaguchi & Lu 2020). Composer's
+    ``SelectiveBackprop`` is not this rule: it samples without replacement by
+    loss *rank*, with probability growing as ``rank ** (1/keep - 1)``.
     """
 
     name = "topk"
 
-    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+    def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
         idx = np.sort(np.argsort(-loss, kind="stable")[:k])
         return Selection(idx, _uniform_weights(k))
 
@@ -186,9 +231,13 @@ class SelectiveBackprop(Strategy):
     """Selective Backprop (Jiang et al. 2019, "Accelerating Deep Learning by Focusing on the Biggest Losers").
 
     Each sample's keep-probability is ``P_i = F(l_i) ** beta`` with ``F`` the
-    empirical CDF ``P(L <= l)`` over the last ``history`` losses seen (the
-    current batch's losses join the history first, so the largest loss in
-    view has ``P = 1``).
+    empirical CDF ``P(L <= l)`` over the losses remembered (the last ``history``
+    losses ``observe``d) together with the batch's own losses, so the largest
+    loss in view has ``P = 1``; when the batch holds more than ``history``
+    losses the CDF is taken over the batch alone. ``select`` does not change the
+    history: ``SelectiveLoader`` shows the strategy each round's losses through
+    ``observe`` after selecting (a ``SelectiveSampler`` never does, so there the
+    CDF is over the stored losses it chooses from).
 
     Args:
         beta: selectivity; with a continuous loss distribution the expected
@@ -197,7 +246,8 @@ class SelectiveBackprop(Strategy):
         mode: ``"fixed"`` draws exactly ``k`` without replacement, successively
             proportional to ``P_i`` (for equal-budget comparisons);
             ``"bernoulli"`` keeps each sample independently with probability
-            ``P_i`` (the original; the count varies and ``k`` is ignored).
+            ``P_i`` (the original; the count varies and ``k`` is ignored), and
+            gives a ``BernoulliSelectiveBackprop``.
         unbiased: ``False`` (the paper) weights kept samples equally,
             ``1/count``; ``True`` uses Horvitz-Thompson weights ``1/(B pi_i)``
             with exact inclusion probabilities (``pi_i = P_i`` in bernoulli
@@ -206,6 +256,13 @@ class SelectiveBackprop(Strategy):
     """
 
     name = "sb"
+    keeps_history = True
+
+    def __new__(cls, beta: float = 1.0, history: int = 1024, mode: str = "fixed", unbiased: bool = False,
+                seed: Seed = None):
+        if cls is SelectiveBackprop and mode == "bernoulli":
+            cls = BernoulliSelectiveBackprop
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -227,51 +284,34 @@ class SelectiveBackprop(Strategy):
         self.mode = mode
         self.unbiased = bool(unbiased)
         self._hist = np.zeros(0)
-        #: optional ``f(local_losses) -> losses_of_every_rank`` (set by a DDP
-        #: ``SelectiveLoader(sync_history=True)``): the history then holds every
-        #: rank's losses, in rank order, identical on all ranks.
-        self.history_sync: Optional[Callable[[np.ndarray], np.ndarray]] = None
-
-    @property
-    def variable_count(self) -> bool:  # type: ignore[override]
-        return self.mode == "bernoulli"
 
     def recent_losses(self) -> np.ndarray:
-        """The losses the CDF is currently taken over (oldest first), a copy."""
+        """The losses remembered (oldest first), a copy."""
         return self._hist.copy()
 
-    def push(self, losses: np.ndarray) -> None:
-        """Append losses to the history, keeping the latest ``history`` of them."""
+    def observe(self, losses: np.ndarray) -> None:
+        """Remember losses, keeping the latest ``history`` of them."""
         losses = np.asarray(losses, dtype=np.float64).ravel()
         self._hist = np.concatenate([self._hist, losses])[-self.history :]
 
-    def observe(self, losses: np.ndarray) -> None:
-        """Add a batch's losses to the history (through ``history_sync`` when set).
-
-        Under ``history_sync`` every rank must call this once per round, an
-        empty array when it has no batch, as ``SelectiveLoader`` does.
-        """
-        losses = np.asarray(losses, dtype=np.float64).ravel()
-        self.push(losses if self.history_sync is None else self.history_sync(losses))
-
     def keep_probabilities(self, loss: np.ndarray) -> np.ndarray:
-        """``CDF(loss) ** beta`` against the current history (no update)."""
+        """``CDF(loss) ** beta`` against the remembered losses alone (no update)."""
         return kernels.ecdf(self._hist, np.ascontiguousarray(loss, dtype=np.float64)) ** self.beta
 
-    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+    def _ranked(self, loss: np.ndarray) -> np.ndarray:
+        """``CDF(loss) ** beta`` against the remembered losses and the batch's own."""
+        loss = np.ascontiguousarray(loss, dtype=np.float64)
+        reference = np.concatenate([self._hist, loss])[-max(self.history, loss.shape[0]) :]
+        return kernels.ecdf(reference, loss) ** self.beta
+
+    def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
         b = loss.shape[0]
-        self.observe(loss)
-        p = self.keep_probabilities(loss)
-        if self.mode == "bernoulli":
-            idx = np.flatnonzero(self.rng.random(b) < p)
-            if self.unbiased:
-                return Selection(idx, 1.0 / (b * p[idx]))
-            return Selection(idx, _uniform_weights(idx.shape[0]))
+        p = self._ranked(loss)
         if self.unbiased:
             pi = kernels.inclusion_probabilities(p, k)
-            idx = np.sort(kernels.systematic_sample(pi, self.rng.permutation(b), self.rng.random()))
+            idx = np.sort(kernels.systematic_sample(pi, rng.permutation(b), rng.random()))
             return Selection(idx, 1.0 / (b * pi[idx]))
-        u = 1.0 - self.rng.random(b)  # in (0, 1]
+        u = 1.0 - rng.random(b)  # in (0, 1]
         idx = np.sort(kernels.sample_without_replacement(p, u, k))
         return Selection(idx, _uniform_weights(k))
 
@@ -285,6 +325,30 @@ class SelectiveBackprop(Strategy):
 
     def _params(self) -> str:
         return f"beta={self.beta}, history={self.history}, mode={self.mode!r}, unbiased={self.unbiased}"
+
+
+class BernoulliSelectiveBackprop(SelectiveBackprop):
+    """Selective Backprop as in the paper: each sample kept independently with probability ``P_i``.
+
+    What ``SelectiveBackprop(mode="bernoulli")`` gives. The count varies (``k`` is
+    ignored); the expected kept fraction is ``1 / (beta + 1)`` for continuous losses.
+    """
+
+    variable_count = True
+
+    def __init__(self, beta: float = 1.0, history: int = 1024, mode: str = "bernoulli", unbiased: bool = False,
+                 seed: Seed = None) -> None:
+        if mode != "bernoulli":
+            raise ValueError(f"BernoulliSelectiveBackprop has mode 'bernoulli', got {mode!r}")
+        super().__init__(beta, history, mode, unbiased, seed)
+
+    def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
+        b = loss.shape[0]
+        p = self._ranked(loss)
+        idx = np.flatnonzero(rng.random(b) < p)
+        if self.unbiased:
+            return Selection(idx, 1.0 / (b * p[idx]))
+        return Selection(idx, _uniform_weights(idx.shape[0]))
 
 
 class GradientMatching(Strategy):
@@ -317,6 +381,7 @@ class GradientMatching(Strategy):
 
     name = "gradmatch"
     needs_gradients = True
+    works_from_stored = False  # needs the current gradients' Gram matrix
 
     def __init__(self, reg: float = 0.0, nonneg: bool = True, normalize: bool = False, seed: Seed = None) -> None:
         super().__init__(seed)
@@ -326,18 +391,20 @@ class GradientMatching(Strategy):
         self.reg = float(reg)
         self.nonneg = bool(nonneg)
 
-    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+    def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
         gram = scores.gram().detach().to("cpu", torch.float32).numpy()
         if not np.isfinite(gram).all():
             raise ValueError("non-finite values in the last-layer gradients (logit_grad or features)")
-        return self.select_from_gram(gram, k)
+        return self.select_from_gram(gram, k, rng)
 
-    def select_from_gram(self, gram: np.ndarray, k: int) -> Selection:
+    def select_from_gram(self, gram: np.ndarray, k: int, rng: Seed = None) -> Selection:
         """Select from a precomputed (B, B) Gram matrix of per-sample gradients.
 
         float32 (what ``Scores.gram`` gives) runs the pursuit's dominant update
         at twice the speed of float64; the weights are always solved in float64.
+        ``rng`` (default the strategy's own) fills the budget if the pursuit stops early.
         """
+        rng = self.rng if rng is None else _rng(rng)
         if gram.dtype not in (np.float32, np.float64):
             gram = gram.astype(np.float64)
         gram = np.ascontiguousarray(gram)
@@ -346,12 +413,12 @@ class GradientMatching(Strategy):
         tnorm2 = float(target.mean())  # |mean g|^2
         ridge = self.reg * float(np.mean(np.diag(gram), dtype=np.float64))
         if tnorm2 <= 0.0:  # every gradient is zero: nothing to match
-            idx = np.sort(self.rng.choice(b, size=k, replace=False))
+            idx = np.sort(rng.choice(b, size=k, replace=False))
             return Selection(idx, _uniform_weights(k), residual=0.0)
         chosen, w, _ = kernels.omp_gram(gram, target, k, self.nonneg, ridge)
         if chosen.shape[0] < k:
             rest = np.setdiff1d(np.arange(b), chosen)
-            fill = self.rng.choice(rest, size=k - chosen.shape[0], replace=False)
+            fill = rng.choice(rest, size=k - chosen.shape[0], replace=False)
             chosen = np.concatenate([chosen, fill])
             w = np.concatenate([w, np.zeros(fill.shape[0])])
         # Weights in float64 on the chosen block (also repairs float32 round-off).
@@ -408,7 +475,7 @@ class ImportanceSampling(Strategy):
             p = (1.0 - self.smoothing) * p + self.smoothing / b
         return p
 
-    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+    def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
         norms = _numpy(scores.grad_norms())
         if not np.isfinite(norms).all():
             raise ValueError("non-finite last-layer gradient norms")
@@ -417,12 +484,12 @@ class ImportanceSampling(Strategy):
         if self.replace:
             # Inverse-CDF draws: the law of rng.choice(p=p) without its per-call validation.
             cdf = np.cumsum(p)
-            idx = np.sort(np.minimum(np.searchsorted(cdf, self.rng.random(k) * cdf[-1], side="right"), b - 1))
+            idx = np.sort(np.minimum(np.searchsorted(cdf, rng.random(k) * cdf[-1], side="right"), b - 1))
             return Selection(idx, 1.0 / (b * k * p[idx]))
         if np.count_nonzero(p) < k:  # too few non-zero norms for k distinct draws
             p = 0.5 * p + 0.5 / b
         pi = kernels.inclusion_probabilities(p, k)
-        idx = np.sort(kernels.systematic_sample(pi, self.rng.permutation(b), self.rng.random()))
+        idx = np.sort(kernels.systematic_sample(pi, rng.permutation(b), rng.random()))
         return Selection(idx, 1.0 / (b * pi[idx]))
 
     def _params(self) -> str:
@@ -453,16 +520,33 @@ class InfoBatch(Strategy):
             raise ValueError(f"prune must be in [0, 1), got {prune!r}")
         self.prune = float(prune)
 
-    def _select(self, scores: Scores, loss: np.ndarray, k: int) -> Selection:
+    def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
         b = loss.shape[0]
         low = loss < loss.mean()
-        drop = low & (self.rng.random(b) < self.prune)
+        drop = low & (rng.random(b) < self.prune)
         idx = np.flatnonzero(~drop)
         w = np.where(low[idx], 1.0 / (1.0 - self.prune), 1.0) / b
         return Selection(idx, w)
 
     def _params(self) -> str:
         return f"prune={self.prune}"
+
+
+class Full(Strategy):
+    """Full backprop as a strategy: every sample, ``w = 1/B``, no scoring pass (``k`` is ignored).
+
+    ``SelectiveLoader(strategy="full")`` (or ``strategy=None``) trains on whole
+    batches through the same loop as every other strategy; it is also what the
+    loader uses outside its ``start``/``end`` window.
+    """
+
+    name = "full"
+    needs_scores = False
+    keeps_all = True
+
+    def _select(self, scores: Any, loss: Optional[np.ndarray], k: int, rng: np.random.Generator) -> Selection:
+        n = int(scores) if loss is None else loss.shape[0]
+        return Selection(np.arange(n), _uniform_weights(n))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -472,19 +556,22 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "gradmatch": GradientMatching,
     "importance": ImportanceSampling,
     "infobatch": InfoBatch,
+    "full": Full,
 }
 _ALIASES = {"random": "uniform", "selective_backprop": "sb", "gradient_matching": "gradmatch"}
 
 
-def get_strategy(strategy: Union[str, Strategy], seed: Seed = None) -> Strategy:
+def get_strategy(strategy: Union[None, str, Strategy], seed: Seed = None) -> Strategy:
     """A strategy object from a registered name (or the object itself, unchanged).
 
-    Names: ``"uniform"``, ``"topk"``, ``"sb"``, ``"gradmatch"``, ``"importance"``, ``"infobatch"``
-    (aliases ``"random"``, ``"selective_backprop"``, ``"gradient_matching"``).
-    ``seed`` is passed to the constructor of a named strategy.
+    Names: ``"uniform"``, ``"topk"``, ``"sb"``, ``"gradmatch"``, ``"importance"``, ``"infobatch"``,
+    ``"full"`` (aliases ``"random"``, ``"selective_backprop"``, ``"gradient_matching"``);
+    ``None`` is ``Full()``. ``seed`` is passed to the constructor of a named strategy.
     """
     if isinstance(strategy, Strategy):
         return strategy
+    if strategy is None:
+        return Full(seed=seed)
     if isinstance(strategy, str):
         key = _ALIASES.get(strategy.lower(), strategy.lower())
         if key not in STRATEGIES:

@@ -94,7 +94,7 @@ def worker(rank: int, out_dir: str, port: str) -> None:
     else:
         store.update(np.arange(4, 10), np.full(6, 2.0), np.full(6, 20.0), epoch=2)
     store.merge(sb.distributed.RankSync())
-    merged = {"loss": store.loss.tolist(), "grad_norm": store.grad_norm.tolist(), "seen": store.seen_epoch.tolist()}
+    merged = {"loss": store.loss.tolist(), "grad_norm": store.grad_norm.tolist(), "seen": store.scored_epoch.tolist()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"configs": CONFIGS, "results": results, "merged_store": merged}, f)
     dist.barrier()

@@ -47,9 +47,8 @@ def build(cfg):
 def train(sampler, model, opt, sel, stop_at=None, record=None):
     """Train to the end of EPOCHS (or until ``stop_at`` steps have run in this process)."""
     steps = 0
-    while sel.epoch < EPOCHS or sel._resume is not None:
-        epoch = int(sel.state_dict()["epoch_now"]) if sel._resume is not None else sel.epoch
-        sampler.set_epoch(epoch)
+    while sel.next_epoch < EPOCHS:  # after a mid-epoch load, next_epoch is the epoch to finish
+        sampler.set_epoch(sel.next_epoch)
         for batch in sel:
             loss = nn.functional.cross_entropy(model(batch.inputs), batch.targets, reduction="none")
             opt.zero_grad()

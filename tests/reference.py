@@ -1,8 +1,35 @@
-"""Slow, obviously-correct NumPy twins of the Numba kernels in ``sbsampler.kernels``."""
+"""Slow, obviously-correct NumPy twins of the Numba kernels in ``sbsampler.kernels``, and test scores.
+
+``make_scores`` builds ``Scores`` shaped like a trained classifier's (softmax errors,
+ReLU features) and ``explicit_grads`` materialises their last-layer gradients; the
+tests and ``benchmarks/kernels.py`` share them.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+import sbsampler as sb
+
+
+def make_scores(seed: int = 0, b: int = 64, c: int = 5, d: int = 12, loss=None, dtype=torch.float64,
+                logit_scale: float = 2.0) -> sb.Scores:
+    """Scores of ``b`` samples, ``c`` classes, ``d`` features: ``E = softmax(z) - onehot(y)``, ``H = relu(N(0, 1))``."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, c, generator=g, dtype=dtype) * logit_scale
+    y = torch.randint(0, c, (b,), generator=g)
+    h = torch.relu(torch.randn(b, d, generator=g, dtype=dtype))
+    p = torch.softmax(z, 1)
+    e = p - torch.nn.functional.one_hot(y, c).to(dtype)
+    ce = -torch.log(p.gather(1, y[:, None]))[:, 0]
+    return sb.Scores(loss=ce if loss is None else loss, logit_grad=e, features=h, targets=y)
+
+
+def explicit_grads(scores: sb.Scores) -> np.ndarray:
+    """(B, C (d + 1)) materialised last-layer (weight and bias) gradients ``e_i (x) [h_i, 1]``."""
+    h1 = torch.cat([scores.features, torch.ones(len(scores), 1, dtype=scores.features.dtype)], 1)
+    return torch.einsum("bc,bd->bcd", scores.logit_grad, h1).reshape(len(scores), -1).numpy()
 
 
 def ecdf_ref(history: np.ndarray, losses: np.ndarray) -> np.ndarray:

@@ -261,3 +261,16 @@ def test_stats_reset_and_fraction():
     assert 0.45 < loader.stats.backprop_fraction < 0.55
     loader.stats.reset()
     assert loader.stats.samples_seen == 0 and loader.stats.residuals == []
+
+
+def test_an_iterator_never_consumed_starts_no_epoch():
+    """tqdm.auto calls iter() once ahead of the loop: that unused iterator must not claim an epoch."""
+    _, _, loader = make("topk", bs=50, fraction=0.2, start=0.0, end=0.5, epochs=2)
+    unused = iter(loader)
+    assert loader.next_epoch == 0 and loader.current_epoch is None
+    sizes = [len(b) for b in loader]  # epoch 0: selective
+    assert sizes == [10, 10, 10] and loader.next_epoch == 1
+    del unused
+    from tqdm.asyncio import tqdm  # what tqdm.auto gives: its constructor calls iter(iterable)
+    assert [len(b) for b in tqdm(loader, disable=True)] == [50, 50, 50]  # epoch 1: outside the window
+    assert loader.next_epoch == 2

@@ -24,7 +24,7 @@ def test_store_update_validation_and_state():
     s = sb.ScoreStore(10)
     assert not s.scored().any()
     s.update(torch.tensor([1, 3]), torch.tensor([0.5, 2.0]), grad_norms=[1.0, 2.0])
-    assert s.loss[3] == 2.0 and s.grad_norm[1] == 1.0 and s.seen_epoch[1] == 0 and s.scored().sum() == 2
+    assert s.loss[3] == 2.0 and s.grad_norm[1] == 1.0 and s.scored_epoch[1] == 0 and s.scored().sum() == 2
     with pytest.raises(ValueError, match="index 10 is out of range"):
         s.update([10], [1.0])
     with pytest.raises(ValueError, match="non-finite loss for indices \\[2\\]"):
@@ -33,7 +33,7 @@ def test_store_update_validation_and_state():
         s.update([2], [1.0, 2.0])
     t = sb.ScoreStore(10)
     t.load_state_dict(s.state_dict())
-    assert np.array_equal(t.loss, s.loss, equal_nan=True) and np.array_equal(t.seen_epoch, s.seen_epoch)
+    assert np.array_equal(t.loss, s.loss, equal_nan=True) and np.array_equal(t.scored_epoch, s.scored_epoch)
 
 
 def test_first_epoch_loads_everything_then_the_fraction():
@@ -88,7 +88,7 @@ def test_a_plan_follows_the_store_until_its_epoch_starts():
     store.update(first, np.arange(50.0))  # half of epoch 0 scored so far
     assert sampler.num_indices(1) == 50 + 25  # 50 unscored forced + top half of the 50 fresh
     store.update(list(it), 100.0 + np.arange(50.0))  # the rest of epoch 0 scored
-    assert sampler.weights_for([0, 99]).tolist() == [1.0, 1.0]  # epoch 0's own plan, unchanged
+    assert sampler.weights_for([0, 99]).tolist() == [0.5, 0.5]  # epoch 0's own plan (multipliers 1), unchanged
     assert sampler.num_indices(1) == 50  # redrawn from the complete store
     sampler.set_epoch(1)
     got = list(sampler)  # epoch 1 starts: frozen from here
@@ -151,7 +151,22 @@ def test_importance_needs_stored_norms_and_gradmatch_is_refused():
     for name in ("gradmatch", "gradient_matching", sb.GradientMatching()):
         with pytest.raises(ValueError, match="SelectiveLoader"):
             sb.SelectiveSampler(store, name)
-    assert sb.SelectiveSampler(store, "selective_backprop").strategy.history == 10  # alias: history = the store
+
+
+def test_sampler_sb_ranks_against_every_stored_loss():
+    """The CDF is over all the fresh stored losses, whatever the strategy's history length or how it is named,
+    and a plan does not depend on earlier draws (the sampler never feeds the strategy's history)."""
+    store = _store(3000, seed=1)
+    plans = []
+    for strategy in ("sb", "selective_backprop", sb.SelectiveBackprop(history=16), sb.SelectiveBackprop(history=10**6)):
+        s = sb.SelectiveSampler(store, strategy, fraction=0.2, seed=5)
+        s.set_epoch(1)
+        plans.append(list(s))
+        s.set_epoch(2)
+        list(s)
+        s.set_epoch(1)
+        assert list(s) == plans[-1]  # drawn again: the same plan
+    assert all(p == plans[0] for p in plans)
 
 
 def test_ddp_sharding_covers_the_plan():
@@ -199,8 +214,9 @@ def test_training_from_stored_scores(workers):
             opt.zero_grad()
             sb.weighted_loss(loss, batch.weights).backward()
             opt.step()
-            assert batch.weights.sum().item() == pytest.approx(
-                float(sampler.weights_for(batch.indices).mean()), rel=1e-5)
+            shares = dict(zip(*(a.tolist() for a in sampler.plan())))  # multipliers / samples per pick
+            expected = torch.tensor([shares[i] for i in batch.indices.tolist()]) / len(batch)
+            torch.testing.assert_close(batch.weights, expected.float())
             n += 1
             seen |= set(batch.indices.tolist())
         assert n == lengths[-1]  # len() told the truth for this epoch
@@ -208,7 +224,7 @@ def test_training_from_stored_scores(workers):
     assert loaded[0] == 400 and loaded[4] == 400  # first epoch: nothing scored; last: annealing
     assert all(v < 400 for v in loaded[1:4])
     assert lengths[1] < lengths[0]
-    assert (store.seen_epoch >= 2).all() or (4 - store.seen_epoch <= 3).all()
+    assert (store.scored_epoch >= 2).all() or (4 - store.scored_epoch <= 3).all()
 
 
 def test_selective_loader_writes_the_store():
@@ -223,7 +239,7 @@ def test_selective_loader_writes_the_store():
     ref = hook.score(x, y)
     assert np.allclose(store.loss, ref.loss.numpy(), rtol=1e-5)
     assert np.allclose(store.grad_norm, ref.grad_norms().numpy(), rtol=1e-5)
-    assert (store.seen_epoch == 0).all()
+    assert (store.scored_epoch == 0).all()
 
 
 def test_ffcv_selective_order(tmp_path):
@@ -256,7 +272,7 @@ def test_ffcv_selective_order(tmp_path):
         assert -(-len(got) // 16) == expected == len(loader)
         per_epoch.append(got)
         if epoch == 0:  # forget every score: the next epoch must load the whole set
-            store.seen_epoch[:] = -1
+            store.scored_epoch[:] = -1
     assert len(per_epoch[0]) == 24 == len(set(per_epoch[0]))  # 25% of the scored set
     # FFCV 1.0.2 would cut this epoch to epoch 0's length (2 batches); selective_order prevents it.
     assert sorted(per_epoch[1]) == list(range(n))

@@ -5,26 +5,16 @@ import pytest
 import torch
 
 import sbsampler as sb
+from reference import explicit_grads
+from reference import make_scores as _make_scores
 from sbsampler.strategies import budget
 
 B, C, D = 64, 5, 12
 
 
 def make_scores(seed=0, b=B, c=C, d=D, loss=None):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(b, c, generator=g, dtype=torch.float64) * 2
-    y = torch.randint(0, c, (b,), generator=g)
-    h = torch.relu(torch.randn(b, d, generator=g, dtype=torch.float64))
-    p = torch.softmax(z, 1)
-    e = p - torch.nn.functional.one_hot(y, c)
-    ce = -torch.log(p.gather(1, y[:, None]))[:, 0]
-    return sb.Scores(loss=ce if loss is None else loss, logit_grad=e, features=h, targets=y)
+    return _make_scores(seed, b, c, d, loss)
 
-
-def explicit_grads(scores):
-    """(B, C*(d+1)) materialised last-layer gradients, for checking."""
-    h1 = torch.cat([scores.features, torch.ones(len(scores), 1, dtype=scores.features.dtype)], 1)
-    return torch.einsum("bc,bd->bcd", scores.logit_grad, h1).reshape(len(scores), -1).numpy()
 
 
 def fit_residual(g, idx, w):
@@ -148,7 +138,7 @@ def test_gradmatch_all_zero_gradients():
 
 def test_selective_backprop_keep_probability_is_cdf_power_beta():
     s = sb.SelectiveBackprop(beta=2.0, history=1000)
-    s.push(np.arange(1000, dtype=np.float64))  # history 0..999
+    s.observe(np.arange(1000, dtype=np.float64))  # history 0..999
     p = s.keep_probabilities(np.array([-1.0, 0.0, 499.0, 999.0, 5000.0]))
     np.testing.assert_allclose(p, np.array([0.0, 0.001, 0.5, 1.0, 1.0]) ** 2)
 
@@ -170,8 +160,8 @@ def test_selective_backprop_bernoulli_keeps_with_cdf_probability():
 
 def test_selective_backprop_history_is_bounded_and_ordered():
     s = sb.SelectiveBackprop(history=5)
-    s.push(np.arange(3.0))
-    s.push(np.arange(3.0, 7.0))
+    s.observe(np.arange(3.0))
+    s.observe(np.arange(3.0, 7.0))
     np.testing.assert_array_equal(s.recent_losses(), [2, 3, 4, 5, 6])
 
 
@@ -221,7 +211,7 @@ def test_importance_probabilities_smoothing_and_zero_norms():
 
 
 def test_registry_and_aliases():
-    assert set(sb.STRATEGIES) == set(ALL) | {"infobatch"}  # InfoBatch: variable count, tested in test_sampler
+    assert set(sb.STRATEGIES) == set(ALL) | {"infobatch", "full"}  # InfoBatch: variable count, tested in test_sampler
     assert isinstance(sb.get_strategy("random"), sb.Uniform)
     assert isinstance(sb.get_strategy("selective_backprop"), sb.SelectiveBackprop)
     obj = sb.TopK()

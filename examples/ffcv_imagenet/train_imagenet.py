@@ -91,7 +91,7 @@ Section("training", "training").params(
 )
 Section("selection", "Selective Backprop").params(
     mode=Param(OneOf(["batch", "sampler"]), "select within each batch, or which images to load", default="batch"),
-    strategy=Param(OneOf(["full", *sb.STRATEGIES]), f"sampler mode: one of {', '.join(SAMPLER_STRATEGIES)}",
+    strategy=Param(OneOf(list(sb.STRATEGIES)), f"sampler mode: one of {', '.join(SAMPLER_STRATEGIES)}",
                    default="uniform"),
     fraction=Param(float, "fraction of each batch (sampler mode: of the scored images) to back-propagate",
                    default=0.25),

@@ -1,0 +1,255 @@
+"""Batches: parsing what a wrapped loader yields, and the rows of a training step.
+
+Everything that knows the *shape* of a batch lives here, so that the per-batch
+loader (``SelectiveLoader``), the functional step (``select_batch``) and the
+sampler side (``WeightedBatches``) read batches the same way:
+
+- ``parse_batch`` splits one batch of a wrapped loader into a ``SubBatch``
+  (inputs, targets, indices, extras; weights ``1/B``), checking its lengths;
+- ``SubBatch.take`` gathers rows of every field (extras included) and
+  ``SubBatch.concat`` joins sub-batches, for the rebatching queue and DDP padding;
+- ``adapt_loader`` is the one place where an FFCV ``Loader`` is adapted
+  (``sbsampler.ffcv.FFCVBatches``, imported only when one is given);
+- ``with_indices`` makes a dataset's items carry their own index, and
+  ``weighted_loss`` is the step's loss ``sum_i w_i l_i``.
+
+What the weights mean is written down in ``sbsampler.weights``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SubBatch",
+    "parse_batch",
+    "adapt_loader",
+    "is_ffcv_loader",
+    "IndexedDataset",
+    "with_indices",
+    "weighted_loss",
+]
+
+#: keys of a dict batch that are not extras
+_DICT_KEYS = ("inputs", "targets", "indices")
+
+
+@dataclass
+class SubBatch:
+    """One training step's data (or one parsed batch of the wrapped loader).
+
+    Attributes:
+        inputs: (k, ...) the selected inputs, on the batch's device.
+        targets: (k,) their labels.
+        weights: (k,) float32 loss weights: the step's loss is ``sum(w * l)``
+            (see ``sbsampler.weights`` for what they mean).
+        indices: (k,) int64 dataset indices (stream positions when the wrapped
+            loader provides none), on the CPU.
+        extras: the batch's other fields, gathered alongside: a dict batch's
+            other keys, or a tuple batch's items after the indices by position
+            (3, 4, ...). Per-sample values (tensors, arrays, lists with one entry
+            per sample) are gathered; batch-level values pass through unchanged.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    weights: Tensor
+    indices: Tensor
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def __iter__(self) -> Iterator[Tensor]:
+        """Unpack as ``x, y, w, idx = batch``."""
+        return iter((self.inputs, self.targets, self.weights, self.indices))
+
+    def to(self, device: Optional[torch.device]) -> "SubBatch":
+        """Inputs and targets moved to ``device`` (``None``: unchanged); weights follow them."""
+        if device is None:
+            return self
+        return SubBatch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
+                        self.weights.to(device), self.indices, self.extras)
+
+    def take(self, rows: Tensor, weights: Optional[Tensor] = None) -> "SubBatch":
+        """The rows ``rows`` (CPU int64 positions) of every field; ``weights`` replaces theirs when given."""
+        n = len(self)
+        on = rows.to(self.inputs.device)
+        return SubBatch(
+            self.inputs[on],
+            self.targets[on],
+            self.weights[rows.to(self.weights.device)] if weights is None else weights,
+            self.indices[rows],
+            {k: _take_field(v, rows, n) for k, v in self.extras.items()},
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["SubBatch"]) -> "SubBatch":
+        """The rows of ``parts`` one after the other, extras included."""
+        if len(parts) == 1:
+            return parts[0]
+        sizes = [len(p) for p in parts]
+        return SubBatch(
+            torch.cat([p.inputs for p in parts]),
+            torch.cat([p.targets for p in parts]),
+            torch.cat([p.weights for p in parts]),
+            torch.cat([p.indices for p in parts]),
+            {k: _concat_field([p.extras[k] for p in parts], sizes, k) for k in parts[0].extras},
+        )
+
+
+def _is_per_sample(value: Any, n: int) -> bool:
+    if isinstance(value, (Tensor, np.ndarray)):
+        return value.ndim >= 1 and value.shape[0] == n
+    return isinstance(value, (list, tuple)) and len(value) == n
+
+
+def _take_field(value: Any, rows: Tensor, n: int) -> Any:
+    """Rows of a per-sample value (tensor, array or list); a batch-level value unchanged."""
+    if not _is_per_sample(value, n):
+        return value
+    if isinstance(value, Tensor):
+        return value[rows.to(value.device)]
+    if isinstance(value, np.ndarray):
+        return value[rows.numpy()]
+    picked = [value[i] for i in rows.tolist()]
+    return type(value)(picked) if isinstance(value, tuple) else picked
+
+
+def _concat_field(values: list, sizes: list[int], key: Any) -> Any:
+    if not all(_is_per_sample(v, m) for v, m in zip(values, sizes)):
+        raise TypeError(
+            f"extra field {key!r} is not per-sample (a tensor, array or list with one entry per sample), "
+            "so it cannot be rebatched across batches; make it per-sample or use rebatch=False"
+        )
+    first = values[0]
+    if isinstance(first, Tensor):
+        return torch.cat(values)
+    if isinstance(first, np.ndarray):
+        return np.concatenate(values)
+    return [v for part in values for v in part]
+
+
+def _split(batch: Any) -> tuple[Any, Any, Any, dict]:
+    """``(inputs, targets, indices or None, extras)`` of one batch of the wrapped loader."""
+    if isinstance(batch, dict):
+        if "inputs" not in batch or "targets" not in batch:
+            raise TypeError(f"dict batches need 'inputs' and 'targets' keys, got {sorted(batch)}")
+        extras = {k: v for k, v in batch.items() if k not in _DICT_KEYS}
+        return batch["inputs"], batch["targets"], batch.get("indices"), extras
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+        idx = batch[2] if len(batch) >= 3 else None
+        return batch[0], batch[1], idx, {j: batch[j] for j in range(3, len(batch))}
+    length = f" of length {len(batch)}" if hasattr(batch, "__len__") else ""
+    raise TypeError(
+        "batches must be (inputs, targets[, indices, *extras]) sequences or a dict with 'inputs' and "
+        f"'targets' keys; got {type(batch).__name__}{length}"
+    )
+
+
+def _index_tensor(idx: Any, n: int) -> Tensor:
+    t = torch.as_tensor(idx).reshape(-1)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"indices must be integers, got dtype {t.dtype}")
+    t = t.to("cpu", torch.int64, copy=True)  # a copy: FFCV reuses its output buffers
+    if t.shape[0] != n:
+        raise ValueError(f"got {t.shape[0]} indices for a batch of {n} samples")
+    return t
+
+
+def parse_batch(batch: Any, first_position: Optional[int] = None) -> SubBatch:
+    """One batch of a wrapped loader as a ``SubBatch`` with weights ``1/B``.
+
+    Accepts ``(inputs, targets[, indices, *extras])`` sequences and dicts with
+    ``"inputs"``, ``"targets"`` (and ``"indices"``) keys; other fields go to
+    ``extras``. A batch without indices gets the stream positions
+    ``first_position, first_position + 1, ...``; with ``first_position=None``
+    it is refused (the caller needs dataset indices).
+
+    Raises:
+        TypeError: a batch of another shape, or non-integer indices.
+        ValueError: inputs, targets and indices of different lengths, or no
+            indices where they are needed.
+    """
+    x, y, idx, extras = _split(batch)
+    n = int(x.shape[0])
+    if int(y.shape[0]) != n:
+        raise ValueError(f"inputs have {n} samples but targets have {int(y.shape[0])}")
+    if idx is not None:
+        indices = _index_tensor(idx, n)
+    elif first_position is not None:
+        indices = torch.arange(first_position, first_position + n)
+    else:
+        raise ValueError("batches carry no dataset indices: wrap the dataset with sbsampler.with_indices(dataset) "
+                         "(or write the .beton with sbsampler.ffcv.write_beton)")
+    weights = torch.full((n,), 1.0 / n if n else 0.0, device=x.device)
+    return SubBatch(x, y, weights, indices, extras)
+
+
+def is_ffcv_loader(obj: Any) -> bool:
+    """Whether ``obj`` is an ``ffcv.loader.Loader`` (checked without importing FFCV)."""
+    return type(obj).__module__.startswith("ffcv.") and hasattr(obj, "reader") and hasattr(obj, "pipeline_specs")
+
+
+def adapt_loader(loader: Iterable) -> Iterable:
+    """The loader as a re-iterable of batches that ``parse_batch`` reads.
+
+    An FFCV ``Loader`` is wrapped in ``sbsampler.ffcv.FFCVBatches`` (its output
+    tuple mapped to ``(images, labels, indices)`` by field name); anything else
+    is returned unchanged.
+    """
+    if is_ffcv_loader(loader):
+        from .ffcv import FFCVBatches
+
+        return FFCVBatches(loader)
+    return loader
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose items gain their own index: ``(*item, index)``."""
+
+    def __init__(self, dataset: Any) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"with_indices needs a map-style dataset (__getitem__ and __len__), got {type(dataset).__name__}"
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        item = self.dataset[index]
+        if not isinstance(item, (tuple, list)):
+            raise TypeError(f"dataset items must be (input, target) tuples, got {type(item).__name__}")
+        return (*item, index)
+
+
+def with_indices(dataset: Any) -> IndexedDataset:
+    """Wrap a map-style dataset so each ``(x, y)`` item becomes ``(x, y, index)``.
+
+    A ``DataLoader`` over the result yields ``(inputs, targets, indices)``
+    batches, and ``SelectiveLoader`` reports dataset indices in ``batch.indices``.
+    """
+    return IndexedDataset(dataset)
+
+
+def weighted_loss(losses: Tensor, weights: Tensor) -> Tensor:
+    """``sum_i w_i * l_i``: the step's loss, an estimate of the mean loss of the samples it stands for.
+
+    Args:
+        losses: (k,) per-sample losses (``reduction="none"``).
+        weights: (k,) weights from ``SubBatch.weights``; moved to the losses'
+            device and dtype.
+    """
+    if losses.dim() != 1:
+        raise ValueError(f"losses must be per-sample, shape (k,); got {tuple(losses.shape)} (use reduction='none')")
+    if weights.shape != losses.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} and losses {tuple(losses.shape)} must have the same shape")
+    return (losses * weights.to(device=losses.device, dtype=losses.dtype)).sum()

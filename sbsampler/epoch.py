@@ -1,0 +1,316 @@
+"""One epoch of a ``SelectiveLoader``: pull, select, queue, agree, yield.
+
+``SelectiveLoader`` holds the configuration; ``iter(loader)`` returns an
+``EpochIterator`` that owns one epoch's moving state, as torch's ``DataLoader``
+hands out a ``_BaseDataLoaderIter`` and FFCV's ``Loader`` an ``EpochIterator``.
+
+A round is one wrapped batch on every rank:
+
+1. pull the next batch of the wrapped loader (``parse_batch``; stream positions
+   as indices when it has none) and move it to the loader's device;
+2. ``select_batch`` scores it and lets the epoch's strategy choose (``Full``
+   outside the ``start``/``end`` window); the scores go to the ``ScoreStore``, and
+   a strategy with a loss history is shown the round's losses (``observe``, via
+   an all-gather under ``sync_history``);
+3. ranks agree (``sbsampler.distributed``; one process answers itself): without
+   rebatching, one step of the largest sub-batch on every rank; with it, the
+   chosen rows join a queue and every rank yields as many full batches as the
+   slowest has ready. When every rank has run out, the queue's tail is yielded
+   (or dropped with ``drop_last``).
+
+Steps shorter than the rank's agreed size are padded with zero-weight repeats
+(only ever under DDP). Weights follow ``sbsampler.weights``: a rebatched step
+weights each row by its multiplier relative to its own batch's draw.
+
+``state_dict()`` between two steps holds what a fresh iterator needs to continue:
+the epoch, the wrapped batches consumed, and the queue as (batch ordinal, rows,
+dataset indices, multipliers, samples per pick); the consumed batches are read
+again, unscored, to rebuild the queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .batch import SubBatch, parse_batch
+from .distributed import LocalSync
+from .select import Selected, select_batch
+from .strategies import Full
+from .weights import step_weights
+
+if TYPE_CHECKING:
+    from .loader import SelectiveLoader
+
+__all__ = ["EpochIterator"]
+
+_FULL = Full()
+
+
+@dataclass
+class _Queued:
+    """Selected rows waiting in the rebatching queue, with where they came from."""
+
+    sub: SubBatch
+    ordinal: int  # the wrapped batch of this epoch they came from
+    rows: Tensor  # their positions in that batch
+    multipliers: Tensor  # samples of that batch each row stands for
+    per_pick: Tensor  # samples per pick of that batch's draw, per row
+
+    def split(self, count: int) -> tuple["_Queued", "_Queued"]:
+        """The first ``count`` rows and the rest."""
+        front, rest = torch.arange(count), torch.arange(count, len(self.sub))
+        return self._part(front), self._part(rest)
+
+    def _part(self, pos: Tensor) -> "_Queued":
+        on = pos.to(self.multipliers.device)
+        return _Queued(self.sub.take(pos), self.ordinal, self.rows[pos], self.multipliers[on], self.per_pick[on])
+
+
+class EpochIterator:
+    """The state and steps of one epoch of a ``SelectiveLoader`` (see the module docstring).
+
+    Args:
+        loader: the ``SelectiveLoader`` whose configuration and counters it
+            uses; at the first step it tells the iterator which epoch to run
+            and any saved state to continue from (``SelectiveLoader.begin_epoch``).
+    """
+
+    def __init__(self, loader: "SelectiveLoader") -> None:
+        self.loader = loader
+        self.sync = loader.sync
+        self.history_sync = loader.sync if loader.sync_history else LocalSync()
+        self.epoch: Optional[int] = None  # claimed when the first step is asked for
+        self.position = 0  # wrapped batches consumed
+        self.samples_read = 0  # samples consumed: the indices of a loader that gives none
+        self.queue: list[_Queued] = []
+        self.finished = False
+        self._pad_source: Optional[SubBatch] = None  # the rows a rank with nothing this round repeats
+        self._steps: Optional[Iterator[SubBatch]] = None
+
+    def _start(self) -> Iterator[SubBatch]:
+        """Claim the epoch from the loader (and any state to resume), open the wrapped loader.
+
+        Nothing happens before the first step is asked for, so an ``iter(loader)``
+        that is never consumed (tqdm's, say) neither advances nor breaks an epoch.
+        """
+        epoch, resume = self.loader.begin_epoch(self)
+        self.stats = self.loader.stats
+        self.epoch = epoch
+        self.strategy = self.loader.strategy if self.loader.is_selective(epoch) else _FULL
+        self.rebatch = self.loader.rebatch and not self.strategy.keeps_all
+        self._source = iter(self.loader.loader)
+        if resume is not None:
+            self._fast_forward(resume)
+        return self._rebatched() if self.rebatch else self._direct()
+
+    def __iter__(self) -> "EpochIterator":
+        return self
+
+    def __next__(self) -> SubBatch:
+        if self._steps is None:
+            if self.finished:
+                raise StopIteration
+            self._steps = self._start()
+        try:
+            return next(self._steps)
+        except StopIteration:
+            self.finished = True
+            raise
+
+    def queued(self) -> int:
+        """Rows waiting in the rebatching queue."""
+        return sum(len(q.sub) for q in self.queue)
+
+    # -- a round ---------------------------------------------------------------------
+    def _read(self) -> Optional[SubBatch]:
+        """The next wrapped batch, parsed (``None`` at the end of the wrapped loader)."""
+        try:
+            raw = next(self._source)
+        except StopIteration:
+            return None
+        batch = parse_batch(raw, first_position=self.samples_read)
+        self.samples_read += len(batch)
+        return batch
+
+    def _next_batch(self) -> Optional[SubBatch]:
+        t0 = time.perf_counter()
+        batch = self._read()
+        if batch is None:
+            return None
+        self.stats.time_loading += time.perf_counter() - t0
+        self.position += 1
+        self.stats.batches_seen += 1
+        self.stats.samples_seen += len(batch)
+        return batch.to(self.loader.device)
+
+    def _round(self) -> tuple[Optional[SubBatch], Optional[Selected]]:
+        """Pull and select one batch: ``(the batch or None at the end, what was selected)``."""
+        batch = self._next_batch()
+        picked = None if batch is None else self._select(batch)
+        if self.strategy.keeps_history:  # every rank, every round: the all-gather must match up
+            scores = picked.scores if picked is not None else None
+            losses = scores.loss.detach().to("cpu", torch.float64).numpy() if scores is not None else np.zeros(0)
+            self.strategy.observe(self.history_sync.all_gather_1d(losses))
+        return batch, picked
+
+    def _select(self, batch: SubBatch) -> Selected:
+        loader, stats = self.loader, self.stats
+        picked = select_batch(loader.hook, self.strategy, batch, loader.fraction, nan_policy=loader.nan_policy)
+        n, scores = len(batch), picked.scores
+        if scores is not None:
+            stats.samples_scored += n
+        stats.samples_skipped += picked.skipped
+        candidates = n - picked.skipped
+        if candidates:
+            stats.samples_selected += picked.distinct
+            stats.samples_not_selected += candidates - picked.distinct
+        if picked.residual is not None:
+            stats.residuals.append(picked.residual)
+        stats.time_scoring += picked.seconds["scoring"]
+        stats.time_selecting += picked.seconds["selecting"]
+        stats.time_gathering += picked.seconds["gathering"]
+        if loader.store is not None and scores is not None and len(scores):
+            kept = batch.indices if picked.candidates is None else batch.indices[picked.candidates]
+            loader.store.update(kept, scores.loss, scores.grad_norms(), epoch=self.epoch)
+        return picked
+
+    # -- steps -----------------------------------------------------------------------
+    def _direct(self) -> Iterator[SubBatch]:
+        """One step per round (no rebatching, or a strategy that keeps every sample)."""
+        while True:
+            batch, picked = self._round()
+            sub = picked.sub if picked is not None else None
+            _, (size, more) = self.sync.min_max([len(sub) if sub is not None else 0, int(batch is not None)])
+            if size:
+                yield self._emit(sub, size)
+            if not more:
+                return
+
+    def _rebatched(self) -> Iterator[SubBatch]:
+        """Jiang et al.'s queue: chosen rows accumulate until a full batch is ready."""
+        while True:
+            batch, picked = self._round()
+            if picked is not None and picked.sub is not None:
+                if self.loader.batch_size is None:  # neither given nor on the wrapped loader: the first batch's
+                    self.loader.batch_size = len(batch)  # type: ignore[arg-type]
+                per_pick = torch.full_like(picked.multipliers, picked.per_pick)
+                self.queue.append(_Queued(picked.sub, self.position - 1, picked.rows, picked.multipliers, per_pick))
+            size = self.loader.batch_size
+            ready = self.queued() // size if size else 0
+            mn, mx = self.sync.min_max([ready, int(batch is not None)])
+            for _ in range(mn[0]):
+                yield self._emit(self._take(size), size)
+            if not mx[1]:
+                break
+        yield from self._tail()
+
+    def _tail(self) -> Iterator[SubBatch]:
+        """The rows left in the queue once every rank's input has run out."""
+        size = self.loader.batch_size or 1
+        queued = self.queued()
+        mn, mx = self.sync.min_max([queued // size, -(-queued // size), queued])
+        if self.loader.drop_last:
+            for _ in range(mn[0]):
+                yield self._emit(self._take(size), size)
+            self._drop(self.queued())
+            return
+        for j in range(mx[1]):  # the step size every rank agrees on: the longest rank's rows
+            have = min(size, self.queued())
+            yield self._emit(self._take(have) if have else None, min(size, mx[2] - j * size))
+
+    def _take(self, count: int) -> SubBatch:
+        """Pop ``count`` rows off the front of the queue as one step (weights from their multipliers)."""
+        parts: list[_Queued] = []
+        while count:
+            head = self.queue[0]
+            if len(head.sub) <= count:
+                parts.append(self.queue.pop(0))
+                count -= len(head.sub)
+            else:
+                front, self.queue[0] = head.split(count)
+                parts.append(front)
+                count = 0
+        out = SubBatch.concat([p.sub for p in parts])
+        out.weights = step_weights(torch.cat([p.multipliers for p in parts]), torch.cat([p.per_pick for p in parts]))
+        return out
+
+    def _drop(self, count: int) -> None:
+        self.stats.samples_dropped += count
+        self.queue = []
+
+    def _emit(self, sub: Optional[SubBatch], size: int) -> SubBatch:
+        """``sub`` as one step of ``size`` rows, padded with zero-weight repeats if short (DDP)."""
+        have = len(sub) if sub is not None else 0
+        out = sub
+        if have < size:
+            base = sub if have else self._pad_source
+            if base is None:
+                raise RuntimeError(
+                    f"rank {self.sync.rank} has no sample to pad a step with: every rank needs at least one "
+                    "sample in its first round"
+                )
+            need = size - have
+            pad = base.take(torch.arange(need) % len(base), torch.zeros(need, device=base.weights.device))
+            out = SubBatch.concat([sub, pad]) if have else pad  # type: ignore[list-item]
+            self.stats.samples_padded += need
+        if have:
+            self._pad_source = sub
+        self.stats.samples_yielded += have
+        self.stats.steps += 1
+        return out  # type: ignore[return-value]
+
+    # -- resume ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch, the wrapped batches consumed and the queue: plain values and NumPy arrays."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "queue": [
+                {
+                    "batch": q.ordinal,
+                    "rows": q.rows.numpy().copy(),
+                    "indices": q.sub.indices.numpy().copy(),
+                    "multipliers": q.multipliers.detach().cpu().numpy().copy(),
+                    "per_pick": q.per_pick.detach().cpu().numpy().copy(),
+                }
+                for q in self.queue
+            ],
+        }
+
+    def _fast_forward(self, state: dict[str, Any]) -> None:
+        """Read the batches the saved run had consumed (unscored); rebuild its queue from them."""
+        wanted: dict[int, list[int]] = {}
+        for j, entry in enumerate(state["queue"]):
+            wanted.setdefault(int(entry["batch"]), []).append(j)
+        pieces: list[Optional[_Queued]] = [None] * len(state["queue"])
+        for ordinal in range(int(state["position"])):
+            batch = self._read()
+            if batch is None:
+                raise RuntimeError(
+                    f"cannot resume: the wrapped loader ended after {ordinal} batches, but the saved "
+                    f"state had consumed {state['position']}"
+                )
+            if ordinal not in wanted:
+                continue
+            batch = batch.to(self.loader.device)
+            for j in wanted[ordinal]:
+                entry = state["queue"][j]
+                rows = torch.as_tensor(entry["rows"], dtype=torch.int64)
+                if not torch.equal(batch.indices[rows], torch.as_tensor(entry["indices"], dtype=torch.int64)):
+                    raise RuntimeError(
+                        f"cannot resume: batch {ordinal} of the wrapped loader holds other samples than in the "
+                        "saved run; the loader must replay the same order (seed it, set the sampler's epoch)"
+                    )
+                device = batch.weights.device
+                mult = torch.as_tensor(entry["multipliers"], dtype=torch.float32).to(device)
+                per_pick = torch.as_tensor(entry["per_pick"], dtype=torch.float32).to(device)
+                pieces[j] = _Queued(batch.take(rows, step_weights(mult, per_pick)), ordinal, rows, mult, per_pick)
+        self.queue = [p for p in pieces if p is not None]
+        self.position = int(state["position"])

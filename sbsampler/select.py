@@ -1,0 +1,135 @@
+"""One batch in, one weighted sub-batch out: the functional step under ``SelectiveLoader``.
+
+``select_batch`` scores a batch with one no-graph forward (``ScoringHook.score``),
+applies the NaN policy, lets the strategy choose, and gathers the chosen rows with
+their weights (``sbsampler.weights``) on the batch's own device. It holds no state
+of its own: the loader's epoch iterator calls it once per batch, and a training
+loop that wants no wrapper can call it directly::
+
+    picked = sb.select_batch(hook, strategy, (x, y), fraction=0.25)
+    if picked.sub is not None:
+        out = model(picked.sub.inputs)
+        loss = sb.weighted_loss(F.cross_entropy(out, picked.sub.targets, reduction="none"), picked.sub.weights)
+
+It does not remember losses for a strategy with a history (``observe``): whoever
+drives it decides what a round is (the loader shows every round's losses, on
+every rank).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .batch import SubBatch, parse_batch
+from .hook import ScoringHook
+from .scores import Scores, apply_nan_policy
+from .strategies import Seed, budget, get_strategy
+from .weights import step_weights
+
+__all__ = ["Selected", "select_batch"]
+
+
+@dataclass
+class Selected:
+    """What ``select_batch`` made of one batch.
+
+    Attributes:
+        sub: the weighted sub-batch to train on; ``None`` when nothing was
+            chosen (an empty batch, every sample skipped, or a variable-count
+            rule that kept none).
+        rows: (k,) int64 positions of ``sub``'s rows in the batch (CPU).
+        multipliers: (k,) how many samples of the batch each row stands for
+            (``sbsampler.weights``), on the weights' device.
+        per_pick: samples per pick of this draw (candidates / picks).
+        scores: the candidates' scores after the NaN policy; ``None`` when the
+            strategy reads no scores (no scoring pass ran).
+        candidates: positions of the candidates in the batch, ``None`` when
+            every sample was one.
+        skipped: samples left out by ``nan_policy="skip"``.
+        distinct: distinct samples chosen (sampling with replacement can repeat one).
+        residual: GradientMatching's fit, else ``None``.
+        seconds: time spent ``scoring``, ``selecting`` and ``gathering``.
+    """
+
+    sub: Optional[SubBatch]
+    rows: Tensor
+    multipliers: Optional[Tensor] = None
+    per_pick: float = 1.0
+    scores: Optional[Scores] = None
+    candidates: Optional[Tensor] = None
+    skipped: int = 0
+    distinct: int = 0
+    residual: Optional[float] = None
+    seconds: dict = field(default_factory=lambda: {"scoring": 0.0, "selecting": 0.0, "gathering": 0.0})
+
+
+def select_batch(
+    hook: Optional[ScoringHook],
+    strategy: Any,
+    batch: Any,
+    fraction: float,
+    *,
+    nan_policy: str = "raise",
+    rng: Seed = None,
+) -> Selected:
+    """Score ``batch``, choose ``ceil(fraction * B)`` of it with ``strategy``, gather the weighted rows.
+
+    Args:
+        hook: the ``ScoringHook`` on the model being trained (may be ``None``
+            for a strategy that reads no scores, such as ``"full"``).
+        strategy: a ``Strategy`` or a registered name.
+        batch: a ``SubBatch`` from ``parse_batch``, or anything ``parse_batch``
+            reads (``(inputs, targets[, indices, *extras])`` or a dict); without
+            indices the rows are numbered from 0.
+        fraction: share of the batch to choose, in (0, 1]
+            (variable-count strategies choose their own count).
+        nan_policy: ``"raise"``, ``"skip"`` or ``"keep"`` (``sbsampler.scores.apply_nan_policy``).
+        rng: draw from this generator instead of the strategy's own.
+    """
+    strategy = get_strategy(strategy)
+    if not isinstance(batch, SubBatch):
+        batch = parse_batch(batch, first_position=0)
+    n = len(batch)
+    k = budget(fraction, max(n, 1))
+    empty = torch.zeros(0, dtype=torch.int64)
+    if n == 0:
+        return Selected(None, empty)
+    if strategy.keeps_all:  # the whole batch as it came, weights 1/B: no scoring, no copy
+        return Selected(batch, torch.arange(n), batch.weights * n, 1.0, distinct=n)
+    seconds = {"scoring": 0.0, "selecting": 0.0, "gathering": 0.0}
+    t0 = time.perf_counter()
+    scores, candidates = None, None
+    if strategy.needs_scores:
+        if not isinstance(hook, ScoringHook):
+            raise TypeError(f"{strategy!r} reads scores: pass the ScoringHook on the model, got {type(hook).__name__}")
+        scores = hook.score(batch.inputs, batch.targets)
+        t1 = time.perf_counter()
+        seconds["scoring"] = t1 - t0
+        t0 = t1
+        scores, candidates = apply_nan_policy(scores, nan_policy, batch.indices)
+    m = n if scores is None else len(scores)
+    skipped = n - m
+    if m == 0:
+        return Selected(None, empty, scores=scores, candidates=candidates, skipped=skipped, seconds=seconds)
+    sel = strategy.select(scores if scores is not None else m, min(k, m), rng=rng)
+    rows = torch.from_numpy(sel.indices)
+    if candidates is not None:
+        rows = candidates[rows]
+    distinct = int(torch.unique(rows).numel())
+    t1 = time.perf_counter()
+    seconds["selecting"] = t1 - t0
+    common = dict(scores=scores, candidates=candidates, skipped=skipped, distinct=distinct,
+                  residual=sel.residual, seconds=seconds)
+    if distinct == 0:  # a variable-count rule kept nothing: no step from this batch
+        return Selected(None, rows, **common)
+    device = batch.weights.device
+    multipliers = torch.from_numpy(sel.weights).to(device) * m
+    per_pick = m / len(rows)
+    sub = batch.take(rows, step_weights(multipliers, per_pick))
+    seconds["gathering"] = time.perf_counter() - t1
+    return Selected(sub, rows, multipliers, per_pick, **common)
