@@ -60,8 +60,8 @@ class _Queued:
     sub: SubBatch
     ordinal: int  # the wrapped batch of this epoch they came from
     rows: Tensor  # their positions in that batch
-    multipliers: Tensor  # samples of that batch each row stands for
-    per_pick: Tensor  # samples per pick of that batch's draw, per row
+    multipliers: Tensor  # float64 (CPU): samples of that batch each row stands for
+    per_pick: Tensor  # float64 (CPU): samples per pick of that batch's draw, per row
 
     def split(self, count: int) -> tuple["_Queued", "_Queued"]:
         """The first ``count`` rows and the rest."""
@@ -69,8 +69,7 @@ class _Queued:
         return self._part(front), self._part(rest)
 
     def _part(self, pos: Tensor) -> "_Queued":
-        on = pos.to(self.multipliers.device)
-        return _Queued(self.sub.take(pos), self.ordinal, self.rows[pos], self.multipliers[on], self.per_pick[on])
+        return _Queued(self.sub.take(pos), self.ordinal, self.rows[pos], self.multipliers[pos], self.per_pick[pos])
 
 
 class EpochIterator:
@@ -238,7 +237,8 @@ class EpochIterator:
                 parts.append(front)
                 count = 0
         out = SubBatch.concat([p.sub for p in parts])
-        out.weights = step_weights(torch.cat([p.multipliers for p in parts]), torch.cat([p.per_pick for p in parts]))
+        weights = step_weights(torch.cat([p.multipliers for p in parts]), torch.cat([p.per_pick for p in parts]))
+        out.weights = weights.to(out.weights.device, torch.float32)
         return out
 
     def _drop(self, count: int) -> None:
@@ -277,8 +277,8 @@ class EpochIterator:
                     "batch": q.ordinal,
                     "rows": q.rows.numpy().copy(),
                     "indices": q.sub.indices.numpy().copy(),
-                    "multipliers": q.multipliers.detach().cpu().numpy().copy(),
-                    "per_pick": q.per_pick.detach().cpu().numpy().copy(),
+                    "multipliers": q.multipliers.numpy().copy(),
+                    "per_pick": q.per_pick.numpy().copy(),
                 }
                 for q in self.queue
             ],
@@ -308,9 +308,9 @@ class EpochIterator:
                         f"cannot resume: batch {ordinal} of the wrapped loader holds other samples than in the "
                         "saved run; the loader must replay the same order (seed it, set the sampler's epoch)"
                     )
-                device = batch.weights.device
-                mult = torch.as_tensor(entry["multipliers"], dtype=torch.float32).to(device)
-                per_pick = torch.as_tensor(entry["per_pick"], dtype=torch.float32).to(device)
-                pieces[j] = _Queued(batch.take(rows, step_weights(mult, per_pick)), ordinal, rows, mult, per_pick)
+                mult = torch.as_tensor(entry["multipliers"], dtype=torch.float64)
+                per_pick = torch.as_tensor(entry["per_pick"], dtype=torch.float64)
+                weights = step_weights(mult, per_pick).to(batch.weights.device, torch.float32)
+                pieces[j] = _Queued(batch.take(rows, weights), ordinal, rows, mult, per_pick)
         self.queue = [p for p in pieces if p is not None]
         self.position = int(state["position"])

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,8 +44,8 @@ class Selected:
             chosen (an empty batch, every sample skipped, or a variable-count
             rule that kept none).
         rows: (k,) int64 positions of ``sub``'s rows in the batch (CPU).
-        multipliers: (k,) how many samples of the batch each row stands for
-            (``sbsampler.weights``), on the weights' device.
+        multipliers: (k,) float64 (CPU), how many samples of the batch each
+            row stands for (``sbsampler.weights``).
         per_pick: samples per pick of this draw (candidates / picks).
         scores: the candidates' scores after the NaN policy; ``None`` when the
             strategy reads no scores (no scoring pass ran).
@@ -100,7 +101,7 @@ def select_batch(
     if n == 0:
         return Selected(None, empty)
     if strategy.keeps_all:  # the whole batch as it came, weights 1/B: no scoring, no copy
-        return Selected(batch, torch.arange(n), batch.weights * n, 1.0, distinct=n)
+        return Selected(batch, torch.arange(n), torch.ones(n, dtype=torch.float64), 1.0, distinct=n)
     seconds = {"scoring": 0.0, "selecting": 0.0, "gathering": 0.0}
     t0 = time.perf_counter()
     scores, candidates = None, None
@@ -127,9 +128,9 @@ def select_batch(
                   residual=sel.residual, seconds=seconds)
     if distinct == 0:  # a variable-count rule kept nothing: no step from this batch
         return Selected(None, rows, **common)
-    device = batch.weights.device
-    multipliers = torch.from_numpy(sel.weights).to(device) * m
+    multipliers = torch.from_numpy(sel.weights.astype(np.float64) * m)  # float64: the round trip is exact
     per_pick = m / len(rows)
-    sub = batch.take(rows, step_weights(multipliers, per_pick))
+    weights = step_weights(multipliers, per_pick).to(batch.weights.device, torch.float32)
+    sub = batch.take(rows, weights)
     seconds["gathering"] = time.perf_counter() - t1
     return Selected(sub, rows, multipliers, per_pick, **common)

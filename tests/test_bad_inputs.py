@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
+from torch import nn
+
+import sbsampler as sb
+from sbsampler.distributed import LocalSync
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 _MERGED: dict = {}
@@ -88,3 +93,33 @@ def test_score_store_merge_across_ranks(ddp_results):
     assert a["loss"] == [1.0] * 4 + [2.0] * 6  # the latest epoch wins where both scored (4, 5)
     assert a["grad_norm"] == [10.0] * 4 + [20.0] * 6
     assert a["seen"] == [1] * 4 + [2] * 6
+
+
+class ScriptedPeer(LocalSync):
+    """This process plus a scripted second rank: nothing ready during the rounds, ``tail`` rows queued at the end."""
+
+    world_size = 2
+
+    def __init__(self, tail: int, size: int) -> None:
+        self.tail, self.size = tail, size
+
+    def min_max(self, values):
+        if len(values) == 2:  # a round: the peer has no full batch ready and runs out when this rank does
+            other = [0, values[1]]
+        else:  # the tail: full batches, batches needed, rows queued
+            other = [self.tail // self.size, -(-self.tail // self.size), self.tail]
+        return [min(a, b) for a, b in zip(values, other)], [max(a, b) for a, b in zip(values, other)]
+
+
+def test_the_tail_pads_to_the_longest_ranks_rows_not_to_a_full_batch():
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    torch.manual_seed(0)
+    loader = sb.SelectiveLoader(batches, sb.ScoringHook(nn.Linear(4, 3)), "topk", fraction=0.25, rebatch=True,
+                                batch_size=8, distributed=ScriptedPeer(tail=11, size=8))
+    steps = list(loader)
+    # this rank queued 6 rows, the peer 11: two steps, of 8 (the peer's full batch) and 3 (its remainder)
+    assert [len(s) for s in steps] == [8, 3]
+    assert loader.stats.samples_yielded == 6 and loader.stats.samples_padded == 5
+    torch.testing.assert_close(steps[0].weights[:6].sum(), torch.tensor(1.0))
+    assert steps[0].weights[6:].abs().sum() == 0 and steps[1].weights.abs().sum() == 0

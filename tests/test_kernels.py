@@ -17,8 +17,8 @@ floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 @SETTINGS
 @given(st.lists(floats, max_size=60), st.lists(floats, min_size=1, max_size=40))
 def test_ecdf_matches_reference(history, losses):
-    h, l = np.array(history, dtype=np.float64), np.array(losses, dtype=np.float64)
-    np.testing.assert_allclose(kernels.ecdf(h, l), ecdf_ref(h, l))
+    hist, loss = np.array(history, dtype=np.float64), np.array(losses, dtype=np.float64)
+    np.testing.assert_allclose(kernels.ecdf(hist, loss), ecdf_ref(hist, loss))
 
 
 @SETTINGS
