@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .batch import SubBatch, parse_batch
 from .hook import ScoringHook
-from .scores import Scores, apply_nan_policy
+from .scores import NAN_POLICIES, Scores, apply_nan_policy
 from .strategies import Seed, budget, get_strategy
 from .weights import step_weights
 
@@ -93,6 +93,8 @@ def select_batch(
         rng: draw from this generator instead of the strategy's own.
     """
     strategy = get_strategy(strategy)
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     if not isinstance(batch, SubBatch):
         batch = parse_batch(batch, first_position=0)
     n = len(batch)

@@ -47,6 +47,8 @@ def test_select_batch_nan_skip_and_empty():
     assert picked.skipped == 1 and 103 not in picked.sub.indices.tolist() and len(picked.sub) == 15
     with pytest.raises(ValueError, match=r"dataset indices \[103\]"):
         sb.select_batch(sb.ScoringHook(_model()), "uniform", (x, y, torch.arange(100, 116)), 0.5)
+    with pytest.raises(ValueError, match="nan_policy"):
+        sb.select_batch(sb.ScoringHook(_model()), "uniform", _xy(), 0.5, nan_policy="ignore")
     empty = sb.select_batch(sb.ScoringHook(_model()), "uniform", (x[:0], y[:0]), 0.5)
     assert empty.sub is None and empty.rows.numel() == 0
 
