@@ -4,7 +4,7 @@
 # Needs root (or sudo) for the Debian packages. Usage: bash scripts/install_ffcv.sh
 set -euo pipefail
 PY=${PYTHON:-python3}
-if "$PY" -c "import ffcv" 2>/dev/null; then
+if "$PY" -c "import ffcv, yaml" 2>/dev/null; then
   echo "ffcv already installed: $("$PY" -c 'import importlib.metadata as m; print(m.version("ffcv"))')"
   exit 0
 fi
@@ -18,7 +18,8 @@ if ! pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then
 fi
 # FFCV's runtime dependencies, named one by one: its own metadata asks for packages
 # (torch, torchvision, cupy) that would pull CUDA wheels over the pinned CPU torch.
-"$PY" -m pip install --quiet terminaltables fastargs assertpy tqdm psutil pillow opencv-python-headless
+# pyyaml: fastargs reads the ImageNet example's --config-file .yaml with it, but does not require it.
+"$PY" -m pip install --quiet terminaltables fastargs pyyaml assertpy tqdm psutil pillow opencv-python-headless
 "$PY" -m pip install --quiet --no-deps pytorch_pfn_extras
 # --no-build-isolation: build against the numpy already installed (not a fresh one in an
 # isolated env); --no-deps: see above.
