@@ -6,7 +6,9 @@ Trains the same small CNN on the 8x8 digits (they ship inside scikit-learn: noth
 is downloaded) once with full backprop and once per strategy at ``--fraction`` of
 each batch, for the same number of epochs, and prints test accuracy, samples
 back-propagated, wall time and the share of that time spent on scoring and
-selection. Every run goes through ``harness.train_run``.
+selection. Every run goes through ``harness.train_run``. The Numba kernels are compiled
+(or loaded from Numba's cache) before the first run, so the table shows the steady state;
+the compile time is printed on its own line.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DigitsCNN, RunResult, load_digits_split, train_run  # noqa: E402
+from harness import DigitsCNN, RunResult, load_digits_split, train_run, warm_up  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
 
@@ -50,6 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[RunResult]:
     train, test = load_digits_split(seed=args.seed)
     print(f"digits: {len(train)} train / {len(test)} test, {args.epochs} epochs, batch {args.batch_size}, "
           f"fraction {args.fraction}")
+    print(f"kernels warmed up in {warm_up(args.strategies):.1f} s (compile or cache load, not in the table)")
     results = []
     for name in dict.fromkeys(["full", *args.strategies]):
         results.append(train_run(DigitsCNN, train, test, name, fraction=args.fraction, epochs=args.epochs,

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import sbsampler as sb
 
 __all__ = ["DigitsCNN", "MNIST1DCNN", "BetonCNN", "load_digits_split", "load_data", "digits_rgb", "train_step",
-           "accuracy", "RunResult", "train_run"]
+           "accuracy", "RunResult", "train_run", "warm_up"]
 
 
 class DigitsCNN(nn.Module):
@@ -134,6 +134,20 @@ def accuracy(model: nn.Module, data: TensorDataset, batch_size: int = 1000) -> f
         correct += int((model(x).argmax(1) == y).sum())
     model.train(was_training)
     return correct / len(data)
+
+
+def warm_up(strategies: list[Any], batch: int = 64, classes: int = 10, dim: int = 64) -> float:
+    """Compile (or load from Numba's cache) every kernel the strategies use; returns the seconds it took.
+
+    Call it before timing runs, so that no run's wall time includes a compile.
+    """
+    g = torch.Generator().manual_seed(0)
+    scores = sb.Scores(loss=torch.rand(batch, generator=g), logit_grad=torch.randn(batch, classes, generator=g),
+                       features=torch.rand(batch, dim, generator=g))
+    t0 = time.perf_counter()
+    for strategy in strategies:
+        sb.get_strategy(strategy, seed=0).select(scores, batch // 4)
+    return time.perf_counter() - t0
 
 
 @dataclass

@@ -51,8 +51,9 @@ class ScoringHook:
     training the hook does nothing.
 
     Args:
-        model: the network. It is left exactly as it was: train/eval mode
-            restored, BatchNorm running statistics untouched, no ``.grad`` set.
+        model: the network. It is left exactly as it was: every module's own
+            train/eval flag restored (a BatchNorm frozen with ``.eval()`` stays
+            frozen), BatchNorm running statistics untouched, no ``.grad`` set.
             A ``DistributedDataParallel``/``DataParallel`` wrapper is scored
             through its ``.module`` (no collective runs during scoring).
         head: the last linear layer; found automatically when omitted.
@@ -60,9 +61,10 @@ class ScoringHook:
             ``loss(logits, targets) -> (B,)`` per-sample loss, differentiated by
             autograd on the logits only.
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
-        train_mode: score with BatchNorm batch statistics and dropout as in the
-            training forward (every module buffer is restored afterwards).
-            Default ``False`` scores in eval mode, with running statistics.
+        train_mode: score with the modules' modes as they are (in a training
+            loop: BatchNorm batch statistics and dropout, except in modules the
+            user put in eval mode); every buffer is restored afterwards. Default
+            ``False`` scores the whole model in eval mode, with running statistics.
         amp_dtype: run the scoring forward under ``torch.autocast`` with this
             dtype (``torch.float16``/``torch.bfloat16``), as a mixed-precision
             training step does; losses and gradients are still computed in float32.
@@ -99,6 +101,11 @@ class ScoringHook:
             raise ValueError(f"loss must be 'cross_entropy' or a callable, got {loss!r}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if callable(loss) and label_smoothing:
+            raise ValueError(
+                "label_smoothing applies to the built-in 'cross_entropy' only; a callable loss must smooth its "
+                "own targets, e.g. lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1, reduction='none')"
+            )
         self.model = model
         self.head = head
         self.loss = loss
@@ -146,7 +153,7 @@ class ScoringHook:
 
     def _forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         model = self.model
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]  # each module's own flag: frozen parts stay frozen
         saved = None
         if self.train_mode:
             saved = [b.detach().clone() for b in model.buffers()]
@@ -160,7 +167,8 @@ class ScoringHook:
                 model(inputs)
         finally:
             self._active = False
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
             if saved is not None:
                 with torch.no_grad():
                     for b, s in zip(model.buffers(), saved):

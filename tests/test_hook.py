@@ -204,3 +204,40 @@ def test_amp_scoring_matches_float32_closely():
     torch.testing.assert_close(amp.loss, full.loss, atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match="amp_dtype"):
         sb.ScoringHook(model, amp_dtype=torch.float64)
+
+
+class FrozenParts(nn.Module):
+    """A BatchNorm frozen with .eval() and a Dropout switched off with .eval(), inside a model in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.body(x)))))
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_scoring_keeps_each_modules_own_mode(train_mode):
+    torch.manual_seed(0)
+    model = FrozenParts().train()
+    model.bn.eval()
+    model.drop.eval()
+    x, y = torch.randn(32, 6) * 3 + 1, torch.randint(0, 5, (32,))
+    hook = sb.ScoringHook(model, train_mode=train_mode)
+    first = hook.score(x, y).loss
+    assert model.training and not model.bn.training and not model.drop.training  # frozen parts stay frozen
+    torch.testing.assert_close(hook.score(x, y).loss, first)  # dropout stayed off while scoring
+    before = model.bn.running_mean.clone()
+    model(x)  # the next training forward: the frozen BatchNorm must not move its statistics
+    torch.testing.assert_close(model.bn.running_mean, before)
+
+
+def test_label_smoothing_with_a_callable_loss_is_refused():
+    loss = lambda z, y: F.cross_entropy(z, y, reduction="none")  # noqa: E731
+    with pytest.raises(ValueError, match="label_smoothing applies to the built-in"):
+        sb.ScoringHook(mlp(), loss=loss, label_smoothing=0.1)
+    sb.ScoringHook(mlp(), loss=loss)  # without smoothing: fine
