@@ -117,6 +117,12 @@ class EpochIterator:
             if self.finished:
                 raise StopIteration
             self._steps = self._start()
+        elif self.loader.current_iterator is not self and not self.finished:
+            raise RuntimeError(
+                f"epoch {self.epoch} of this SelectiveLoader was superseded: another iteration of the same loader "
+                "started while it was running (two live iterators of one loader, e.g. zip(loader, loader)). "
+                "Finish or break out of one epoch before starting the next; use two loaders to iterate twice at once"
+            )
         try:
             return next(self._steps)
         except StopIteration:
@@ -134,7 +140,8 @@ class EpochIterator:
             raw = next(self._source)
         except StopIteration:
             return None
-        batch = parse_batch(raw, first_position=self.samples_read)
+        # Stream positions stand in for missing indices, except where a ScoreStore needs dataset indices.
+        batch = parse_batch(raw, first_position=None if self.loader.store is not None else self.samples_read)
         self.samples_read += len(batch)
         return batch
 

@@ -9,7 +9,7 @@ state, as torch's ``DataLoader`` returns a ``_BaseDataLoaderIter``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any, Optional, Union
 
@@ -122,6 +122,12 @@ class SelectiveLoader:
             raise ValueError(f"nan_policy must be 'raise', 'skip' or 'keep', got {nan_policy!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(loader, Iterator):
+            raise TypeError(
+                f"the wrapped loader is a one-shot iterator ({type(loader).__name__}): it would be empty after the "
+                "first epoch. Pass a re-iterable (a DataLoader, an FFCV Loader, a list of batches, or an object "
+                "whose __iter__ starts over)"
+            )
         if store is not None and not isinstance(store, ScoreStore):
             raise TypeError(f"store must be a ScoreStore, got {type(store).__name__}")
         self.loader = adapt_loader(loader)
@@ -163,6 +169,11 @@ class SelectiveLoader:
                 f"finishes that epoch, so set_epoch({epoch}) would skip it (load a state saved between epochs)"
             )
         self.next_epoch = epoch
+
+    @property
+    def current_iterator(self) -> Optional[EpochIterator]:
+        """The epoch iterator that started last (running, broken off or finished), or ``None``."""
+        return self._running
 
     @property
     def current_epoch(self) -> Optional[int]:

@@ -301,6 +301,18 @@ class WeightedBatches:
         self.loader = adapt_loader(loader)
         self.sampler = sampler
         self._epoch_len: Optional[int] = None
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """The dataset must be the store's: a larger one would never be fully loaded, a smaller one fail to load."""
+        dataset = getattr(self.loader, "dataset", None)
+        n = len(dataset) if dataset is not None else getattr(self.loader, "num_samples", None)
+        if n is not None and n != len(self.sampler.store):
+            raise ValueError(
+                f"the loader's dataset has {n} samples but the ScoreStore {len(self.sampler.store)}: the store "
+                "must have one entry per dataset index (ScoreStore(len(dataset))); make a new store for a "
+                "dataset that changed size"
+            )
 
     def __len__(self) -> int:
         """Batches of the epoch being iterated, else of the next one (from that epoch's plan)."""
@@ -312,6 +324,7 @@ class WeightedBatches:
         return f"WeightedBatches({type(self.loader).__name__}, {self.sampler!r})"
 
     def __iter__(self) -> Iterator[SubBatch]:
+        self._check_size()  # datasets can change between epochs
         # FFCV's len() means the *next* epoch once this one has started: remember this one's
         n = len(self)
         try:

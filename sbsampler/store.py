@@ -26,6 +26,18 @@ def _array(values: ArrayLike, dtype) -> np.ndarray:
     return np.asarray(values, dtype=dtype).reshape(-1)
 
 
+def _indices(values: ArrayLike) -> np.ndarray:
+    """Integer dataset indices; a boolean mask or a float array is refused, never cast."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.dtype == np.bool_:
+        raise TypeError("indices are a boolean mask; pass the integer indices (e.g. mask.nonzero()) of the samples")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"indices must be integers, got dtype {arr.dtype} (a float index would be truncated)")
+    return arr.astype(np.int64).reshape(-1)
+
+
 class ScoreStore:
     """Latest loss, gradient norm and epoch seen, per dataset index.
 
@@ -64,11 +76,12 @@ class ScoreStore:
     ) -> None:
         """Record losses (and gradient norms) of the samples at ``indices``.
 
-        Raises ``ValueError`` on indices out of range, mismatched lengths or
-        non-finite losses (they would poison every later selection). A repeated
-        index keeps its last value.
+        Raises ``TypeError`` on indices that are not integers (a boolean mask,
+        floats), ``ValueError`` on indices out of range, mismatched lengths or
+        non-finite losses or norms (they would poison every later selection). A
+        repeated index keeps its last value.
         """
-        idx = _array(indices, np.int64)
+        idx = _indices(indices)
         loss = _array(losses, np.float64)
         if loss.shape != idx.shape:
             raise ValueError(f"got {loss.shape[0]} losses for {idx.shape[0]} indices")
@@ -77,11 +90,15 @@ class ScoreStore:
             raise ValueError(f"index {bad} is out of range for a store of {len(self)} samples")
         if not np.isfinite(loss).all():
             raise ValueError(f"non-finite loss for indices {idx[~np.isfinite(loss)][:10].tolist()}")
-        self.loss[idx] = loss
+        norms = None
         if grad_norms is not None:
             norms = _array(grad_norms, np.float64)
             if norms.shape != idx.shape:
                 raise ValueError(f"got {norms.shape[0]} gradient norms for {idx.shape[0]} indices")
+            if not np.isfinite(norms).all():
+                raise ValueError(f"non-finite gradient norm for indices {idx[~np.isfinite(norms)][:10].tolist()}")
+        self.loss[idx] = loss  # everything checked: nothing is half-written
+        if norms is not None:
             self.grad_norm[idx] = norms
         self.scored_epoch[idx] = self.current_epoch if epoch is None else int(epoch)
         self.version += 1

@@ -274,3 +274,21 @@ def test_an_iterator_never_consumed_starts_no_epoch():
     from tqdm.asyncio import tqdm  # what tqdm.auto gives: its constructor calls iter(iterable)
     assert [len(b) for b in tqdm(loader, disable=True)] == [50, 50, 50]  # epoch 1: outside the window
     assert loader.next_epoch == 2
+
+
+def test_two_live_iterators_of_one_loader_are_refused():
+    _, _, loader = make("uniform", bs=50, fraction=0.2, rebatch=True)
+    with pytest.raises(RuntimeError, match="superseded"):
+        for _ in zip(loader, loader):
+            pass
+    assert [len(b) for b in loader] == [30]  # a fresh epoch afterwards runs normally (3 batches of 10 rebatched)
+
+
+def test_a_one_shot_iterator_is_refused():
+    def batches():
+        yield torch.randn(8, DIM), torch.arange(8) % CLASSES
+
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        sb.SelectiveLoader(batches(), sb.ScoringHook(model()))
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        sb.SelectiveLoader(iter([]), sb.ScoringHook(model()))

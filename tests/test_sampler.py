@@ -277,3 +277,34 @@ def test_ffcv_selective_order(tmp_path):
     # FFCV 1.0.2 would cut this epoch to epoch 0's length (2 batches); selective_order prevents it.
     assert sorted(per_epoch[1]) == list(range(n))
     assert len(per_epoch[2]) == 24
+
+
+def test_store_refuses_indices_it_would_misread():
+    s = sb.ScoreStore(4)
+    with pytest.raises(TypeError, match="boolean mask"):
+        s.update(torch.tensor([True, False, True, False]), [1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(TypeError, match="must be integers"):
+        s.update(np.array([2.9]), [1.0])
+    with pytest.raises(ValueError, match=r"non-finite gradient norm for indices \[1\]"):
+        s.update([0, 1], [1.0, 2.0], grad_norms=[0.5, float("nan")])
+    assert not s.scored().any() and np.isnan(s.loss).all()  # nothing half-written
+    s.update(torch.tensor([3, 1]), [1.0, 2.0], grad_norms=[0.5, 0.25])
+    assert s.loss[3] == 1.0 and s.grad_norm[1] == 0.25
+
+
+def test_loader_with_a_store_needs_dataset_indices():
+    x, y = _digits(60)
+    loader = DataLoader(TensorDataset(x, y), batch_size=20, shuffle=True)  # no with_indices: positions only
+    sel = sb.SelectiveLoader(loader, sb.ScoringHook(nn.Linear(64, 10)), "uniform", store=sb.ScoreStore(60))
+    with pytest.raises(ValueError, match="with_indices"):
+        list(sel)
+
+
+@pytest.mark.parametrize("n", [120, 80])
+def test_weighted_batches_refuse_a_dataset_of_another_size(n):
+    x, y = _digits(n)
+    store = sb.ScoreStore(100)
+    sampler = sb.SelectiveSampler(store, "uniform", seed=0)
+    loader = DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=10, sampler=sampler)
+    with pytest.raises(ValueError, match=f"dataset has {n} samples but the ScoreStore 100"):
+        sb.WeightedBatches(loader, sampler)
