@@ -95,6 +95,14 @@ class SubBatch:
         if len(parts) == 1:
             return parts[0]
         sizes = [len(p) for p in parts]
+        for name in ("inputs", "targets"):
+            shapes = {tuple(getattr(p, name).shape[1:]) for p in parts}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"rebatching joins samples of different batches, but their {name} have different shapes "
+                    f"beyond the batch dimension: {sorted(shapes)} (padded to each batch's longest sequence?); "
+                    "pad to one fixed length in the collate function, or use rebatch=False"
+                )
         return SubBatch(
             torch.cat([p.inputs for p in parts]),
             torch.cat([p.targets for p in parts]),
@@ -178,6 +186,12 @@ def parse_batch(batch: Any, first_position: Optional[int] = None) -> SubBatch:
             indices where they are needed.
     """
     x, y, idx, extras = _split(batch)
+    x, y = (torch.as_tensor(v) if isinstance(v, np.ndarray) else v for v in (x, y))
+    if isinstance(y, Tensor) and y.dim() == 0:
+        raise TypeError(
+            "got a single unbatched sample (its target is a scalar): the wrapped loader must yield batches; "
+            "DataLoader(batch_size=None) turns batching off, give it a batch_size"
+        )
     n = int(x.shape[0])
     if int(y.shape[0]) != n:
         raise ValueError(f"inputs have {n} samples but targets have {int(y.shape[0])}")

@@ -207,7 +207,7 @@ class ScoringHook:
             h = h.float()
         if z.dtype in (torch.float16, torch.bfloat16):
             z = z.float()
-        targets = targets.to(z.device)
+        targets = targets.to(z.device, torch.int64)  # uint8/int16/int32 labels: one_hot needs int64
         if self.loss == "cross_entropy":
             logp = torch.log_softmax(z, dim=1)
             q = F.one_hot(targets, z.shape[1]).to(z.dtype)

@@ -40,6 +40,7 @@ name                    class        rule
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
@@ -68,10 +69,13 @@ Seed = Union[None, int, np.random.Generator]
 
 
 def budget(fraction: float, batch_size: int) -> int:
-    """Sub-batch size for ``fraction`` of ``batch_size``: ``ceil(fraction * B)``, at least 1."""
-    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0) or isinstance(fraction, bool):
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    return max(1, min(batch_size, math.ceil(fraction * batch_size - 1e-9)))
+    """Sub-batch size for ``fraction`` of ``batch_size``: ``ceil(fraction * B)``, at least 1.
+
+    ``fraction`` may be any real number type (``0.25``, ``np.float32(0.25)``), not a bool.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    return max(1, min(batch_size, math.ceil(float(fraction) * batch_size - 1e-9)))
 
 
 class Selection(tuple):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -126,6 +127,37 @@ def _tuple_batches():
     return [(x, y, i, i.float() / 2) for x, y, i in _batches()]
 
 
+def _small_int_labels():
+    """F.cross_entropy takes any integer labels; so does scoring."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        loader = _run([(x, y.to(dtype), i) for x, y, i in _batches()], "topk")
+        _accounted(loader)
+        assert all(b.targets.dtype == dtype for b in loader.out)
+    return loader
+
+
+def _unbatched():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y, _ = _batches(1)[0]
+    return DataLoader(TensorDataset(x, y), batch_size=None)
+
+
+class _SeqModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, C)
+
+    def forward(self, x):
+        return self.fc(x.float().mean(1, keepdim=True))
+
+
+def _ragged():
+    """Token batches padded to each batch's own longest sequence: 12, then 17."""
+    return [(torch.randint(0, 9, (8, t)), torch.randint(0, C, (8,)), torch.arange(8 * j, 8 * j + 8))
+            for j, t in enumerate((12, 17))]
+
+
 def _beton_without_index(tmp_path):
     if os.environ.get("SBSAMPLER_REQUIRE_FFCV") != "1":
         pytest.importorskip("ffcv")
@@ -177,6 +209,14 @@ CASES: list[tuple[str, Callable[[Any], Any], Optional[type], str, Optional[Calla
      None, "", lambda ld: ld.stats.steps == 1),
     ("exception inside the wrapped loader", lambda t: _run(Exploding()), ConnectionError, "unreachable", None),
     (".beton without an index field", _beton_without_index, ValueError, "index", None),
+    ("uint8 / int16 / int32 labels", lambda t: _small_int_labels(), None, "", None),
+    ("numpy inputs, tensor targets", lambda t: _run([(x.numpy(), y, i) for x, y, i in _batches()]), None, "",
+     lambda ld: all(isinstance(b.inputs, torch.Tensor) for b in ld.out)),
+    ("DataLoader(batch_size=None): unbatched samples", lambda t: _run(_unbatched()), TypeError, "unbatched", None),
+    ("rebatching sequences padded per batch", lambda t: _run(_ragged(), model=_SeqModel(), rebatch=True, batch_size=6), ValueError,
+     r"different shapes beyond the batch dimension: \[\(12,\), \(17,\)\]", None),
+    ("fraction as a NumPy float", lambda t: _run(_batches(), fraction=np.float32(0.5)), None, "",
+     lambda ld: [len(b) for b in ld.out] == [4, 4, 4]),
 ]
 
 
