@@ -12,7 +12,7 @@ without ever building the ``C * (d + 1)``-wide gradients.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,22 @@ from .scores import Scores
 __all__ = ["ScoringHook", "find_head"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _logits_of(output: Any) -> Optional[Tensor]:
+    """The logits in a model's output: the tensor itself, the first item of a tuple/list, or ``.logits``."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    return logits if isinstance(logits, Tensor) else None
+
+
+def _same(logits: Tensor, z: Tensor) -> bool:
+    """The same values (NaN where NaN, inf where inf), whatever the dtype the model returns them in."""
+    return logits.shape == z.shape and bool(torch.isclose(logits.detach().to(z.dtype), z.detach(), rtol=0.0,
+                                                          atol=0.0, equal_nan=True).all())
 
 
 def find_head(model: nn.Module) -> nn.Linear:
@@ -90,6 +106,7 @@ class ScoringHook:
             # Score the wrapped module: a DDP forward may broadcast buffers (a collective),
             # and ranks do not always score the same number of times.
             model = model.module
+        self._auto_head = head is None  # found by find_head: the first scored batch may correct it
         if head is None:
             head = find_head(model)
         if not isinstance(head, nn.Linear):
@@ -116,6 +133,8 @@ class ScoringHook:
         self.amp_dtype = amp_dtype
         self._active = False
         self._captured: Optional[tuple[Tensor, Tensor]] = None
+        self._calls = 0  # head calls in the current scoring forward
+        self._head_checked = False  # the head's output was compared with the model's logits
         self._handle = head.register_forward_hook(self._capture)
 
     @property
@@ -125,6 +144,7 @@ class ScoringHook:
 
     def _capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         if self._active:
+            self._calls += 1
             self._captured = (inputs[0], output)
 
     def remove(self) -> None:
@@ -151,7 +171,8 @@ class ScoringHook:
                     f"{self.num_classes} outputs (labels must be in [0, {self.num_classes - 1}])"
                 )
 
-    def _forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def _run(self, inputs: Tensor) -> Any:
+        """One no-graph forward of the model in scoring mode; every module's mode and buffer restored."""
         model = self.model
         modes = [(m, m.training) for m in model.modules()]  # each module's own flag: frozen parts stay frozen
         saved = None
@@ -159,28 +180,91 @@ class ScoringHook:
             saved = [b.detach().clone() for b in model.buffers()]
         else:
             model.eval()
-        self._active, self._captured = True, None
         try:
             amp = self.amp_dtype is not None
             with torch.no_grad(), torch.autocast(device_type=inputs.device.type,
                                                  dtype=self.amp_dtype or torch.float16, enabled=amp):
-                model(inputs)
+                return model(inputs)
         finally:
-            self._active = False
             for module, training in modes:
                 module.training = training
             if saved is not None:
                 with torch.no_grad():
                     for b, s in zip(model.buffers(), saved):
                         b.copy_(s)
-        captured, self._captured = self._captured, None
+
+    def _forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        self._active, self._captured, self._calls = True, None, 0
+        try:
+            output = self._run(inputs)
+        finally:
+            self._active = False
+        captured, calls, self._captured = self._captured, self._calls, None
+        name = self._name(self.head)
         if captured is None:
             raise RuntimeError(
-                f"the head {type(self.head).__name__}({self.head.in_features}, "
-                f"{self.head.out_features}) was not called in the model's forward pass; "
+                f"the head {name} was not called in the model's forward pass; "
                 "pass the layer that produces the logits as head="
             )
+        if calls != 1:
+            raise RuntimeError(
+                f"the head {name} ran {calls} times in one forward pass (two views, or a layer shared with another "
+                "branch?), so its output is not one row of logits per sample; pass head= the layer that produces "
+                "the logits once"
+            )
+        if not self._head_checked:
+            if not self._head_matches(output, captured[1], inputs):
+                return self._forward(inputs)  # the head was corrected: score again with it
+            self._head_checked = True
         return captured
+
+    def _name(self, module: nn.Module) -> str:
+        names = {m: n for n, m in self.model.named_modules()}
+        label = names.get(module, "?") or "the model itself"
+        if isinstance(module, nn.Linear):
+            return f"{label!r} (Linear({module.in_features}, {module.out_features}))"
+        return repr(label)
+
+    def _head_matches(self, output: Any, z: Tensor, inputs: Tensor) -> bool:
+        """Whether ``z`` is what the model returns as logits; corrects an automatically found head.
+
+        Returns ``False`` after switching to the right head (the caller scores again), raises if
+        the head was given, or no single linear layer produces the logits. An output whose logits
+        cannot be told apart (not a tensor, a tuple/list starting with one, a dict or object with
+        ``logits``) is taken on trust.
+        """
+        logits = _logits_of(output)
+        if logits is None or _same(logits, z):
+            return True
+        producers = self._linears_producing(logits, inputs)
+        if self._auto_head and len(producers) == 1:
+            self.head = producers[0]
+            self._handle.remove()
+            self._handle = self.head.register_forward_hook(self._capture)
+            return False
+        found = ", ".join(self._name(m) for m in producers)
+        how = (f"the logits come from {found}: pass it, e.g. ScoringHook(model, head=model.<that layer>)" if producers
+               else "no linear layer outputs them: the logits are changed after the last layer (a temperature, a "
+                    "scale, a sum of views); move that change into loss= or into the layer, or pass head=")
+        raise ValueError(
+            f"the head {self._name(self.head)} is not the layer whose output the model returns as logits "
+            f"(head output {tuple(z.shape)}, model logits {tuple(logits.shape)}); {how}"
+        )
+
+    def _linears_producing(self, logits: Tensor, inputs: Tensor) -> list[nn.Linear]:
+        """The linear layers called once in a forward pass whose output equals ``logits``."""
+        outputs: dict[nn.Module, list[Tensor]] = {}
+
+        def record(module: nn.Module, args: tuple, out: Tensor) -> None:
+            outputs.setdefault(module, []).append(out)
+
+        handles = [m.register_forward_hook(record) for m in self.model.modules() if isinstance(m, nn.Linear)]
+        try:
+            self._run(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return [m for m, outs in outputs.items() if len(outs) == 1 and _same(logits, outs[0])]
 
     def score(self, inputs: Tensor, targets: Tensor) -> Scores:
         """Score one minibatch: per-sample loss, ``dl/dz`` and head features.
@@ -193,8 +277,8 @@ class ScoringHook:
             ``Scores`` on the inputs' device, in the head's dtype (float32 for half-precision heads).
         """
         batch = int(inputs.shape[0]) if isinstance(inputs, Tensor) else len(inputs)
+        h, z = self._forward(inputs)  # first: a wrong head would make the label check below misleading
         self.validate_targets(targets, batch)
-        h, z = self._forward(inputs)
         if h.dim() != 2:
             raise ValueError(
                 f"the head's input has shape {tuple(h.shape)}; per-sample last-layer "

@@ -241,3 +241,69 @@ def test_label_smoothing_with_a_callable_loss_is_refused():
     with pytest.raises(ValueError, match="label_smoothing applies to the built-in"):
         sb.ScoringHook(mlp(), loss=loss, label_smoothing=0.1)
     sb.ScoringHook(mlp(), loss=loss)  # without smoothing: fine
+
+
+class TwoHeads(nn.Module):
+    """Returns (logits, projection); the projection is registered last, so find_head picks it first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 4)
+        self.proj = nn.Linear(16, 32)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.fc(h), self.proj(h)
+
+
+class ClassifierFirst(nn.Module):
+    """The classifier is registered before its encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+        self.encoder = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+
+    def forward(self, x):
+        return self.fc(self.encoder(x))
+
+
+class Tempered(ClassifierFirst):
+    def forward(self, x):
+        return self.fc(self.encoder(x)) / 2.0  # temperature after the head
+
+
+class TwoViews(ClassifierFirst):
+    def forward(self, x):
+        return (self.fc(self.encoder(x)) + self.fc(self.encoder(x.flip(1)))) / 2  # the head runs twice
+
+
+@pytest.mark.parametrize("cls", [TwoHeads, ClassifierFirst])
+def test_an_automatically_found_head_is_checked_and_corrected(cls):
+    torch.manual_seed(0)
+    model = cls()
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    hook = sb.ScoringHook(model)
+    assert hook.head is not model.fc  # registration order picks the wrong layer
+    scores = hook.score(x, y)
+    assert hook.head is model.fc and hook.num_classes == 4 and scores.logit_grad.shape == (16, 4)
+    out = model(x)
+    logits = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(scores.loss, F.cross_entropy(logits, y, reduction="none"))
+
+
+def test_a_given_head_that_is_not_the_logits_is_refused_naming_the_right_one():
+    model = TwoHeads()
+    with pytest.raises(ValueError, match=r"'proj' \(Linear\(16, 32\)\) is not the layer.*logits come from 'fc'"):
+        sb.ScoringHook(model, head=model.proj).score(torch.randn(8, 6), torch.randint(0, 4, (8,)))
+
+
+def test_logits_changed_after_the_head_are_refused():
+    with pytest.raises(ValueError, match="no linear layer outputs them"):
+        sb.ScoringHook(Tempered()).score(torch.randn(8, 6), torch.randint(0, 4, (8,)))
+
+
+def test_a_head_that_runs_twice_is_refused():
+    with pytest.raises(RuntimeError, match="ran 2 times"):
+        sb.ScoringHook(TwoViews()).score(torch.randn(8, 6), torch.randint(0, 4, (8,)))
