@@ -236,7 +236,8 @@ def _retire(p: int, live: int, q: np.ndarray, m: int, corr: np.ndarray, atom: np
 
 
 @numba.njit(**_JIT)
-def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ridge: float):
+def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ridge: float,
+             dep_tol: float = 1e-10):
     """Orthogonal matching pursuit using only inner products.
 
     Atoms are vectors ``g_i`` with ``gram[i, j] = <g_i, g_j>``; the target is a
@@ -256,7 +257,9 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
 
     Stops early when no candidate improves the fit: no correlation above
     ``1e-10`` of the largest initial one, or every candidate left is
-    numerically dependent on those chosen.
+    numerically dependent on those chosen: the part of it orthogonal to their
+    span has a squared norm of at most ``dep_tol`` times its own (give about
+    ``1e-4`` for a float32 Gram matrix, whose round-off is far above ``1e-10``).
 
     Returns ``(chosen, weights, explained)``: int64 (m,) atoms in pick order with
     ``m <= k``; float64 (m,) least-squares weights of ``t`` on them (no sign
@@ -294,7 +297,7 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
             sq -= lt * lt
         _retire(pos, live, q, m, corr, atom)
         live -= 1
-        if sq <= 1e-10 * diag:  # dependent on the atoms already chosen: never pick it again
+        if sq <= dep_tol * diag:  # dependent on the atoms already chosen: never pick it again
             pos = _most_correlated(corr, atom, live, nonneg, corr_tol)
             continue
         d = np.sqrt(sq)

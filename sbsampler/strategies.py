@@ -363,10 +363,17 @@ class GradientMatching(Strategy):
     working only with their ``B x B`` Gram matrix (never the ``C (d + 1)``-wide
     gradients): orthogonal matching pursuit picks ``S`` (by largest positive
     correlation with the residual when ``nonneg``), then non-negative least
-    squares on ``S`` sets the weights. If the pursuit stops early (the mean is
-    already matched, or nothing correlates positively) the budget is filled with
-    random samples and the weights re-solved, so exactly ``k`` come back.
-    The residual ``|sum w g - mean g| / |mean g|`` is reported in the result.
+    squares on ``S`` sets the weights. The residual
+    ``|sum w g - mean g| / |mean g|`` is reported in the result.
+
+    When the budget is more than the pursuit can use (``k`` above the rank of the
+    last-layer gradients, at most ``(C - 1)(d + 1)`` for cross-entropy; the mean
+    already matched; nothing correlating positively), the pursuit stops at the
+    atoms it could add, the rest of the budget is filled with random samples,
+    and all ``k`` weights are fitted with a small ridge toward the uniform
+    weights ``1/k`` (``FILL_RIDGE`` times the mean squared gradient norm). The fit
+    stays near exact, the weights stay bounded (an unregularised fit on a
+    singular block could sum to 1e4), and at ``k = B`` every sample gets ``1/B``.
     (Balles et al. 2023, "A Negative Result on Gradient Matching for Selective
     Backprop"; GradMatch, Killamsetty et al. 2021.)
 
@@ -386,6 +393,8 @@ class GradientMatching(Strategy):
     name = "gradmatch"
     needs_gradients = True
     works_from_stored = False  # needs the current gradients' Gram matrix
+    #: ridge toward uniform weights when the pursuit stops short of ``k``, relative to the mean squared gradient norm
+    FILL_RIDGE: ClassVar[float] = 1e-4
 
     def __init__(self, reg: float = 0.0, nonneg: bool = True, normalize: bool = False, seed: Seed = None) -> None:
         super().__init__(seed)
@@ -419,18 +428,26 @@ class GradientMatching(Strategy):
         if tnorm2 <= 0.0:  # every gradient is zero: nothing to match
             idx = np.sort(rng.choice(b, size=k, replace=False))
             return Selection(idx, _uniform_weights(k), residual=0.0)
-        chosen, w, _ = kernels.omp_gram(gram, target, k, self.nonneg, ridge)
-        if chosen.shape[0] < k:
-            rest = np.setdiff1d(np.arange(b), chosen)
-            fill = rng.choice(rest, size=k - chosen.shape[0], replace=False)
-            chosen = np.concatenate([chosen, fill])
-            w = np.concatenate([w, np.zeros(fill.shape[0])])
+        dep_tol = 1e-4 if gram.dtype == np.float32 else 1e-10  # float32 round-off fakes independence below it
+        chosen, w, _ = kernels.omp_gram(gram, target, k, self.nonneg, ridge, dep_tol)
         # Weights in float64 on the chosen block (also repairs float32 round-off).
-        sub = kernels.gather_gram(gram, chosen, ridge)
-        if self.nonneg:
-            w = kernels.nnls_gram(sub, target[chosen], w, 500, 1e-7)
-        else:
-            w = np.linalg.solve(sub + 1e-12 * np.trace(sub) / k * np.eye(k), target[chosen])
+        if chosen.shape[0] == k:
+            sub = kernels.gather_gram(gram, chosen, ridge)
+            if self.nonneg:
+                w = kernels.nnls_gram(sub, target[chosen], w, 500, 1e-7)
+            else:
+                w = np.linalg.solve(sub + 1e-12 * np.trace(sub) / k * np.eye(k), target[chosen])
+        else:  # the pursuit stopped short: fill the budget, fit all k with a ridge toward 1/k
+            rest = np.setdiff1d(np.arange(b), chosen)
+            chosen = np.concatenate([chosen, rng.choice(rest, size=k - chosen.shape[0], replace=False)])
+            sub = kernels.gather_gram(gram, chosen, ridge)
+            lam = self.FILL_RIDGE * float(np.mean(np.diag(gram), dtype=np.float64))
+            uniform = np.full(k, 1.0 / k)
+            fill_sub, fill_target = sub + lam * np.eye(k), target[chosen] + lam * uniform
+            if self.nonneg:
+                w = kernels.nnls_gram(fill_sub, fill_target, uniform, 2000, 1e-9)
+            else:
+                w = np.linalg.solve(fill_sub, fill_target)
         if self.normalize and w.sum() > 0:
             w = w / w.sum()
         if ridge:

@@ -280,3 +280,54 @@ def test_gradmatch_normalize_keeps_subset_and_ratios():
     np.testing.assert_allclose(norm.residual, fit_residual(g, norm.indices, norm.weights.astype(np.float64)),
                                rtol=1e-4)
     assert norm.residual >= plain.residual - 1e-9  # the fit was optimal; rescaling can only lose
+
+
+@pytest.mark.parametrize("c", [2, 10, 100])
+def test_gradmatch_is_safe_whatever_the_rank_of_the_gradients(c):
+    """Budgets above the rank (C - 1)(d + 1) of the last-layer gradients: weights bounded, fit at least as good
+    as Uniform's median, and the whole batch at 1/B when the budget is the whole batch."""
+    for d in (8, 16, 32, 128):
+        for b in (64, 256):
+            for f in (0.25, 0.5, 1.0):
+                scores = _make_scores(0, b, c, d, dtype=torch.float32)
+                k = budget(f, b)
+                sel = sb.GradientMatching(seed=0).select(scores, k)
+                case = (c, d, b, f)
+                assert len(set(sel.indices.tolist())) == k, case
+                assert (sel.weights >= 0).all() and sel.weights.max() * k <= 4.0 and sel.weights.sum() <= 1.1, case
+                g = explicit_grads(scores)
+                res = fit_residual(g, sel.indices, sel.weights.astype(np.float64))
+                uniform = np.median([fit_residual(g, *sb.Uniform(seed=s).select(scores, k)) for s in range(9)])
+                assert res <= uniform + 1e-4, case
+                if f == 1.0:
+                    np.testing.assert_allclose(sel.weights, 1.0 / b, rtol=1e-3, err_msg=str(case))
+
+
+def test_gradmatch_trains_a_two_class_task_as_well_as_uniform():
+    """C = 2 and 32 features: rank <= 33 < k = 64. The per-step weight sum stays ~1 (it reached 1e18 before)."""
+
+    def train(strategy, seed):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 2, (2048,), generator=g)
+        x = torch.randn(2048, 16, generator=g) + 1.5 * (2 * y[:, None] - 1) * torch.linspace(1, 0, 16)
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256, shuffle=True,
+                                           generator=g)
+        sums = []
+        for _ in range(3):
+            for b in sb.SelectiveLoader(data, sb.ScoringHook(model), strategy, fraction=0.25, seed=seed):
+                loss = torch.nn.functional.cross_entropy(model(b.inputs), b.targets, reduction="none")
+                opt.zero_grad()
+                sb.weighted_loss(loss, b.weights).backward()
+                opt.step()
+                sums.append(float(b.weights.sum()))
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(x), y)), max(sums)
+
+    for seed in range(2):
+        uniform_loss, _ = train("uniform", seed)
+        gm_loss, gm_sum = train("gradmatch", seed)
+        assert gm_sum <= 1.1
+        assert gm_loss <= 1.5 * uniform_loss + 0.01
