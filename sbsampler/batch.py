@@ -53,8 +53,11 @@ class SubBatch:
             loader provides none), on the CPU.
         extras: the batch's other fields, gathered alongside: a dict batch's
             other keys, or a tuple batch's items after the indices by position
-            (3, 4, ...). Per-sample values (tensors, arrays, lists with one entry
-            per sample) are gathered; batch-level values pass through unchanged.
+            (3, 4, ...). Tensors, arrays, lists and tuples are per-sample (one
+            row per sample) and gathered, unless their key is in ``batch_level``;
+            other values (strings, numbers, dicts) pass through unchanged.
+        batch_level: keys of ``extras`` that belong to the whole batch (a
+            class-weight vector, say): passed through, never gathered.
     """
 
     inputs: Tensor
@@ -62,6 +65,7 @@ class SubBatch:
     weights: Tensor
     indices: Tensor
     extras: dict = field(default_factory=dict)
+    batch_level: frozenset = frozenset()
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -75,7 +79,7 @@ class SubBatch:
         if device is None:
             return self
         return SubBatch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
-                        self.weights.to(device), self.indices, self.extras)
+                        self.weights.to(device), self.indices, self.extras, self.batch_level)
 
     def take(self, rows: Tensor, weights: Optional[Tensor] = None) -> "SubBatch":
         """The rows ``rows`` (CPU int64 positions) of every field; ``weights`` replaces theirs when given."""
@@ -86,15 +90,19 @@ class SubBatch:
             self.targets[on],
             self.weights[rows.to(self.weights.device)] if weights is None else weights,
             self.indices[rows],
-            {k: _take_field(v, rows, n) for k, v in self.extras.items()},
+            {k: v if k in self.batch_level else _take_field(v, rows, n) for k, v in self.extras.items()},
+            self.batch_level,
         )
 
     @staticmethod
-    def concat(parts: Sequence["SubBatch"]) -> "SubBatch":
-        """The rows of ``parts`` one after the other, extras included."""
+    def concat(parts: Sequence["SubBatch"], same_batch: bool = False) -> "SubBatch":
+        """The rows of ``parts`` one after the other, extras included.
+
+        ``same_batch``: the parts are rows of one batch, so its batch-level
+        fields carry over; otherwise a batch-level field cannot be joined.
+        """
         if len(parts) == 1:
             return parts[0]
-        sizes = [len(p) for p in parts]
         for name in ("inputs", "targets"):
             shapes = {tuple(getattr(p, name).shape[1:]) for p in parts}
             if len(shapes) > 1:
@@ -108,19 +116,25 @@ class SubBatch:
             torch.cat([p.targets for p in parts]),
             torch.cat([p.weights for p in parts]),
             torch.cat([p.indices for p in parts]),
-            {k: _concat_field([p.extras[k] for p in parts], sizes, k) for k in parts[0].extras},
+            {k: _concat_field([p.extras[k] for p in parts], k, parts[0].batch_level, same_batch)
+             for k in parts[0].extras},
+            parts[0].batch_level,
         )
 
 
-def _is_per_sample(value: Any, n: int) -> bool:
-    if isinstance(value, (Tensor, np.ndarray)):
-        return value.ndim >= 1 and value.shape[0] == n
-    return isinstance(value, (list, tuple)) and len(value) == n
+def _is_sequence(value: Any) -> bool:
+    """Tensors, arrays, lists and tuples: the values an extra field can hold one row per sample in."""
+    return isinstance(value, (Tensor, np.ndarray, list, tuple)) and not (
+        isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0)
+
+
+def _rows_of(value: Any) -> int:
+    return int(value.shape[0]) if isinstance(value, (Tensor, np.ndarray)) else len(value)
 
 
 def _take_field(value: Any, rows: Tensor, n: int) -> Any:
-    """Rows of a per-sample value (tensor, array or list); a batch-level value unchanged."""
-    if not _is_per_sample(value, n):
+    """Rows of a per-sample value (tensor, array or list); a value of another kind unchanged."""
+    if not _is_sequence(value):
         return value
     if isinstance(value, Tensor):
         return value[rows.to(value.device)]
@@ -130,11 +144,14 @@ def _take_field(value: Any, rows: Tensor, n: int) -> Any:
     return type(value)(picked) if isinstance(value, tuple) else picked
 
 
-def _concat_field(values: list, sizes: list[int], key: Any) -> Any:
-    if not all(_is_per_sample(v, m) for v, m in zip(values, sizes)):
+def _concat_field(values: list, key: Any, batch_level: frozenset, same_batch: bool) -> Any:
+    whole_batch = key in batch_level or not all(_is_sequence(v) for v in values)
+    if whole_batch and same_batch:
+        return values[0]  # rows of one batch (a queue entry split, DDP padding): its batch-level value
+    if whole_batch:
         raise TypeError(
-            f"extra field {key!r} is not per-sample (a tensor, array or list with one entry per sample), "
-            "so it cannot be rebatched across batches; make it per-sample or use rebatch=False"
+            f"extra field {key!r} is not per-sample (it belongs to the whole batch), so it cannot be rebatched "
+            "across batches; make it per-sample or use rebatch=False"
         )
     first = values[0]
     if isinstance(first, Tensor):
@@ -142,6 +159,17 @@ def _concat_field(values: list, sizes: list[int], key: Any) -> Any:
     if isinstance(first, np.ndarray):
         return np.concatenate(values)
     return [v for part in values for v in part]
+
+
+def _check_extras(extras: dict, n: int, batch_level: frozenset) -> None:
+    """Every sequence extra not named batch-level must have one row per sample: no guessing by length."""
+    for key, value in extras.items():
+        if key not in batch_level and _is_sequence(value) and _rows_of(value) != n:
+            raise ValueError(
+                f"extra field {key!r} has {_rows_of(value)} rows for a batch of {n} samples: tensors, arrays and "
+                "lists in a batch are per-sample (one row per sample); name a field that belongs to the whole "
+                f"batch in batch_fields=({key!r},)"
+            )
 
 
 def _split(batch: Any) -> tuple[Any, Any, Any, dict]:
@@ -171,7 +199,7 @@ def _index_tensor(idx: Any, n: int) -> Tensor:
     return t
 
 
-def parse_batch(batch: Any, first_position: Optional[int] = None) -> SubBatch:
+def parse_batch(batch: Any, first_position: Optional[int] = None, batch_fields: Iterable = ()) -> SubBatch:
     """One batch of a wrapped loader as a ``SubBatch`` with weights ``1/B``.
 
     Accepts ``(inputs, targets[, indices, *extras])`` sequences and dicts with
@@ -179,6 +207,11 @@ def parse_batch(batch: Any, first_position: Optional[int] = None) -> SubBatch:
     ``extras``. A batch without indices gets the stream positions
     ``first_position, first_position + 1, ...``; with ``first_position=None``
     it is refused (the caller needs dataset indices).
+
+    Extras that are tensors, arrays, lists or tuples are per-sample and must have
+    one row per sample, except those whose key (dict key, or tuple position 3,
+    4, ...) is in ``batch_fields``: those belong to the whole batch and pass
+    through. Other values (strings, numbers, dicts) always pass through.
 
     Raises:
         TypeError: a batch of another shape, or non-integer indices.
@@ -202,8 +235,10 @@ def parse_batch(batch: Any, first_position: Optional[int] = None) -> SubBatch:
     else:
         raise ValueError("batches carry no dataset indices: wrap the dataset with sbsampler.with_indices(dataset) "
                          "(or write the .beton with sbsampler.ffcv.write_beton)")
+    batch_level = frozenset(batch_fields)
+    _check_extras(extras, n, batch_level)
     weights = torch.full((n,), 1.0 / n if n else 0.0, device=x.device)
-    return SubBatch(x, y, weights, indices, extras)
+    return SubBatch(x, y, weights, indices, extras, batch_level)
 
 
 def is_ffcv_loader(obj: Any) -> bool:

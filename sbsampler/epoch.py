@@ -141,7 +141,7 @@ class EpochIterator:
         except StopIteration:
             return None
         # Stream positions stand in for missing indices, except where a ScoreStore needs dataset indices.
-        batch = parse_batch(raw, first_position=None if self.loader.store is not None else self.samples_read)
+        batch = parse_batch(raw, None if self.loader.store is not None else self.samples_read, self.loader.batch_fields)
         self.samples_read += len(batch)
         return batch
 
@@ -243,7 +243,7 @@ class EpochIterator:
                 front, self.queue[0] = head.split(count)
                 parts.append(front)
                 count = 0
-        out = SubBatch.concat([p.sub for p in parts])
+        out = SubBatch.concat([p.sub for p in parts], same_batch=len({p.ordinal for p in parts}) == 1)
         weights = step_weights(torch.cat([p.multipliers for p in parts]), torch.cat([p.per_pick for p in parts]))
         out.weights = weights.to(out.weights.device, torch.float32)
         return out
@@ -265,7 +265,7 @@ class EpochIterator:
                 )
             need = size - have
             pad = base.take(torch.arange(need) % len(base), torch.zeros(need, device=base.weights.device))
-            out = SubBatch.concat([sub, pad]) if have else pad  # type: ignore[list-item]
+            out = SubBatch.concat([sub, pad], same_batch=True) if have else pad  # type: ignore[list-item]
             self.stats.samples_padded += need
         if have:
             self._pad_source = sub

@@ -80,6 +80,10 @@ class SelectiveLoader:
         store: a ``ScoreStore`` that records every scored sample's loss and
             last-layer gradient norm (by dataset index, stamped with the epoch),
             for a ``SelectiveSampler`` to choose from later.
+        batch_fields: keys of extra fields (dict keys, or tuple positions 3,
+            4, ...) that belong to the whole batch and pass through ungathered.
+            Every other tensor, array or list field is per-sample and must have
+            one row per sample (``sbsampler.batch.parse_batch``).
 
     Epochs: ``next_epoch`` is the epoch the next ``iter(loader)`` runs; it
     advances by one when an epoch starts, and ``set_epoch`` sets it.
@@ -110,6 +114,7 @@ class SelectiveLoader:
         distributed: Union[None, bool, RankSync, LocalSync] = None,
         sync_history: bool = False,
         store: Optional[ScoreStore] = None,
+        batch_fields: Iterable = (),
     ) -> None:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"hook must be a ScoringHook, got {type(hook).__name__}")
@@ -149,6 +154,7 @@ class SelectiveLoader:
             if not self.strategy.keeps_history:
                 raise ValueError(f"sync_history=True needs a strategy with a loss history, got {self.strategy!r}")
         self.store = store
+        self.batch_fields = frozenset(batch_fields)
         self.next_epoch = 0
         self.stats = LoaderStats()
         self._running: Optional[EpochIterator] = None  # the epoch being iterated (or broken off)

@@ -295,11 +295,14 @@ class WeightedBatches:
     Args:
         loader: the wrapped loader.
         sampler: the ``SelectiveSampler`` that orders it.
+        batch_fields: keys of extra fields that belong to the whole batch (as in
+            ``SelectiveLoader``).
     """
 
-    def __init__(self, loader: Iterable, sampler: SelectiveSampler) -> None:
+    def __init__(self, loader: Iterable, sampler: SelectiveSampler, batch_fields: Iterable = ()) -> None:
         self.loader = adapt_loader(loader)
         self.sampler = sampler
+        self.batch_fields = frozenset(batch_fields)
         self._epoch_len: Optional[int] = None
         self._check_size()
 
@@ -330,7 +333,7 @@ class WeightedBatches:
         try:
             self._epoch_len = n
             for raw in self.loader:
-                batch = parse_batch(raw)
+                batch = parse_batch(raw, batch_fields=self.batch_fields)
                 batch.weights = torch.from_numpy(self.sampler.weights_for(batch.indices)).float().to(
                     batch.weights.device)
                 yield batch

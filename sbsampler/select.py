@@ -86,7 +86,8 @@ def select_batch(
         strategy: a ``Strategy`` or a registered name.
         batch: a ``SubBatch`` from ``parse_batch``, or anything ``parse_batch``
             reads (``(inputs, targets[, indices, *extras])`` or a dict); without
-            indices the rows are numbered from 0.
+            indices the rows are numbered from 0. (Batch-level extra fields:
+            parse it with ``parse_batch(batch, 0, batch_fields=...)`` first.)
         fraction: share of the batch to choose, in (0, 1]
             (variable-count strategies choose their own count).
         nan_policy: ``"raise"``, ``"skip"`` or ``"keep"`` (``sbsampler.scores.apply_nan_policy``).

@@ -243,3 +243,18 @@ def test_exception_leaves_counters_consistent():
     s = loader.stats
     assert s.samples_seen == 8 and s.samples_yielded == sum(map(len, got)) == 4
     assert s.samples_seen == s.samples_selected + s.samples_not_selected
+
+
+def test_batch_level_fields_are_declared_not_guessed_by_length():
+    """A class-weight vector of length C: per-sample-ness must not flip on the batch whose size happens to be C."""
+    class_weights = torch.tensor([1.0, 2.0, 3.0, 4.0])  # C = 4 classes
+    batches = [{"inputs": x, "targets": y, "indices": i, "class_weights": class_weights}
+               for x, y, i in _batches(2, b=8) + _batches(1, b=4, seed=3)]  # the last batch has 4 = C samples
+    expected = r"'class_weights' has 4 rows for a batch of 8.*batch_fields=\('class_weights',\)"
+    with pytest.raises(ValueError, match=expected):
+        _run(batches)
+    loader = _run(batches, batch_fields=("class_weights",))
+    assert all(b.extras["class_weights"] is class_weights for b in loader.out)  # never gathered, also on the 4-batch
+    _accounted(loader)
+    rebatched = _run(batches, "topk", batch_fields=("class_weights",), rebatch=True, batch_size=2)
+    assert all(b.extras["class_weights"] is class_weights for b in rebatched.out)  # steps of 2 rows of one batch
