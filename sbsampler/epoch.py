@@ -92,6 +92,7 @@ class EpochIterator:
         self.finished = False
         self._pad_source: Optional[SubBatch] = None  # the rows a rank with nothing this round repeats
         self._steps: Optional[Iterator[SubBatch]] = None
+        self._start_error: Optional[BaseException] = None  # reported in the first round, on every rank
 
     def _start(self) -> Iterator[SubBatch]:
         """Claim the epoch from the loader (and any state to resume), open the wrapped loader.
@@ -104,9 +105,12 @@ class EpochIterator:
         self.epoch = epoch
         self.strategy = self.loader.strategy if self.loader.is_selective(epoch) else _FULL
         self.rebatch = self.loader.rebatch and not self.strategy.keeps_all
-        self._source = iter(self.loader.loader)
-        if resume is not None:
-            self._fast_forward(resume)
+        try:
+            self._source = iter(self.loader.loader)
+            if resume is not None:
+                self._fast_forward(resume)
+        except Exception as err:  # noqa: BLE001 - raised in the first round, on every rank at once
+            self._start_error = err
         return self._rebatched() if self.rebatch else self._direct()
 
     def __iter__(self) -> "EpochIterator":
@@ -156,15 +160,49 @@ class EpochIterator:
         self.stats.samples_seen += len(batch)
         return batch.to(self.loader.device)
 
-    def _round(self) -> tuple[Optional[SubBatch], Optional[Selected]]:
-        """Pull and select one batch: ``(the batch or None at the end, what was selected)``."""
-        batch = self._next_batch()
-        picked = None if batch is None else self._select(batch)
+    def _round(self) -> tuple[Optional[SubBatch], Optional[Selected], Optional[BaseException]]:
+        """Pull and select one batch: ``(the batch or None at the end, what was selected, an error or None)``.
+
+        An error is caught, not raised here: the round's agreement must still run on every rank, so that
+        every rank raises together (``_fail``) instead of the others waiting for this one forever.
+        """
+        batch = picked = None
+        error, self._start_error = self._start_error, None
+        if error is None:
+            try:
+                batch = self._next_batch()
+                picked = None if batch is None else self._select(batch)
+            except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
+                batch, picked, error = None, None, err
         if self.strategy.keeps_history:  # every rank, every round: the all-gather must match up
             scores = picked.scores if picked is not None else None
             losses = scores.loss.detach().to("cpu", torch.float64).numpy() if scores is not None else np.zeros(0)
             self.strategy.observe(self.history_sync.all_gather_1d(losses))
-        return batch, picked
+        if picked is not None and picked.sub is not None:
+            if self.loader.batch_size is None:  # neither given nor on the wrapped loader: the first batch's
+                self.loader.batch_size = len(batch)  # type: ignore[arg-type]
+            per_pick = torch.full_like(picked.multipliers, picked.per_pick)
+            self.queue.append(_Queued(picked.sub, self.position - 1, picked.rows, picked.multipliers, per_pick))
+        return batch, picked, error
+
+    def _fail(self, error: Optional[BaseException]) -> None:
+        """Every rank raises: this rank's own error, or one naming the rank that failed and why."""
+        text = f"{type(error).__name__}: {error}" if error is not None else ""
+        codes = np.frombuffer(text.encode()[:4000], dtype=np.uint8).astype(np.float64)
+        gathered = self.sync.all_gather_1d(np.concatenate([[codes.size], codes]))
+        if error is not None:
+            raise error
+        messages, at = [], 0
+        for rank in range(self.sync.world_size):
+            size = int(gathered[at])
+            if size:
+                messages.append(f"rank {rank}: {gathered[at + 1:at + 1 + size].astype(np.uint8).tobytes().decode()}")
+            at += 1 + size
+        raise RuntimeError(f"another rank failed, so every rank stops here ({'; '.join(messages)})")
+
+    def _can_pad(self) -> int:
+        """Whether this rank has rows to make a step from (queued, or earlier ones to repeat at weight 0)."""
+        return int(bool(self.queue) or self._pad_source is not None)
 
     def _select(self, batch: SubBatch) -> Selected:
         loader, stats = self.loader, self.stats
@@ -189,28 +227,36 @@ class EpochIterator:
 
     # -- steps -----------------------------------------------------------------------
     def _direct(self) -> Iterator[SubBatch]:
-        """One step per round (no rebatching, or a strategy that keeps every sample)."""
+        """One step per round (no rebatching, or a strategy that keeps every sample).
+
+        Every rank steps with the longest rank's rows. If a rank has nothing to pad a step with yet (its
+        first batches were all skipped as non-finite), no rank steps this round: the rows wait in the
+        queue and join the next step, weighted against their own batch (``sbsampler.weights``).
+        """
         while True:
-            batch, picked = self._round()
-            sub = picked.sub if picked is not None else None
-            _, (size, more) = self.sync.min_max([len(sub) if sub is not None else 0, int(batch is not None)])
-            if size:
-                yield self._emit(sub, size)
-            if not more:
-                return
+            batch, picked, error = self._round()
+            queued = self.queued()
+            mn, mx = self.sync.min_max([queued, int(batch is not None), int(error is not None), self._can_pad()])
+            if mx[2]:
+                self._fail(error)
+            if mx[0] and mn[3]:
+                yield self._emit(self._take(queued) if queued else None, mx[0])
+            if not mx[1]:
+                break
+        if mx[0]:  # rows left that could never be stepped on: some rank had no finite sample all epoch
+            self._fail(None if self._can_pad() else RuntimeError(
+                f"rank {self.sync.rank} had no sample to pad a step with all epoch (every batch empty or "
+                "skipped as non-finite), so the other ranks' steps cannot be matched"))
 
     def _rebatched(self) -> Iterator[SubBatch]:
         """Jiang et al.'s queue: chosen rows accumulate until a full batch is ready."""
         while True:
-            batch, picked = self._round()
-            if picked is not None and picked.sub is not None:
-                if self.loader.batch_size is None:  # neither given nor on the wrapped loader: the first batch's
-                    self.loader.batch_size = len(batch)  # type: ignore[arg-type]
-                per_pick = torch.full_like(picked.multipliers, picked.per_pick)
-                self.queue.append(_Queued(picked.sub, self.position - 1, picked.rows, picked.multipliers, per_pick))
+            batch, picked, error = self._round()
             size = self.loader.batch_size
             ready = self.queued() // size if size else 0
-            mn, mx = self.sync.min_max([ready, int(batch is not None)])
+            mn, mx = self.sync.min_max([ready, int(batch is not None), int(error is not None)])
+            if mx[2]:
+                self._fail(error)
             for _ in range(mn[0]):
                 yield self._emit(self._take(size), size)
             if not mx[1]:
@@ -221,12 +267,16 @@ class EpochIterator:
         """The rows left in the queue once every rank's input has run out."""
         size = self.loader.batch_size or 1
         queued = self.queued()
-        mn, mx = self.sync.min_max([queued // size, -(-queued // size), queued])
+        mn, mx = self.sync.min_max([queued // size, -(-queued // size), queued, self._can_pad()])
         if self.loader.drop_last:
             for _ in range(mn[0]):
                 yield self._emit(self._take(size), size)
             self._drop(self.queued())
             return
+        if mx[1] and not mn[3]:
+            self._fail(None if self._can_pad() else RuntimeError(
+                f"rank {self.sync.rank} had no sample to pad a step with all epoch (every batch empty or "
+                "skipped as non-finite), so the other ranks' steps cannot be matched"))
         for j in range(mx[1]):  # the step size every rank agrees on: the longest rank's rows
             have = min(size, self.queued())
             yield self._emit(self._take(have) if have else None, min(size, mx[2] - j * size))

@@ -104,10 +104,10 @@ class ScriptedPeer(LocalSync):
         self.tail, self.size = tail, size
 
     def min_max(self, values):
-        if len(values) == 2:  # a round: the peer has no full batch ready and runs out when this rank does
-            other = [0, values[1]]
-        else:  # the tail: full batches, batches needed, rows queued
-            other = [self.tail // self.size, -(-self.tail // self.size), self.tail]
+        if len(values) == 3:  # a rebatching round: the peer has no full batch ready, runs out with this rank, no error
+            other = [0, values[1], 0]
+        else:  # the tail: full batches, batches needed, rows queued, rows to pad with
+            other = [self.tail // self.size, -(-self.tail // self.size), self.tail, 1]
         return [min(a, b) for a, b in zip(values, other)], [max(a, b) for a, b in zip(values, other)]
 
 
@@ -123,3 +123,31 @@ def test_the_tail_pads_to_the_longest_ranks_rows_not_to_a_full_batch():
     assert loader.stats.samples_yielded == 6 and loader.stats.samples_padded == 5
     torch.testing.assert_close(steps[0].weights[:6].sum(), torch.tensor(1.0))
     assert steps[0].weights[6:].abs().sum() == 0 and steps[1].weights.abs().sum() == 0
+
+
+def _failure_run(tmp_path, scenario):
+    fail_worker = Path(__file__).with_name("_ddp_fail_worker.py")
+    subprocess.run([sys.executable, str(fail_worker), str(tmp_path), _free_port(), scenario], check=True, timeout=120)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_an_error_on_one_rank_stops_every_rank_at_once(tmp_path):
+    """Rank 1 meets a NaN under nan_policy="raise": rank 0 raises too, naming rank 1's error, instead of hanging."""
+    r0, r1 = _failure_run(tmp_path, "raise")
+    for rebatch in ("False", "True"):
+        assert r1[rebatch]["error"] == "ValueError" and "non-finite" in r1[rebatch]["message"]
+        assert r0[rebatch]["error"] == "RuntimeError"
+        assert "another rank failed" in r0[rebatch]["message"] and "rank 1: ValueError: non-finite" in \
+            r0[rebatch]["message"]
+        assert r0[rebatch]["sizes"] == r1[rebatch]["sizes"]  # the same steps were taken before it
+
+
+def test_a_rank_whose_first_batch_is_all_skipped_carries_on(tmp_path):
+    r0, r1 = _failure_run(tmp_path, "skip_first")
+    for rebatch in ("False", "True"):
+        a, b = r0[rebatch], r1[rebatch]
+        assert a["error"] is None and b["error"] is None, (a, b)
+        assert a["sizes"] == b["sizes"] and a["same_params"] and b["same_params"]
+        s = b["stats"]
+        assert s["samples_skipped"] == 16 and s["samples_seen"] == 80
+        assert s["samples_yielded"] + s["samples_dropped"] == s["samples_selected"] == 32  # nothing lost
