@@ -249,7 +249,8 @@ class SelectiveLoader:
             return self._saved({**self._resume, "in_epoch": True})
         running = self._running
         in_epoch = running is not None and not running.finished
-        epoch_state = running.state_dict() if in_epoch else {"epoch": None, "position": 0, "queue": []}
+        epoch_state = running.state_dict() if in_epoch else {"epoch": None, "position": 0, "queue": [],
+                                                             "drawn": [0, 0], "carried": None}
         return self._saved({"in_epoch": in_epoch, **epoch_state})
 
     def _saved(self, epoch_state: dict[str, Any]) -> dict[str, Any]:
@@ -272,7 +273,7 @@ class SelectiveLoader:
         self.stats = LoaderStats(**{**state["stats"], "residuals": list(state["stats"]["residuals"])})
         self._running = None
         if state["in_epoch"]:
-            self._resume = {k: state[k] for k in ("epoch", "position", "queue")}
+            self._resume = {k: state[k] for k in ("epoch", "position", "queue", "drawn", "carried")}
             self.next_epoch = int(state["epoch"])
         else:
             self._resume = None

@@ -148,3 +148,28 @@ def test_workers_do_not_change_selections():
     assert _selections(2, True, seed=1) != base
     assert len({i for step in base for i in step[0]}) > 100
     assert np.isfinite([w for step in base for w in step[1]]).all()
+
+
+def test_resume_keeps_a_variable_count_strategys_samples_per_pick():
+    """Rebatched InfoBatch weights rows by the samples per pick of the draws before them (this epoch's and the
+    last epoch's): a fresh loader restored mid-epoch 1 must continue with the same weights."""
+    x, y = _data()
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        return sb.SelectiveLoader(Flaky(x, y, 20, fail_at=10**9), sb.ScoringHook(model), sb.InfoBatch(0.5, seed=3),
+                                  rebatch=True, batch_size=16)
+
+    ref_loader = make()
+    ref = [(b.indices.tolist(), b.weights.tolist()) for _ in range(2) for b in ref_loader]
+    first = make()
+    got = [(b.indices.tolist(), b.weights.tolist()) for b in first]  # epoch 0
+    it = iter(first)
+    got += [(b.indices.tolist(), b.weights.tolist()) for b in (next(it), next(it))]  # 2 steps into epoch 1
+    state = first.state_dict()
+    assert state["carried"] is not None and state["drawn"][1] > 0
+    second = make()
+    second.load_state_dict(state)
+    got += [(b.indices.tolist(), b.weights.tolist()) for b in second]
+    assert got == ref
