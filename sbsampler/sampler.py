@@ -26,9 +26,12 @@ and ``plan()`` follow the store, so asking for the next epoch's length early
 incomplete scores, and the epoch in progress keeps its own plan and weights.
 
 ``WeightedBatches`` turns the plan's multipliers into each batch's weights with
-``sbsampler.weights.step_weights`` (the plan is one draw of ``len(plan)`` picks
-standing for the dataset), so a batch's weighted loss estimates the dataset's
-mean loss (uniform selection gives plain ``1/b``).
+``sbsampler.weights.step_weights``. Under ``scale="step"`` the plan is one draw of
+``len(plan)`` picks standing for the dataset, so a batch's weighted loss estimates
+the dataset's mean loss (uniform selection gives plain ``1/b``); under
+``scale="epoch"`` (InfoBatch's default, as its official code) a batch's weights are
+its multipliers over its length, so a pruned epoch's summed update estimates a
+full epoch's.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from .batch import SubBatch, adapt_loader, parse_batch
-from .schedule import epoch_progress, in_window
+from .schedule import anneal_start
 from .scores import Scores
 from .store import ScoreStore
 from .strategies import Strategy, budget, get_strategy
@@ -57,12 +60,16 @@ class Plan:
     Attributes:
         indices: int64 dataset indices to load, in order.
         multipliers: float64, how many samples of the dataset each one stands for.
+        per_pick: what the weights divide a multiplier by (``sbsampler.weights``):
+            ``dataset_size / len(indices)`` under ``scale="step"``, 1 under
+            ``scale="epoch"``.
         dataset_size: the number of samples the plan stands for.
         store_version: the ``ScoreStore.version`` it was drawn from.
     """
 
     indices: np.ndarray
     multipliers: np.ndarray
+    per_pick: float
     dataset_size: int
     store_version: int
 
@@ -71,13 +78,8 @@ class Plan:
         self._by_index[self.indices] = self.multipliers
 
     @property
-    def per_pick(self) -> float:
-        """Samples per pick: ``dataset_size / len(indices)``."""
-        return self.dataset_size / max(self.indices.size, 1)
-
-    @property
     def shares(self) -> np.ndarray:
-        """Multipliers relative to their mean in expectation (``m / per_pick``): 1 for every uniform pick."""
+        """``multipliers / per_pick``: a batch's weights are its shares over its length."""
         return self.multipliers / self.per_pick
 
     def multipliers_for(self, indices: np.ndarray, epoch: Any) -> np.ndarray:
@@ -102,8 +104,18 @@ class SelectiveSampler(torch.utils.data.Sampler):
         max_staleness: a sample scored this many epochs ago (or more) is loaded
             again regardless, so its score is refreshed; ``None``: never forced.
         anneal: share of the final epochs that load the full data
-            (InfoBatch's annealing); needs ``epochs``.
+            (InfoBatch's annealing, ``1 - delta``): every epoch from
+            ``floor(epochs * (1 - anneal))`` on, as the official code; needs ``epochs``.
         epochs: total training epochs (for ``anneal``).
+        scale: how far a pruned epoch moves the model. ``"step"``: each
+            batch's weights sum to about 1 (its weighted loss estimates the
+            dataset's mean loss), so an epoch of fewer steps moves less far.
+            ``"epoch"``: a batch's weights are its multipliers over its length
+            (no renormalisation), so a pruned epoch's summed update estimates a
+            full epoch's, as the official InfoBatch code does. Default: the
+            strategy's ``sampler_scale`` (``"epoch"`` for InfoBatch, ``"step"``
+            for the others, whose multipliers of ``1 / fraction`` would make
+            every step that much larger).
         shuffle: shuffle the plan (seeded by ``seed`` and the epoch).
         seed: seeds the shuffle and the strategy's draw, per epoch.
         num_replicas, rank: shard the plan for DDP by ``DistributedSampler``'s
@@ -124,6 +136,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        scale: Optional[str] = None,
     ) -> None:
         if not isinstance(store, ScoreStore):
             raise TypeError(f"store must be a ScoreStore, got {type(store).__name__}")
@@ -142,8 +155,11 @@ class SelectiveSampler(torch.utils.data.Sampler):
             raise ValueError(f"anneal is a share of the training epochs: pass epochs= (got {epochs!r})")
         if not (isinstance(num_replicas, int) and num_replicas >= 1 and 0 <= rank < num_replicas):
             raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
+        if scale not in (None, "step", "epoch"):
+            raise ValueError(f"scale must be 'step' or 'epoch' (or None for the strategy's), got {scale!r}")
         self.store = store
         self.strategy = strategy
+        self.scale = scale or strategy.sampler_scale
         self.fraction = float(fraction)
         self.max_staleness = max_staleness
         self.anneal = float(anneal)
@@ -162,7 +178,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
 
     def is_annealing(self, epoch: int) -> bool:
         """Whether ``epoch`` lies in the final full-data share."""
-        return bool(self.anneal) and not in_window(epoch_progress(epoch, self.epochs), 0.0, 1.0 - self.anneal)
+        return bool(self.anneal) and epoch >= anneal_start(self.epochs, self.anneal)  # type: ignore[arg-type]
 
     def plan(self, epoch: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, shares)`` to load in ``epoch`` (default: the current one), for all ranks.
@@ -203,7 +219,10 @@ class SelectiveSampler(torch.utils.data.Sampler):
         if self.shuffle:
             order = np.random.default_rng([self.seed, e, 0]).permutation(idx.size)
             idx, mult = idx[order], mult[order]
-        return Plan(idx, mult, n, self.store.version)
+        return Plan(idx, mult, self._per_pick(n, idx.size), n, self.store.version)
+
+    def _per_pick(self, n: int, picks: int) -> float:
+        return n / max(picks, 1) if self.scale == "step" else 1.0
 
     def _pick(self, fresh: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray]:
         """The strategy's picks among the ``fresh`` indices and their multipliers."""
@@ -275,11 +294,12 @@ class SelectiveSampler(torch.utils.data.Sampler):
             mult = np.asarray(state["plan"][1], dtype=np.float64)
             if idx.shape != mult.shape or (idx.size and (idx.min() < 0 or idx.max() >= len(self.store))):
                 raise ValueError(f"the saved plan does not fit a store of {len(self.store)} samples")
-            self._plans[self.frozen_epoch] = Plan(idx, mult, len(self.store), self.store.version)
+            n = len(self.store)
+            self._plans[self.frozen_epoch] = Plan(idx, mult, self._per_pick(n, idx.size), n, self.store.version)
 
     def __repr__(self) -> str:
         return (f"SelectiveSampler(strategy={self.strategy!r}, fraction={self.fraction}, "
-                f"max_staleness={self.max_staleness}, anneal={self.anneal})")
+                f"max_staleness={self.max_staleness}, anneal={self.anneal}, scale={self.scale!r})")
 
 
 class WeightedBatches:

@@ -22,6 +22,7 @@ read these facts instead of names:
 ``keeps_history``          remembers past losses (``observe``)
 ``variable_count``         may return a count other than ``k``
 ``keeps_all``              every sample passes, ``k`` is ignored (no rebatching)
+``sampler_scale``          a ``SelectiveSampler``'s default weight scale (``"step"``/``"epoch"``)
 =========================  ==========================================================
 
 ======================  ===========  =====================================================
@@ -140,6 +141,8 @@ class Strategy:
     variable_count: ClassVar[bool] = False
     #: whether every sample passes (weights ``1/B``, ``k`` ignored)
     keeps_all: ClassVar[bool] = False
+    #: a ``SelectiveSampler``'s default ``scale`` with this strategy (``"step"`` or ``"epoch"``)
+    sampler_scale: ClassVar[str] = "step"
 
     def __init__(self, seed: Seed = None) -> None:
         self.rng = _rng(seed)
@@ -527,6 +530,12 @@ class InfoBatch(Strategy):
     candidates ``B`` (an estimate of the mean loss). The count varies and
     ``k`` is ignored: the expected kept share is ``1 - prune * P(loss < mean)``.
 
+    The official code (``NUS-HPC-AI-Lab/InfoBatch``) keeps exactly
+    ``int(keep * n_low)`` below-mean samples, weighted ``1 / keep``; this rule keeps
+    each with probability ``keep`` instead, which makes the estimate exactly
+    unbiased. As a ``SelectiveSampler`` strategy it follows the official weight
+    scale by default (``sampler_scale = "epoch"``).
+
     Args:
         prune: probability of dropping a below-mean sample, in [0, 1).
         seed: int or ``numpy.random.Generator``.
@@ -534,6 +543,7 @@ class InfoBatch(Strategy):
 
     name = "infobatch"
     variable_count = True
+    sampler_scale = "epoch"  # the official code: kept samples 1/keep, the others 1, the plain batch mean
 
     def __init__(self, prune: float = 0.5, seed: Seed = None) -> None:
         super().__init__(seed)

@@ -108,7 +108,7 @@ def test_cifar_example_smoke():
 
 def test_cifar_example_sampler_mode_with_infobatch_and_anneal():
     res = run(["examples/cifar_ffcv.py", "--synthetic", "128", "--epochs", "3", "--batch-size", "32",
-               "--mode", "sampler", "--strategy", "infobatch", "--anneal", "0.34", "--lr-peak-epoch", "1"])
+               "--mode", "sampler", "--strategy", "infobatch", "--anneal", "0.25", "--lr-peak-epoch", "1"])
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     steps = [r["steps"] for r in rows]

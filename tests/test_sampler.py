@@ -308,3 +308,25 @@ def test_weighted_batches_refuse_a_dataset_of_another_size(n):
     loader = DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=10, sampler=sampler)
     with pytest.raises(ValueError, match=f"dataset has {n} samples but the ScoreStore 100"):
         sb.WeightedBatches(loader, sampler)
+
+
+def test_infobatch_follows_the_official_rule_by_default():
+    """The official code anneals from epoch floor(epochs * delta) and weights a kept below-mean sample 1/keep,
+    every other sample 1, over the plain batch mean: a pruning epoch's summed update equals a full epoch's."""
+    store = _store(200, seed=5)
+    sampler = sb.SelectiveSampler(store, "infobatch", anneal=0.125, epochs=10, seed=0)  # delta 0.875: 8.75 -> 8
+    assert [sampler.is_annealing(e) for e in (7, 8, 9)] == [False, True, True]
+    sampler.set_epoch(1)
+    idx, shares = sampler.plan()
+    low = store.loss[idx] < store.loss.mean()
+    np.testing.assert_allclose(shares[low], 2.0)  # 1 / keep, keep = 1 - prune = 0.5
+    np.testing.assert_allclose(shares[~low], 1.0)
+    assert low.sum() < (store.loss < store.loss.mean()).sum()  # some below-mean samples were pruned
+    batch = idx[:16]
+    by_index = dict(zip(idx.tolist(), shares.tolist()))
+    np.testing.assert_allclose(sampler.weights_for(batch), [by_index[i] / 16 for i in batch.tolist()])  # m / len
+    step = sb.SelectiveSampler(store, "infobatch", seed=0, scale="step")  # each step's weights sum to ~1 instead
+    step.set_epoch(1)
+    np.testing.assert_allclose(step.plan()[1].mean(), 1.0, rtol=0.05)
+    with pytest.raises(ValueError, match="scale"):
+        sb.SelectiveSampler(store, "infobatch", scale="batch")

@@ -111,6 +111,8 @@ def test_strategies_declare_what_they_need():
         "infobatch": (True, False, True, False, True, False),
         "full": (False, False, True, False, False, True),
     }
+    assert {n: c.sampler_scale for n, c in sb.STRATEGIES.items()} == {
+        n: "epoch" if n == "infobatch" else "step" for n in sb.STRATEGIES}
 
 
 def test_in_window_and_local_sync():
