@@ -46,6 +46,7 @@ from .store import ScoreStore
 from .strategies import (
     STRATEGIES,
     BernoulliSelectiveBackprop,
+    ComposerRule,
     Full,
     GradientMatching,
     ImportanceSampling,
@@ -82,6 +83,7 @@ __all__ = [
     "TopK",
     "SelectiveBackprop",
     "BernoulliSelectiveBackprop",
+    "ComposerRule",
     "GradientMatching",
     "ImportanceSampling",
     "InfoBatch",

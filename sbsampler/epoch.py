@@ -42,7 +42,7 @@ from torch import Tensor
 from .batch import SubBatch, parse_batch
 from .distributed import LocalSync
 from .select import Selected, select_batch
-from .strategies import Full
+from .strategies import Full, Strategy
 from .weights import step_weights
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ class EpochIterator:
         self.epoch = epoch
         self.strategy = self.loader.strategy if self.loader.is_selective(epoch) else _FULL
         self.rebatch = self.loader.rebatch and not self.strategy.keeps_all
+        self._batches = self.loader.batches_per_epoch()
         try:
             self._source = iter(self.loader.loader)
             if resume is not None:
@@ -164,35 +165,44 @@ class EpochIterator:
         self.stats.samples_seen += len(batch)
         return batch.to(self.loader.device)
 
-    def _round(self) -> tuple[Optional[SubBatch], Optional[Selected], Optional[BaseException]]:
-        """Pull and select one batch: ``(the batch or None at the end, what was selected, an error or None)``.
+    def _round(self) -> tuple[Optional[SubBatch], Optional[Selected], Optional[BaseException], Optional[SubBatch]]:
+        """Pull and select one batch: ``(the batch or None at the end, what was selected, an error or None,
+        a whole batch to step on by itself or None)``.
 
-        An error is caught, not raised here: the round's agreement must still run on every rank, so that
-        every rank raises together (``_fail``) instead of the others waiting for this one forever.
+        The round's strategy is the epoch's, or ``Full`` for a batch outside the window or interrupting
+        it (the same decision on every rank: it depends on the batch's position only). An error is
+        caught, not raised here: the round's agreement must still run on every rank, so that every
+        rank raises together (``_fail``) instead of the others waiting for this one forever.
         """
+        selects = self.loader.selects(self.epoch, self.position, self._batches)  # type: ignore[arg-type]
+        strategy = self.strategy if selects else _FULL
         batch = picked = None
         error, self._start_error = self._start_error, None
         if error is None:
             try:
                 batch = self._next_batch()
-                picked = None if batch is None else self._select(batch)
+                picked = None if batch is None else self._select(batch, strategy)
             except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
                 batch, picked, error = None, None, err
-        if self.strategy.keeps_history:  # every rank, every round: the all-gather must match up
+        if strategy.keeps_history:  # every rank, every such round: the all-gather must match up
             scores = picked.scores if picked is not None else None
             losses = scores.loss.detach().to("cpu", torch.float64).numpy() if scores is not None else np.zeros(0)
-            self.strategy.observe(self.history_sync.all_gather_1d(losses))
+            strategy.observe(self.history_sync.all_gather_1d(losses))
+        whole = None
         if picked is not None and picked.sub is not None:
-            if self.loader.batch_size is None:  # neither given nor on the wrapped loader: the first batch's
-                self.loader.batch_size = len(batch)  # type: ignore[arg-type]
-            per_pick = torch.full_like(picked.multipliers, self._per_pick(picked))
-            self.queue.append(_Queued(picked.sub, self.position - 1, picked.rows, picked.multipliers, per_pick))
-        if picked is not None and self.strategy.needs_scores:
+            if self.rebatch and strategy.keeps_all:
+                whole = picked.sub  # a full batch inside a rebatched epoch: its own step, not the queue
+            else:
+                if self.loader.batch_size is None:  # neither given nor on the wrapped loader: the first batch's
+                    self.loader.batch_size = len(batch)  # type: ignore[arg-type]
+                per_pick = torch.full_like(picked.multipliers, self._per_pick(picked, strategy))
+                self.queue.append(_Queued(picked.sub, self.position - 1, picked.rows, picked.multipliers, per_pick))
+        if picked is not None and strategy.needs_scores:
             self._drawn[0] += len(batch) - picked.skipped  # type: ignore[arg-type]
             self._drawn[1] += picked.rows.numel()
-        return batch, picked, error
+        return batch, picked, error, whole
 
-    def _per_pick(self, picked: Selected) -> float:
+    def _per_pick(self, picked: Selected, strategy: Strategy) -> float:
         """Samples per pick for this draw's rows in the queue.
 
         A step made of one draw uses the draw's own ratio, which keeps the strategy's weights. A
@@ -202,7 +212,7 @@ class EpochIterator:
         estimate by +2% and unbiased Bernoulli SB's by +6%. A fixed-count draw's ratio is fixed in
         advance, so it keeps its own.
         """
-        if not (self.rebatch and self.strategy.variable_count):
+        if not (self.rebatch and strategy.variable_count):
             return picked.per_pick
         before = self.samples_per_pick()
         return before if before is not None else picked.per_pick
@@ -231,9 +241,9 @@ class EpochIterator:
         """Whether this rank has rows to make a step from (queued, or earlier ones to repeat at weight 0)."""
         return int(bool(self.queue) or self._pad_source is not None)
 
-    def _select(self, batch: SubBatch) -> Selected:
+    def _select(self, batch: SubBatch, strategy: Strategy) -> Selected:
         loader, stats = self.loader, self.stats
-        picked = select_batch(loader.hook, self.strategy, batch, loader.fraction, nan_policy=loader.nan_policy)
+        picked = select_batch(loader.hook, strategy, batch, loader.fraction, nan_policy=loader.nan_policy)
         n, scores = len(batch), picked.scores
         if scores is not None:
             stats.samples_scored += n
@@ -261,7 +271,7 @@ class EpochIterator:
         queue and join the next step, weighted against their own batch (``sbsampler.weights``).
         """
         while True:
-            batch, picked, error = self._round()
+            batch, picked, error, _ = self._round()
             queued = self.queued()
             mn, mx = self.sync.min_max([queued, int(batch is not None), int(error is not None), self._can_pad()])
             if mx[2]:
@@ -278,12 +288,19 @@ class EpochIterator:
     def _rebatched(self) -> Iterator[SubBatch]:
         """Jiang et al.'s queue: chosen rows accumulate until a full batch is ready."""
         while True:
-            batch, picked, error = self._round()
+            batch, picked, error, whole = self._round()
             size = self.loader.batch_size
             ready = self.queued() // size if size else 0
-            mn, mx = self.sync.min_max([ready, int(batch is not None), int(error is not None)])
+            rows = len(whole) if whole is not None else 0
+            mn, mx = self.sync.min_max([ready, int(batch is not None), int(error is not None), rows,
+                                        int(whole is not None) or self._can_pad()])
             if mx[2]:
                 self._fail(error)
+            if mx[3]:  # a full batch (outside the window, or an interrupt): one step of its own on every rank
+                if not mn[4]:
+                    self._fail(None if self._can_pad() or whole is not None else RuntimeError(
+                        f"rank {self.sync.rank} has no sample to pad a full-batch step with"))
+                yield self._emit(whole, mx[3])
             for _ in range(mn[0]):
                 yield self._emit(self._take(size), size)
             if not mx[1]:

@@ -19,7 +19,7 @@ from .batch import adapt_loader
 from .distributed import LocalSync, RankSync, resolve_sync
 from .epoch import EpochIterator
 from .hook import ScoringHook
-from .schedule import epoch_progress, in_window
+from .schedule import in_window
 from .scores import NAN_POLICIES
 from .stats import LoaderStats
 from .store import ScoreStore
@@ -55,10 +55,15 @@ class SelectiveLoader:
         rebatch: accumulate selected samples until a full batch of
             ``batch_size`` is ready (Jiang et al.'s queue); the remainder at
             epoch end is yielded too, unless ``drop_last``.
-        start, end: the selective window as fractions of ``epochs``: epoch ``e``
-            (0-based) is selective when ``start <= e / epochs < end``; outside
-            it whole batches pass through with weights ``1/B``, unscored.
+        start, end: the selective window as shares of training (``epochs``):
+            batch ``j`` of epoch ``e`` (both 0-based, ``n`` batches an epoch) is
+            selective when ``start <= (e + j / n) / epochs < end``, as Composer
+            decides per batch (per epoch when the wrapped loader has no length);
+            outside it whole batches pass through with weights ``1/B``, unscored.
         epochs: total epochs, needed when ``start``/``end`` are set.
+        interrupt: Composer's interrupt: inside the window, every
+            ``interrupt``-th batch of an epoch is a full batch (weights ``1/B``,
+            unscored; with ``rebatch`` its own step). ``0``: never.
         device: move each batch there before scoring (``None``: leave it).
         nan_policy: non-finite losses: ``"raise"`` (``ValueError``),
             ``"skip"`` (left out of the step, counted in ``stats.samples_skipped``)
@@ -115,6 +120,7 @@ class SelectiveLoader:
         sync_history: bool = False,
         store: Optional[ScoreStore] = None,
         batch_fields: Iterable = (),
+        interrupt: int = 0,
     ) -> None:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"hook must be a ScoringHook, got {type(hook).__name__}")
@@ -125,6 +131,8 @@ class SelectiveLoader:
             raise ValueError(f"start/end are fractions of the training epochs: pass epochs= (got {epochs!r})")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be 'raise', 'skip' or 'keep', got {nan_policy!r}")
+        if isinstance(interrupt, bool) or not isinstance(interrupt, int) or interrupt < 0:
+            raise ValueError(f"interrupt must be an int >= 0 (0: never), got {interrupt!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if isinstance(loader, Iterator):
@@ -142,6 +150,7 @@ class SelectiveLoader:
         self.rebatch = bool(rebatch)
         self.start, self.end = float(start), float(end)
         self.epochs = epochs
+        self.interrupt = interrupt
         self.device = torch.device(device) if device is not None else None
         self.nan_policy = nan_policy
         self.batch_size = batch_size if batch_size is not None else getattr(self.loader, "batch_size", None)
@@ -161,10 +170,46 @@ class SelectiveLoader:
         self._resume: Optional[dict[str, Any]] = None  # a loaded mid-epoch state, until the next iteration
 
     # -- configuration ------------------------------------------------------------
+    @classmethod
+    def composer(cls, loader: Iterable, hook: ScoringHook, epochs: int, keep: float = 0.5, start: float = 0.5,
+                 end: float = 0.9, interrupt: int = 2, **kwargs: Any) -> "SelectiveLoader":
+        """MosaicML Composer's Selective Backprop, with its defaults.
+
+        The ``"composer"`` rule (``ComposerRule``) at ``fraction=keep``, between
+        ``start`` and ``end`` of training decided per batch, with every
+        ``interrupt``-th batch a full one (Composer's ``SelectiveBackprop``
+        algorithm: keep 0.5, start 0.5, end 0.9, interrupt 2). Other keyword
+        arguments go to ``SelectiveLoader``.
+        """
+        return cls(loader, hook, "composer", fraction=keep, start=start, end=end, epochs=epochs,
+                   interrupt=interrupt, **kwargs)
+
     def is_selective(self, epoch: Optional[int] = None) -> bool:
-        """Whether ``epoch`` (default: the next one) lies in the selective window."""
+        """Whether any batch of ``epoch`` (default: the next one) selects."""
         e = self.next_epoch if epoch is None else epoch
-        return in_window(epoch_progress(e, self.epochs), self.start, self.end)
+        if self.interrupt == 1:
+            return False
+        if self.epochs is None:
+            return True
+        if self.batches_per_epoch() is None:  # per epoch: the epoch's start decides
+            return in_window(e / self.epochs, self.start, self.end)
+        return self.start * self.epochs < e + 1 and e < self.end * self.epochs
+
+    def selects(self, epoch: int, batch: int, batches: Optional[int]) -> bool:
+        """Whether batch ``batch`` (0-based) of ``epoch``, one of ``batches``, selects (window and interrupt)."""
+        if self.interrupt and (batch + 1) % self.interrupt == 0:
+            return False
+        if self.epochs is None:
+            return True
+        progress = (epoch + (batch / batches if batches else 0.0)) / self.epochs
+        return in_window(progress, self.start, self.end)
+
+    def batches_per_epoch(self) -> Optional[int]:
+        """``len()`` of the wrapped loader, or ``None`` if it has none."""
+        try:
+            return len(self.loader)  # type: ignore[arg-type]
+        except TypeError:
+            return None
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that the next iteration runs (it then advances by one)."""
@@ -190,16 +235,17 @@ class SelectiveLoader:
     def __len__(self) -> int:
         """Sub-batches the next epoch yields; exact for fixed-count strategies on one process."""
         n_batches = len(self.loader)  # type: ignore[arg-type]
-        strategy = self.strategy if self.is_selective() else None
-        if strategy is None or strategy.keeps_all or not self.rebatch:
+        if not self.is_selective() or self.strategy.keeps_all or not self.rebatch:
             return n_batches
-        if strategy.variable_count:
-            raise TypeError(f"{strategy!r} selects a variable count: the rebatched length is not known ahead")
+        if self.strategy.variable_count:
+            raise TypeError(f"{self.strategy!r} selects a variable count: the rebatched length is not known ahead")
         sizes = self._batch_sizes(n_batches)
         if sizes is None or self.batch_size is None:
             raise TypeError("cannot tell the rebatched length: the wrapped loader has no dataset/batch_size")
-        total = sum(budget(self.fraction, b) for b in sizes)
-        return total // self.batch_size if self.drop_last else math.ceil(total / self.batch_size)
+        chosen = [self.selects(self.next_epoch, j, n_batches) for j in range(len(sizes))]
+        total = sum(budget(self.fraction, b) for b, c in zip(sizes, chosen) if c)
+        whole = chosen.count(False)  # full batches outside the window or interrupting it: a step each
+        return whole + (total // self.batch_size if self.drop_last else math.ceil(total / self.batch_size))
 
     def _batch_sizes(self, n_batches: int) -> Optional[list[int]]:
         dataset = getattr(self.loader, "dataset", None)
@@ -282,5 +328,5 @@ class SelectiveLoader:
     def __repr__(self) -> str:
         return (
             f"SelectiveLoader(strategy={self.strategy!r}, fraction={self.fraction}, rebatch={self.rebatch}, "
-            f"start={self.start}, end={self.end}, epochs={self.epochs})"
+            f"start={self.start}, end={self.end}, epochs={self.epochs}, interrupt={self.interrupt})"
         )

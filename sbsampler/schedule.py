@@ -1,8 +1,9 @@
 """When selection is on: the training window, shared by the loader and the sampler.
 
 Composer's ``should_selective_backprop`` decides per batch from the elapsed share of
-training; here the unit is the epoch. ``SelectiveLoader(start=, end=)`` selects in
-the epochs whose progress lies in ``[start, end)``. ``SelectiveSampler(anneal=)``
+training, and so does ``SelectiveLoader(start=, end=)`` (``SelectiveLoader.selects``):
+batch ``j`` of ``n`` in epoch ``e`` selects when ``(e + j / n) / epochs`` lies in
+``[start, end)``, unless it is an ``interrupt`` batch. ``SelectiveSampler(anneal=)``
 loads everything from epoch ``floor(epochs * (1 - anneal))`` on, as the official
 InfoBatch code does (it stops pruning after ``num_epochs * delta``, ``delta = 1 - anneal``).
 """
@@ -12,12 +13,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["in_window", "epoch_progress", "anneal_start"]
-
-
-def epoch_progress(epoch: int, epochs: Optional[int]) -> Optional[float]:
-    """Share of training done when ``epoch`` (0-based) starts, ``epoch / epochs``; ``None`` without ``epochs``."""
-    return None if epochs is None else epoch / epochs
+__all__ = ["in_window", "anneal_start"]
 
 
 def in_window(progress: Optional[float], start: float, end: float) -> bool:

@@ -31,6 +31,7 @@ name                    class        rule
 ``"uniform"``           Uniform      k without replacement, ``w = 1/k`` (the baseline)
 ``"topk"``              TopK         the k largest losses, ``w = 1/k``
 ``"sb"``                SelectiveBackprop  keep-probability ``CDF(loss)**beta`` (Jiang et al. 2019)
+``"composer"``          ComposerRule       draw by loss rank, ``p ~ percentile**(1/keep - 1)`` (MosaicML Composer)
 ``"gradmatch"``         GradientMatching   weighted subset matching the mean gradient (OMP + NNLS)
 ``"importance"``        ImportanceSampling ``p ~ grad norm``, ``w = 1/(B k p)`` (Katharopoulos & Fleuret 2018)
 ``"infobatch"``         InfoBatch    drop below-mean losses w.p. r, up-weight the rest ``1/(1-r)`` (Qin et al. 2024)
@@ -57,6 +58,7 @@ __all__ = [
     "TopK",
     "SelectiveBackprop",
     "BernoulliSelectiveBackprop",
+    "ComposerRule",
     "GradientMatching",
     "ImportanceSampling",
     "InfoBatch",
@@ -358,6 +360,37 @@ class BernoulliSelectiveBackprop(SelectiveBackprop):
         return Selection(idx, _uniform_weights(idx.shape[0]))
 
 
+class ComposerRule(Strategy):
+    """MosaicML Composer's Selective Backprop rule (``select_using_loss``).
+
+    Ranks the batch's losses (ascending), gives rank ``r`` the percentile
+    ``(r + 0.5) / B`` and draws ``k`` samples without replacement, successively
+    proportional to ``percentile ** (1/keep - 1)``; equal weights ``1/k`` (Composer
+    trains on the kept samples' plain mean). ``keep`` is ``k / B``, the loader's
+    fraction. This is SelectiveBackprop with ``beta = 1/keep - 1`` and the CDF over
+    the current batch only, with mid-rank percentiles. Differences from Composer:
+    the budget is ``ceil(keep * B)`` (Composer: ``int(keep * B)``) and tied losses
+    rank by position (Composer's ``torch.argsort`` is not stable).
+
+    For Composer's schedule (selection between ``start`` and ``end`` of training,
+    every ``interrupt``-th batch a full one), use ``SelectiveLoader.composer``.
+
+    Args:
+        seed: int or ``numpy.random.Generator``.
+    """
+
+    name = "composer"
+
+    def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
+        b = loss.shape[0]
+        rank = np.empty(b)
+        rank[np.argsort(loss, kind="stable")] = np.arange(b)
+        p = ((rank + 0.5) / b) ** (b / k - 1.0)
+        u = 1.0 - rng.random(b)  # in (0, 1]
+        idx = np.sort(kernels.sample_without_replacement(p, u, k))
+        return Selection(idx, _uniform_weights(k))
+
+
 class GradientMatching(Strategy):
     """The weighted subset whose last-layer gradient sum best matches the minibatch mean.
 
@@ -584,6 +617,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "uniform": Uniform,
     "topk": TopK,
     "sb": SelectiveBackprop,
+    "composer": ComposerRule,
     "gradmatch": GradientMatching,
     "importance": ImportanceSampling,
     "infobatch": InfoBatch,
@@ -595,8 +629,8 @@ _ALIASES = {"random": "uniform", "selective_backprop": "sb", "gradient_matching"
 def get_strategy(strategy: Union[None, str, Strategy], seed: Seed = None) -> Strategy:
     """A strategy object from a registered name (or the object itself, unchanged).
 
-    Names: ``"uniform"``, ``"topk"``, ``"sb"``, ``"gradmatch"``, ``"importance"``, ``"infobatch"``,
-    ``"full"`` (aliases ``"random"``, ``"selective_backprop"``, ``"gradient_matching"``);
+    Names: ``"uniform"``, ``"topk"``, ``"sb"``, ``"composer"``, ``"gradmatch"``, ``"importance"``,
+    ``"infobatch"``, ``"full"`` (aliases ``"random"``, ``"selective_backprop"``, ``"gradient_matching"``);
     ``None`` is ``Full()``. ``seed`` is passed to the constructor of a named strategy.
     """
     if isinstance(strategy, Strategy):

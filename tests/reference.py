@@ -89,3 +89,13 @@ def outer_norms_ref(e: np.ndarray, h: np.ndarray, bias: bool) -> np.ndarray:
         hb = np.append(hi, 1.0) if bias else hi
         rows.append(np.linalg.norm(np.outer(ei, hb)))
     return np.array(rows)
+
+
+def composer_select_ref(losses: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """MosaicML Composer's ``select_using_loss`` rule, written out: rank the losses, weight rank r by
+    ((r + 0.5) / B) ** (1 / keep - 1) with keep = k / B, draw k without replacement one at a time."""
+    b = losses.shape[0]
+    by_rank = np.argsort(losses, kind="stable")
+    probs = ((np.arange(b) + 0.5) / b) ** (b / k - 1.0)
+    chosen = rng.choice(b, size=k, replace=False, p=probs / probs.sum())
+    return np.sort(by_rank[chosen])

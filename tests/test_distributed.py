@@ -104,8 +104,8 @@ class ScriptedPeer(LocalSync):
         self.tail, self.size = tail, size
 
     def min_max(self, values):
-        if len(values) == 3:  # a rebatching round: the peer has no full batch ready, runs out with this rank, no error
-            other = [0, values[1], 0]
+        if len(values) == 5:  # a rebatching round: the peer has no batch ready, runs out with this rank, no error
+            other = [0, values[1], 0, 0, 1]
         else:  # the tail: full batches, batches needed, rows queued, rows to pad with
             other = [self.tail // self.size, -(-self.tail // self.size), self.tail, 1]
         return [min(a, b) for a, b in zip(values, other)], [max(a, b) for a, b in zip(values, other)]

@@ -331,3 +331,26 @@ def test_unbiased_strategies_stay_unbiased_at_loader_level(strategy, rebatch):
     """Rebatching weighted a variable-count draw by its own count, which is correlated with what it kept:
     InfoBatch's estimate was +2% off (z = +4 here), unbiased Bernoulli SB's +6% (z = +12)."""
     assert abs(_loss_estimate_z(strategy(), rebatch)) < 3.5
+
+
+def test_window_is_decided_per_batch_and_interrupt_alternates_full_batches():
+    """Composer decides per batch from the elapsed share of training, and every interrupt-th batch is a full one."""
+    _, _, loader = make("topk", bs=50, fraction=0.2, start=0.25, end=0.75, epochs=2, shuffle=False)
+    # 3 batches an epoch: progress 0, 1/6, 1/3 | 1/2, 2/3, 5/6 -> selective for the last of epoch 0, first two of 1
+    assert [[len(b) for b in loader] for _ in range(2)] == [[50, 50, 10], [10, 10, 50]]
+    _, _, loader = make("uniform", bs=30, fraction=0.2, interrupt=2)  # 5 batches: selective, full, selective, ...
+    assert [len(b) for b in loader] == [6, 30, 6, 30, 6]
+    _, _, loader = make("uniform", bs=30, fraction=0.2, interrupt=2, rebatch=True)
+    sizes = [len(b) for b in loader]
+    assert sizes == [30, 30, 18] and len(loader) == 3  # full batches are steps of their own; 3 x 6 queued
+    assert loader.stats.samples_yielded == 78 == loader.stats.samples_selected
+
+
+def test_composer_preset():
+    ds, net, _ = make()
+    loader = sb.SelectiveLoader.composer(DataLoader(sb.with_indices(ds), batch_size=30), sb.ScoringHook(net), epochs=4)
+    assert isinstance(loader.strategy, sb.ComposerRule)
+    assert (loader.fraction, loader.start, loader.end, loader.interrupt) == (0.5, 0.5, 0.9, 2)
+    sizes = [[len(b) for b in loader] for _ in range(4)]
+    assert sizes[0] == sizes[1] == [30] * 5  # before start
+    assert sizes[2] == [15, 30, 15, 30, 15]  # selective, interrupted every 2nd batch

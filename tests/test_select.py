@@ -106,6 +106,7 @@ def test_strategies_declare_what_they_need():
         "uniform": (True, False, True, False, False, False),
         "topk": (True, False, True, False, False, False),
         "sb": (True, False, True, True, False, False),
+        "composer": (True, False, True, False, False, False),
         "gradmatch": (True, True, False, False, False, False),
         "importance": (True, True, True, False, False, False),
         "infobatch": (True, False, True, False, True, False),

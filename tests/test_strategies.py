@@ -211,7 +211,7 @@ def test_importance_probabilities_smoothing_and_zero_norms():
 
 
 def test_registry_and_aliases():
-    assert set(sb.STRATEGIES) == set(ALL) | {"infobatch", "full"}  # InfoBatch: variable count, tested in test_sampler
+    assert set(sb.STRATEGIES) == set(ALL) | {"infobatch", "full", "composer"}  # InfoBatch, composer: tested apart
     assert isinstance(sb.get_strategy("random"), sb.Uniform)
     assert isinstance(sb.get_strategy("selective_backprop"), sb.SelectiveBackprop)
     obj = sb.TopK()
@@ -331,3 +331,22 @@ def test_gradmatch_trains_a_two_class_task_as_well_as_uniform():
         gm_loss, gm_sum = train("gradmatch", seed)
         assert gm_sum <= 1.1
         assert gm_loss <= 1.5 * uniform_loss + 0.01
+
+
+def test_composer_rule_follows_composers_law():
+    """Inclusion frequencies against Composer's select_using_loss written out (tests/reference.py)."""
+    from reference import composer_select_ref
+
+    loss = torch.tensor(np.random.default_rng(0).exponential(size=20))
+    s = sb.ComposerRule(seed=0)
+    rng = np.random.default_rng(1)
+    ours, ref = np.zeros(20), np.zeros(20)
+    n = 6000
+    for _ in range(n):
+        idx, w = s.select(sb.Scores(loss=loss), 5)
+        ours[idx] += 1
+        np.testing.assert_allclose(w, 1 / 5)
+        ref[composer_select_ref(loss.numpy(), 5, rng)] += 1
+    np.testing.assert_allclose(ours / n, ref / n, atol=0.03)
+    order = np.argsort(loss.numpy())
+    assert ours[order[-5:]].sum() > 3 * ours[order[:5]].sum()  # high losses kept far more often
