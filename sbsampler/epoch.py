@@ -237,6 +237,12 @@ class EpochIterator:
             at += 1 + size
         raise RuntimeError(f"another rank failed, so every rank stops here ({'; '.join(messages)})")
 
+    def _fail_unmatched(self, has_rows: bool) -> None:
+        """Every rank raises: a rank with no rows to pad the agreed step with cannot match the others' steps."""
+        self._fail(None if has_rows else RuntimeError(
+            f"rank {self.sync.rank} has no sample to pad a step with (every batch so far empty or skipped as "
+            "non-finite), so the other ranks' steps cannot be matched"))
+
     def _can_pad(self) -> int:
         """Whether this rank has rows to make a step from (queued, or earlier ones to repeat at weight 0)."""
         return int(bool(self.queue) or self._pad_source is not None)
@@ -281,9 +287,7 @@ class EpochIterator:
             if not mx[1]:
                 break
         if mx[0]:  # rows left that could never be stepped on: some rank had no finite sample all epoch
-            self._fail(None if self._can_pad() else RuntimeError(
-                f"rank {self.sync.rank} had no sample to pad a step with all epoch (every batch empty or "
-                "skipped as non-finite), so the other ranks' steps cannot be matched"))
+            self._fail_unmatched(bool(self._can_pad()))
 
     def _rebatched(self) -> Iterator[SubBatch]:
         """Jiang et al.'s queue: chosen rows accumulate until a full batch is ready."""
@@ -298,8 +302,7 @@ class EpochIterator:
                 self._fail(error)
             if mx[3]:  # a full batch (outside the window, or an interrupt): one step of its own on every rank
                 if not mn[4]:
-                    self._fail(None if self._can_pad() or whole is not None else RuntimeError(
-                        f"rank {self.sync.rank} has no sample to pad a full-batch step with"))
+                    self._fail_unmatched(bool(self._can_pad()) or whole is not None)
                 yield self._emit(whole, mx[3])
             for _ in range(mn[0]):
                 yield self._emit(self._take(size), size)
@@ -318,9 +321,7 @@ class EpochIterator:
             self._drop(self.queued())
             return
         if mx[1] and not mn[3]:
-            self._fail(None if self._can_pad() else RuntimeError(
-                f"rank {self.sync.rank} had no sample to pad a step with all epoch (every batch empty or "
-                "skipped as non-finite), so the other ranks' steps cannot be matched"))
+            self._fail_unmatched(bool(self._can_pad()))
         for j in range(mx[1]):  # the step size every rank agrees on: the longest rank's rows
             have = min(size, self.queued())
             yield self._emit(self._take(have) if have else None, min(size, mx[2] - j * size))

@@ -200,17 +200,16 @@ class ScoringHook:
         finally:
             self._active = False
         captured, calls, self._captured = self._captured, self._calls, None
-        name = self._name(self.head)
         if captured is None:
             raise RuntimeError(
-                f"the head {name} was not called in the model's forward pass; "
+                f"the head {self._name(self.head)} was not called in the model's forward pass; "
                 "pass the layer that produces the logits as head="
             )
         if calls != 1:
             raise RuntimeError(
-                f"the head {name} ran {calls} times in one forward pass (two views, or a layer shared with another "
-                "branch?), so its output is not one row of logits per sample; pass head= the layer that produces "
-                "the logits once"
+                f"the head {self._name(self.head)} ran {calls} times in one forward pass (two views, or a layer "
+                "shared with another branch?), so its output is not one row of logits per sample; pass head= the "
+                "layer that produces the logits once"
             )
         if not self._head_checked:
             if not self._head_matches(output, captured[1], inputs):
