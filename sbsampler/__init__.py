@@ -34,7 +34,7 @@ import importlib
 from typing import Any
 
 from . import distributed, kernels, strategies
-from .batch import IndexedDataset, SubBatch, parse_batch, weighted_loss, with_indices
+from .batch import BatchKeys, IndexedDataset, SubBatch, parse_batch, weighted_loss, with_indices
 from .epoch import EpochIterator
 from .hook import ScoringHook, find_head
 from .loader import SelectiveLoader
@@ -69,6 +69,7 @@ __all__ = [
     "SelectiveLoader",
     "EpochIterator",
     "SubBatch",
+    "BatchKeys",
     "parse_batch",
     "LoaderStats",
     "IndexedDataset",

@@ -18,16 +18,18 @@ What the weights mean is written down in ``sbsampler.weights``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 __all__ = [
     "SubBatch",
+    "BatchKeys",
     "parse_batch",
     "adapt_loader",
     "is_ffcv_loader",
@@ -36,8 +38,87 @@ __all__ = [
     "weighted_loss",
 ]
 
-#: keys of a dict batch that are not extras
-_DICT_KEYS = ("inputs", "targets", "indices")
+
+
+@dataclass(frozen=True)
+class BatchKeys:
+    """Where a dict batch keeps its parts.
+
+    ``inputs=None`` makes every key other than the targets and indices part of
+    the inputs, as a dict (a HuggingFace batch: ``BatchKeys(inputs=None,
+    targets="labels")`` gives ``{"input_ids", "attention_mask", ...}`` as inputs,
+    for ``model(**inputs)``); otherwise keys not named here are extras.
+    """
+
+    inputs: Optional[str] = "inputs"
+    targets: str = "targets"
+    indices: str = "indices"
+
+    def split(self, batch: Mapping) -> tuple[Any, Any, Any, dict]:
+        named = [k for k in (self.inputs, self.targets) if k is not None]
+        missing = [k for k in named if k not in batch]
+        if missing:
+            raise TypeError(f"dict batches need the keys {named} (BatchKeys), got {sorted(batch)}; missing {missing}")
+        rest = {k: v for k, v in batch.items() if k not in (self.inputs, self.targets, self.indices)}
+        if self.inputs is None:
+            return rest, batch[self.targets], batch.get(self.indices), {}
+        return batch[self.inputs], batch[self.targets], batch.get(self.indices), rest
+
+
+_DEFAULT_KEYS = BatchKeys()
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor)
+
+
+def tree_rows(tree: Any) -> Optional[int]:
+    """The batch size of a tree of tensors: the first dimension of its first tensor leaf (None: no tensor)."""
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
+def _tree_take(tree: Any, rows: Tensor) -> Any:
+    return pytree.tree_map(lambda t: t[rows.to(t.device)] if _is_tensor(t) else t, tree)
+
+
+def _tree_to(tree: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda t: t.to(device, non_blocking=True) if _is_tensor(t) else t, tree)
+
+
+def _tree_concat(trees: list, name: str) -> Any:
+    def cat(*leaves: Any) -> Any:
+        if not _is_tensor(leaves[0]):
+            return leaves[0]
+        shapes = {tuple(t.shape[1:]) for t in leaves}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"rebatching joins samples of different batches, but their {name} have different shapes "
+                f"beyond the batch dimension: {sorted(shapes)} (padded to each batch's longest sequence?); "
+                "pad to one fixed length in the collate function, or use rebatch=False"
+            )
+        return torch.cat(leaves)
+
+    return pytree.tree_map(cat, trees[0], *trees[1:])
+
+
+def _as_tree(value: Any) -> Any:
+    """Inputs or targets as a tree of tensors: NumPy arrays become tensors, mappings (a HuggingFace
+    ``BatchEncoding``) become dicts."""
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        value = dict(value)
+    return pytree.tree_map(lambda v: torch.as_tensor(v) if isinstance(v, np.ndarray) else v, value)
+
+
+def _check_rows(tree: Any, n: int, name: str) -> None:
+    """Every tensor leaf of inputs/targets has the batch dimension ``n``."""
+    for leaf in pytree.tree_leaves(tree):
+        if _is_tensor(leaf) and (leaf.dim() == 0 or leaf.shape[0] != n):
+            got = "a scalar" if leaf.dim() == 0 else f"{leaf.shape[0]} rows"
+            raise ValueError(f"{name} hold a tensor with {got} in a batch of {n} samples: every tensor in the "
+                             "inputs and targets needs one row per sample")
 
 
 @dataclass
@@ -45,8 +126,10 @@ class SubBatch:
     """One training step's data (or one parsed batch of the wrapped loader).
 
     Attributes:
-        inputs: (k, ...) the selected inputs, on the batch's device.
-        targets: (k,) their labels.
+        inputs: (k, ...) the selected inputs, on the batch's device: a tensor or
+            any tree (dicts, lists, tuples) of tensors with one row per sample.
+        targets: (k, ...) their targets: labels, soft labels, regression values,
+            or a tree of them.
         weights: (k,) float32 loss weights: the step's loss is ``sum(w * l)``
             (see ``sbsampler.weights`` for what they mean).
         indices: (k,) int64 dataset indices (stream positions when the wrapped
@@ -60,34 +143,33 @@ class SubBatch:
             class-weight vector, say): passed through, never gathered.
     """
 
-    inputs: Tensor
-    targets: Tensor
+    inputs: Any
+    targets: Any
     weights: Tensor
     indices: Tensor
     extras: dict = field(default_factory=dict)
     batch_level: frozenset = frozenset()
 
     def __len__(self) -> int:
-        return int(self.targets.shape[0])
+        return int(self.weights.shape[0])
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Any]:
         """Unpack as ``x, y, w, idx = batch``."""
         return iter((self.inputs, self.targets, self.weights, self.indices))
 
     def to(self, device: Optional[torch.device]) -> "SubBatch":
-        """Inputs and targets moved to ``device`` (``None``: unchanged); weights follow them."""
+        """Inputs and targets (every tensor in them) moved to ``device`` (``None``: unchanged); weights follow."""
         if device is None:
             return self
-        return SubBatch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
-                        self.weights.to(device), self.indices, self.extras, self.batch_level)
+        return SubBatch(_tree_to(self.inputs, device), _tree_to(self.targets, device), self.weights.to(device),
+                        self.indices, self.extras, self.batch_level)
 
     def take(self, rows: Tensor, weights: Optional[Tensor] = None) -> "SubBatch":
         """The rows ``rows`` (CPU int64 positions) of every field; ``weights`` replaces theirs when given."""
         n = len(self)
-        on = rows.to(self.inputs.device)
         return SubBatch(
-            self.inputs[on],
-            self.targets[on],
+            _tree_take(self.inputs, rows),
+            _tree_take(self.targets, rows),
             self.weights[rows.to(self.weights.device)] if weights is None else weights,
             self.indices[rows],
             {k: v if k in self.batch_level else _take_field(v, rows, n) for k, v in self.extras.items()},
@@ -103,17 +185,9 @@ class SubBatch:
         """
         if len(parts) == 1:
             return parts[0]
-        for name in ("inputs", "targets"):
-            shapes = {tuple(getattr(p, name).shape[1:]) for p in parts}
-            if len(shapes) > 1:
-                raise ValueError(
-                    f"rebatching joins samples of different batches, but their {name} have different shapes "
-                    f"beyond the batch dimension: {sorted(shapes)} (padded to each batch's longest sequence?); "
-                    "pad to one fixed length in the collate function, or use rebatch=False"
-                )
         return SubBatch(
-            torch.cat([p.inputs for p in parts]),
-            torch.cat([p.targets for p in parts]),
+            _tree_concat([p.inputs for p in parts], "inputs"),
+            _tree_concat([p.targets for p in parts], "targets"),
             torch.cat([p.weights for p in parts]),
             torch.cat([p.indices for p in parts]),
             {k: _concat_field([p.extras[k] for p in parts], k, parts[0].batch_level, same_batch)
@@ -172,13 +246,10 @@ def _check_extras(extras: dict, n: int, batch_level: frozenset) -> None:
             )
 
 
-def _split(batch: Any) -> tuple[Any, Any, Any, dict]:
+def _split(batch: Any, keys: BatchKeys) -> tuple[Any, Any, Any, dict]:
     """``(inputs, targets, indices or None, extras)`` of one batch of the wrapped loader."""
-    if isinstance(batch, dict):
-        if "inputs" not in batch or "targets" not in batch:
-            raise TypeError(f"dict batches need 'inputs' and 'targets' keys, got {sorted(batch)}")
-        extras = {k: v for k, v in batch.items() if k not in _DICT_KEYS}
-        return batch["inputs"], batch["targets"], batch.get("indices"), extras
+    if isinstance(batch, Mapping):
+        return keys.split(batch)
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
         idx = batch[2] if len(batch) >= 3 else None
         return batch[0], batch[1], idx, {j: batch[j] for j in range(3, len(batch))}
@@ -199,14 +270,18 @@ def _index_tensor(idx: Any, n: int) -> Tensor:
     return t
 
 
-def parse_batch(batch: Any, first_position: Optional[int] = None, batch_fields: Iterable = ()) -> SubBatch:
+def parse_batch(batch: Any, first_position: Optional[int] = None, batch_fields: Iterable = (),
+                keys: BatchKeys = _DEFAULT_KEYS) -> SubBatch:
     """One batch of a wrapped loader as a ``SubBatch`` with weights ``1/B``.
 
-    Accepts ``(inputs, targets[, indices, *extras])`` sequences and dicts with
-    ``"inputs"``, ``"targets"`` (and ``"indices"``) keys; other fields go to
-    ``extras``. A batch without indices gets the stream positions
-    ``first_position, first_position + 1, ...``; with ``first_position=None``
-    it is refused (the caller needs dataset indices).
+    Accepts ``(inputs, targets[, indices, *extras])`` sequences and dicts (any
+    mapping, e.g. a HuggingFace ``BatchEncoding``) with the ``keys`` of
+    ``BatchKeys`` (default ``"inputs"``, ``"targets"``, ``"indices"``); other
+    fields go to ``extras``. Inputs and targets may be tensors, NumPy arrays, or
+    trees (dicts, lists, tuples) of them, every tensor with one row per sample.
+    A batch without indices gets the stream positions ``first_position,
+    first_position + 1, ...``; with ``first_position=None`` it is refused (the
+    caller needs dataset indices).
 
     Extras that are tensors, arrays, lists or tuples are per-sample and must have
     one row per sample, except those whose key (dict key, or tuple position 3,
@@ -218,16 +293,21 @@ def parse_batch(batch: Any, first_position: Optional[int] = None, batch_fields: 
         ValueError: inputs, targets and indices of different lengths, or no
             indices where they are needed.
     """
-    x, y, idx, extras = _split(batch)
-    x, y = (torch.as_tensor(v) if isinstance(v, np.ndarray) else v for v in (x, y))
+    x, y, idx, extras = _split(batch, keys)
+    x, y = _as_tree(x), _as_tree(y)
     if isinstance(y, Tensor) and y.dim() == 0:
         raise TypeError(
             "got a single unbatched sample (its target is a scalar): the wrapped loader must yield batches; "
             "DataLoader(batch_size=None) turns batching off, give it a batch_size"
         )
-    n = int(x.shape[0])
-    if int(y.shape[0]) != n:
-        raise ValueError(f"inputs have {n} samples but targets have {int(y.shape[0])}")
+    n = tree_rows(x)
+    if n is None:
+        raise TypeError(f"the inputs hold no tensor with a batch dimension (got {type(x).__name__})")
+    m = tree_rows(y)
+    if m is not None and m != n:
+        raise ValueError(f"inputs have {n} samples but targets have {m}")
+    _check_rows(x, n, "inputs")
+    _check_rows(y, n, "targets")
     if idx is not None:
         indices = _index_tensor(idx, n)
     elif first_position is not None:
@@ -237,7 +317,8 @@ def parse_batch(batch: Any, first_position: Optional[int] = None, batch_fields: 
                          "(or write the .beton with sbsampler.ffcv.write_beton)")
     batch_level = frozenset(batch_fields)
     _check_extras(extras, n, batch_level)
-    weights = torch.full((n,), 1.0 / n if n else 0.0, device=x.device)
+    device = next(t.device for t in pytree.tree_leaves(x) if _is_tensor(t))
+    weights = torch.full((n,), 1.0 / n if n else 0.0, device=device)
     return SubBatch(x, y, weights, indices, extras, batch_level)
 
 

@@ -1,28 +1,44 @@
 """The scoring hook: per-sample losses and last-layer gradients from one forward pass.
 
-For a classifier whose last layer is ``z = W h + b`` and a per-sample loss
-``l(z, y)``, the gradient of sample ``i`` with respect to ``(W, b)`` is the outer
-product ``g_i = e_i (x) [h_i, 1]`` with ``e_i = dl_i/dz_i``. For cross-entropy
-``e_i = softmax(z_i) - q_i`` in closed form (``q_i`` the, possibly smoothed,
-target distribution), so one forward pass with no autograd graph gives every
-sample's loss and last-layer gradient. ``Scores`` (``sbsampler.scores``) keeps
-``e_i`` and ``h_i`` and derives gradient norms and the Gram matrix from them
-without ever building the ``C * (d + 1)``-wide gradients.
+For a model whose last layer is ``z = W h + b`` and a per-sample loss ``l(z, y)``,
+the gradient of sample ``i`` with respect to ``(W, b)`` is the outer product
+``g_i = e_i (x) [h_i, 1]`` with ``e_i = dl_i/dz_i``. For cross-entropy
+``e_i = softmax(z_i) - q_i`` in closed form (``q_i`` the target distribution:
+one-hot, label-smoothed, or soft/mixup targets), so one forward pass with no
+autograd graph gives every sample's loss and last-layer gradient. For any other
+per-sample loss (a callable), ``e_i`` comes from autograd on the logits alone.
+``Scores`` (``sbsampler.scores``) keeps ``e_i`` and ``h_i`` and derives gradient
+norms and the Gram matrix from them without building the ``C (d + 1)``-wide
+gradients.
+
+A head applied per token (``(B, T, C)`` logits over ``(B, T, d)`` features, a
+language model's) gives sample ``i`` the gradient ``G_i = sum_t e_it (x) [h_it, 1]``.
+The hook hands it over exactly when ``C (d + 1)`` is small enough
+(``exact_limit``), and otherwise as a Kronecker-structured random sketch
+``sum_t (P' e_it) (x) (Q' [h_it, 1])`` with Gaussian ``P`` (C x r) and ``Q``
+((d + 1) x r), entries of variance ``1/r``: its Gram matrix is an unbiased
+estimate of the exact one, each entry with a relative standard deviation of
+about ``sqrt(2 / r)`` (tested against ``torch.func``).
+
+Strategies that read only losses (uniform, topk, sb, composer, infobatch) need
+no head at all (``head=False``, or a model without an ``nn.Linear``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from .scores import Scores
 
 __all__ = ["ScoringHook", "find_head"]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Any, Any], Tensor]
 
 
 def _logits_of(output: Any) -> Optional[Tensor]:
@@ -31,31 +47,40 @@ def _logits_of(output: Any) -> Optional[Tensor]:
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
-    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
     return logits if isinstance(logits, Tensor) else None
 
 
 def _same(logits: Tensor, z: Tensor) -> bool:
-    """The same values (NaN where NaN, inf where inf), whatever the dtype the model returns them in."""
-    return logits.shape == z.shape and bool(torch.isclose(logits.detach().to(z.dtype), z.detach(), rtol=0.0,
-                                                          atol=0.0, equal_nan=True).all())
+    """The same values (NaN where NaN, inf where inf), whatever the dtype or the (B, 1) vs (B,) shape."""
+    if logits.numel() != z.numel() or logits.shape[:1] != z.shape[:1]:
+        return False
+    a = logits.detach().reshape(z.shape).to(z.dtype)
+    return bool(torch.isclose(a, z.detach(), rtol=0.0, atol=0.0, equal_nan=True).all())
 
 
-def find_head(model: nn.Module) -> nn.Linear:
-    """Return the last ``nn.Linear`` registered in ``model`` (its classifier head).
+def _default_forward(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict of inputs (a HuggingFace batch), else ``model(inputs)``."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
-    Raises:
-        ValueError: if the model has no ``nn.Linear``; pass ``head=`` explicitly.
+
+def _first_tensor(tree: Any) -> Tensor:
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, Tensor):
+            return leaf
+    raise TypeError(f"the inputs hold no tensor (got {type(tree).__name__})")
+
+
+def find_head(model: nn.Module) -> Optional[nn.Linear]:
+    """The last ``nn.Linear`` registered in ``model`` (its classifier head, usually), or ``None``.
+
+    ``ScoringHook`` checks on the first scored batch that its output is the
+    model's logits, and corrects the choice when another linear layer's is.
     """
     head = None
     for module in model.modules():
         if isinstance(module, nn.Linear):
             head = module
-    if head is None:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear layer to score; pass the "
-            "classifier layer explicitly: ScoringHook(model, head=model.fc)"
-        )
     return head
 
 
@@ -72,9 +97,14 @@ class ScoringHook:
             frozen), BatchNorm running statistics untouched, no ``.grad`` set.
             A ``DistributedDataParallel``/``DataParallel`` wrapper is scored
             through its ``.module`` (no collective runs during scoring).
-        head: the last linear layer; found automatically when omitted.
-        loss: ``"cross_entropy"`` (closed-form gradient) or a callable
-            ``loss(logits, targets) -> (B,)`` per-sample loss, differentiated by
+        head: the last linear layer; found automatically when omitted (``None``).
+            ``False``: no head, losses only (the loss-based strategies need no
+            more). A model without any ``nn.Linear`` is scored for losses only.
+        loss: ``"cross_entropy"`` (closed-form gradient; integer labels in
+            ``[0, C)`` or (B, C) soft/mixup target distributions, (B, C) logits)
+            or a callable ``loss(logits, targets) -> (B,)`` per-sample loss, for
+            any targets (soft labels, multi-label, regression, token sequences
+            with masks or ``ignore_index`` reduced per sample), differentiated by
             autograd on the logits only.
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
         train_mode: score with the modules' modes as they are (in a training
@@ -84,6 +114,16 @@ class ScoringHook:
         amp_dtype: run the scoring forward under ``torch.autocast`` with this
             dtype (``torch.float16``/``torch.bfloat16``), as a mixed-precision
             training step does; losses and gradients are still computed in float32.
+        forward: ``forward(inputs) -> output``, how the model is called on a
+            batch's inputs (default: ``model(**inputs)`` for a dict of inputs,
+            else ``model(inputs)``).
+        logits: ``logits(output) -> Tensor``, where the logits are in the model's
+            output (default: the output itself, the first item of a tuple, or
+            its ``logits`` key or attribute).
+        exact_limit: per-token heads: hand over the exact per-sample gradients
+            while ``C (d + 1)`` is at most this, else a sketch.
+        sketch_dim: ``r`` of the Kronecker sketch (``r * r`` numbers per sample).
+        seed: seeds the sketch's random projections.
 
     Example:
         >>> hook = ScoringHook(model)                # doctest: +SKIP
@@ -94,11 +134,16 @@ class ScoringHook:
     def __init__(
         self,
         model: nn.Module,
-        head: Optional[nn.Module] = None,
+        head: Union[None, bool, nn.Module] = None,
         loss: Union[str, LossFn] = "cross_entropy",
         label_smoothing: float = 0.0,
         train_mode: bool = False,
         amp_dtype: Optional[torch.dtype] = None,
+        forward: Optional[Callable[[Any], Any]] = None,
+        logits: Optional[Callable[[Any], Tensor]] = None,
+        exact_limit: int = 65536,
+        sketch_dim: int = 32,
+        seed: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -109,10 +154,12 @@ class ScoringHook:
         self._auto_head = head is None  # found by find_head: the first scored batch may correct it
         if head is None:
             head = find_head(model)
-        if not isinstance(head, nn.Linear):
+        elif head is False:
+            head = None
+        if head is not None and not isinstance(head, nn.Linear):
             raise TypeError(
                 f"head must be an nn.Linear (the closed-form gradient needs z = W h + b), "
-                f"got {type(head).__name__}"
+                f"got {type(head).__name__}; pass head=False to score losses only"
             )
         if not (loss == "cross_entropy" or callable(loss)):
             raise ValueError(f"loss must be 'cross_entropy' or a callable, got {loss!r}")
@@ -123,24 +170,33 @@ class ScoringHook:
                 "label_smoothing applies to the built-in 'cross_entropy' only; a callable loss must smooth its "
                 "own targets, e.g. lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1, reduction='none')"
             )
+        if amp_dtype not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
+        for name, value in (("exact_limit", exact_limit), ("sketch_dim", sketch_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.model = model
-        self.head = head
+        self.head: Optional[nn.Linear] = head
         self.loss = loss
         self.label_smoothing = float(label_smoothing)
         self.train_mode = bool(train_mode)
-        if amp_dtype not in (None, torch.float16, torch.bfloat16):
-            raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
         self.amp_dtype = amp_dtype
+        self.forward = forward
+        self.logits = logits or _logits_of
+        self.exact_limit = exact_limit
+        self.sketch_dim = sketch_dim
+        self.seed = int(seed)
+        self._sketch: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._active = False
         self._captured: Optional[tuple[Tensor, Tensor]] = None
         self._calls = 0  # head calls in the current scoring forward
         self._head_checked = False  # the head's output was compared with the model's logits
-        self._handle = head.register_forward_hook(self._capture)
+        self._handle = head.register_forward_hook(self._capture) if head is not None else None
 
     @property
-    def num_classes(self) -> int:
-        """Number of outputs of the head."""
-        return int(self.head.out_features)
+    def num_classes(self) -> Optional[int]:
+        """Number of outputs of the head (``None`` without a head)."""
+        return int(self.head.out_features) if self.head is not None else None
 
     def _capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         if self._active:
@@ -149,14 +205,22 @@ class ScoringHook:
 
     def remove(self) -> None:
         """Detach the forward hook from the head."""
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
 
-    def validate_targets(self, targets: Tensor, batch_size: int) -> None:
-        """Raise a clear error unless ``targets`` are (B,) int labels in [0, C)."""
+    def validate_targets(self, targets: Any, batch_size: int, classes: Optional[int] = None) -> None:
+        """For the built-in cross-entropy: (B,) integer labels in [0, C), or (B, C) target distributions."""
+        classes = self.num_classes if classes is None else classes
         if not isinstance(targets, Tensor):
-            raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+            raise TypeError(f"targets must be a torch.Tensor for loss='cross_entropy', got {type(targets).__name__}; "
+                            "pass loss= a callable for other targets")
+        if targets.dtype.is_floating_point and targets.dim() == 2:  # soft / mixup target distributions
+            if targets.shape != (batch_size, classes):
+                raise ValueError(f"soft targets must have shape ({batch_size}, {classes}), got {tuple(targets.shape)}")
+            return
         if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-            raise TypeError(f"targets must be integer class labels, got dtype {targets.dtype}")
+            raise TypeError(f"targets must be integer class labels (or (B, C) target distributions), got dtype "
+                            f"{targets.dtype} of shape {tuple(targets.shape)}; pass loss= a callable for other targets")
         if targets.dim() != 1 or targets.shape[0] != batch_size:
             raise ValueError(
                 f"targets must have shape ({batch_size},) to match the inputs, "
@@ -164,14 +228,14 @@ class ScoringHook:
             )
         if batch_size:
             lo, hi = int(targets.min()), int(targets.max())
-            if lo < 0 or hi >= self.num_classes:
+            if lo < 0 or hi >= classes:
                 bad = lo if lo < 0 else hi
                 raise ValueError(
-                    f"target label {bad} is out of range for a head with "
-                    f"{self.num_classes} outputs (labels must be in [0, {self.num_classes - 1}])"
+                    f"target label {bad} is out of range for logits with {classes} classes (labels must be in "
+                    f"[0, {classes - 1}]; for ignore_index or other targets pass loss= a callable)"
                 )
 
-    def _run(self, inputs: Tensor) -> Any:
+    def _run(self, inputs: Any) -> Any:
         """One no-graph forward of the model in scoring mode; every module's mode and buffer restored."""
         model = self.model
         modes = [(m, m.training) for m in model.modules()]  # each module's own flag: frozen parts stay frozen
@@ -182,9 +246,9 @@ class ScoringHook:
             model.eval()
         try:
             amp = self.amp_dtype is not None
-            with torch.no_grad(), torch.autocast(device_type=inputs.device.type,
+            with torch.no_grad(), torch.autocast(device_type=_first_tensor(inputs).device.type,
                                                  dtype=self.amp_dtype or torch.float16, enabled=amp):
-                return model(inputs)
+                return self.forward(inputs) if self.forward is not None else _default_forward(model, inputs)
         finally:
             for module, training in modes:
                 module.training = training
@@ -193,17 +257,24 @@ class ScoringHook:
                     for b, s in zip(model.buffers(), saved):
                         b.copy_(s)
 
-    def _forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward(self, inputs: Any) -> tuple[Optional[Tensor], Tensor]:
+        """``(head input H or None without a head, the logits)`` of one scoring forward."""
         self._active, self._captured, self._calls = True, None, 0
         try:
             output = self._run(inputs)
         finally:
             self._active = False
         captured, calls, self._captured = self._captured, self._calls, None
+        logits = self.logits(output)
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"cannot find the logits in the model's output of type {type(output).__name__}: pass "
+                            "ScoringHook(logits=lambda output: ...) naming them")
+        if self.head is None:
+            return None, logits
         if captured is None:
             raise RuntimeError(
                 f"the head {self._name(self.head)} was not called in the model's forward pass; "
-                "pass the layer that produces the logits as head="
+                "pass the layer that produces the logits as head= (or head=False for losses only)"
             )
         if calls != 1:
             raise RuntimeError(
@@ -212,10 +283,10 @@ class ScoringHook:
                 "layer that produces the logits once"
             )
         if not self._head_checked:
-            if not self._head_matches(output, captured[1], inputs):
+            if not self._head_matches(logits, captured[1], inputs):
                 return self._forward(inputs)  # the head was corrected: score again with it
             self._head_checked = True
-        return captured
+        return captured[0], logits
 
     def _name(self, module: nn.Module) -> str:
         names = {m: n for n, m in self.model.named_modules()}
@@ -224,33 +295,31 @@ class ScoringHook:
             return f"{label!r} (Linear({module.in_features}, {module.out_features}))"
         return repr(label)
 
-    def _head_matches(self, output: Any, z: Tensor, inputs: Tensor) -> bool:
+    def _head_matches(self, logits: Tensor, z: Tensor, inputs: Any) -> bool:
         """Whether ``z`` is what the model returns as logits; corrects an automatically found head.
 
         Returns ``False`` after switching to the right head (the caller scores again), raises if
-        the head was given, or no single linear layer produces the logits. An output whose logits
-        cannot be told apart (not a tensor, a tuple/list starting with one, a dict or object with
-        ``logits``) is taken on trust.
+        the head was given, or no single linear layer produces the logits.
         """
-        logits = _logits_of(output)
-        if logits is None or _same(logits, z):
+        if _same(logits, z):
             return True
         producers = self._linears_producing(logits, inputs)
         if self._auto_head and len(producers) == 1:
             self.head = producers[0]
-            self._handle.remove()
+            self.remove()
             self._handle = self.head.register_forward_hook(self._capture)
             return False
         found = ", ".join(self._name(m) for m in producers)
         how = (f"the logits come from {found}: pass it, e.g. ScoringHook(model, head=model.<that layer>)" if producers
                else "no linear layer outputs them: the logits are changed after the last layer (a temperature, a "
-                    "scale, a sum of views); move that change into loss= or into the layer, or pass head=")
+                    "scale, a sum of views); move that change into loss= or into the layer, pass head=, or pass "
+                    "head=False to score losses only")
         raise ValueError(
             f"the head {self._name(self.head)} is not the layer whose output the model returns as logits "
             f"(head output {tuple(z.shape)}, model logits {tuple(logits.shape)}); {how}"
         )
 
-    def _linears_producing(self, logits: Tensor, inputs: Tensor) -> list[nn.Linear]:
+    def _linears_producing(self, logits: Tensor, inputs: Any) -> list[nn.Linear]:
         """The linear layers called once in a forward pass whose output equals ``logits``."""
         outputs: dict[nn.Module, list[Tensor]] = {}
 
@@ -265,57 +334,93 @@ class ScoringHook:
                 h.remove()
         return [m for m, outs in outputs.items() if len(outs) == 1 and _same(logits, outs[0])]
 
-    def score(self, inputs: Tensor, targets: Tensor) -> Scores:
-        """Score one minibatch: per-sample loss, ``dl/dz`` and head features.
-
-        Args:
-            inputs: the model's input batch, (B, ...).
-            targets: (B,) integer class labels in ``[0, C)``.
-
-        Returns:
-            ``Scores`` on the inputs' device, in the head's dtype (float32 for half-precision heads).
-        """
-        batch = int(inputs.shape[0]) if isinstance(inputs, Tensor) else len(inputs)
-        h, z = self._forward(inputs)  # first: a wrong head would make the label check below misleading
-        self.validate_targets(targets, batch)
-        if h.dim() != 2:
-            raise ValueError(
-                f"the head's input has shape {tuple(h.shape)}; per-sample last-layer "
-                "gradients need (B, d) features (pool or flatten before the head)"
-            )
-        # Half-precision (AMP) activations are scored in float32; float32/64 as they are.
-        h = h.detach()
-        z = z.detach()
-        if h.dtype in (torch.float16, torch.bfloat16):
-            h = h.float()
-        if z.dtype in (torch.float16, torch.bfloat16):
-            z = z.float()
-        targets = targets.to(z.device, torch.int64)  # uint8/int16/int32 labels: one_hot needs int64
+    def _loss_and_logit_grad(self, z: Tensor, targets: Any, batch: int) -> tuple[Tensor, Tensor]:
+        """Per-sample losses and ``e = dl/dz`` (closed form for the built-in cross-entropy, else autograd)."""
         if self.loss == "cross_entropy":
+            if z.dim() != 2:
+                raise ValueError(f"loss='cross_entropy' scores (B, C) logits, got {tuple(z.shape)}: pass loss= a "
+                                 "callable returning one loss per sample (e.g. the mean loss over a sequence), "
+                                 "or pool/flatten before the head")
+            self.validate_targets(targets, batch, int(z.shape[1]))
             logp = torch.log_softmax(z, dim=1)
-            q = F.one_hot(targets, z.shape[1]).to(z.dtype)
+            if targets.dtype.is_floating_point:
+                q = targets.to(z.device, z.dtype)
+            else:
+                q = F.one_hot(targets.to(z.device, torch.int64), z.shape[1]).to(z.dtype)  # uint8/int32 labels too
             if self.label_smoothing:
                 eps = self.label_smoothing
                 q = q * (1 - eps) + eps / z.shape[1]
-            loss = -(q * logp).sum(1)
-            e = logp.exp() - q
-        else:
-            zz = z.clone().requires_grad_(True)
-            with torch.enable_grad():
-                loss = self.loss(zz, targets)
-                if loss.shape != (batch,):
-                    raise ValueError(
-                        f"loss callable must return per-sample losses of shape ({batch},), "
-                        f"got {tuple(loss.shape)}"
-                    )
-                (e,) = torch.autograd.grad(loss.sum(), zz)
-            loss = loss.detach()
-        return Scores(
-            loss=loss,
-            logit_grad=e,
-            features=h,
-            targets=targets,
-            bias=self.head.bias is not None,
+            return -(q * logp).sum(1), logp.exp() - q
+        zz = z.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.loss(zz, targets)
+            if not isinstance(loss, Tensor) or loss.shape != (batch,):
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(f"loss callable must return per-sample losses of shape ({batch},), got {shape}")
+            (e,) = torch.autograd.grad(loss.sum(), zz, allow_unused=True)
+        return loss.detach(), (e if e is not None else torch.zeros_like(zz))
+
+    def _projections(self, c: int, d: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (c, d, device, dtype)
+        if key not in self._sketch:
+            g = torch.Generator().manual_seed(self.seed)
+            r = self.sketch_dim
+            p = torch.randn(c, r, generator=g, dtype=torch.float64) / r ** 0.5
+            q = torch.randn(d, r, generator=g, dtype=torch.float64) / r ** 0.5
+            self._sketch[key] = (p.to(device, dtype), q.to(device, dtype))
+        return self._sketch[key]
+
+    def per_token_grads(self, e: Tensor, h: Tensor) -> Tensor:
+        """(B, D) per-sample last-layer gradients ``G_i = sum_t e_it (x) [h_it, 1]`` of a per-token head.
+
+        Exact (``D = C (d + 1)``) up to ``exact_limit``, else the Kronecker sketch (``D = r * r``).
+        """
+        bias = self.head is not None and self.head.bias is not None
+        if bias:
+            h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
+        b, c, d = e.shape[0], e.shape[-1], h.shape[-1]
+        if c * d <= self.exact_limit:
+            return torch.einsum("btc,btd->bcd", e, h).reshape(b, c * d)
+        p, q = self._projections(c, d, e.device, e.dtype)
+        return torch.einsum("btr,bts->brs", e @ p, h @ q).reshape(b, -1)
+
+    def score(self, inputs: Any, targets: Any) -> Scores:
+        """Score one minibatch: per-sample loss, and (with a head) ``dl/dz`` and the head's features.
+
+        Args:
+            inputs: the model's input batch: a tensor (B, ...) or a tree of them
+                (a dict for ``model(**inputs)``).
+            targets: whatever the loss reads: (B,) integer labels or (B, C) soft
+                targets for the built-in cross-entropy; anything for a callable.
+
+        Returns:
+            ``Scores`` on the inputs' device, in the head's dtype (float32 for half-precision heads).
+            Without a head: losses only. With a per-token head: ``Scores.grads``.
+        """
+        batch = int(_first_tensor(inputs).shape[0])
+        h, z = self._forward(inputs)  # first: a wrong head would make the label check misleading
+        z = z.detach()
+        if z.dtype in (torch.float16, torch.bfloat16):  # AMP activations are scored in float32
+            z = z.float()
+        if z.shape[0] != batch:
+            raise ValueError(f"the logits have {z.shape[0]} rows for a batch of {batch} samples")
+        loss, e = self._loss_and_logit_grad(z, targets, batch)
+        labels = targets if isinstance(targets, Tensor) and not targets.dtype.is_floating_point else None
+        if h is None:
+            return Scores(loss=loss, targets=labels)
+        h = h.detach()
+        if h.dtype in (torch.float16, torch.bfloat16):
+            h = h.float()
+        bias = self.head.bias is not None  # type: ignore[union-attr]
+        if h.dim() == 2:
+            return Scores(loss=loss, logit_grad=e.reshape(batch, -1), features=h, targets=labels, bias=bias)
+        head_out = self.head.out_features  # type: ignore[union-attr]
+        if h.dim() == 3 and h.shape[0] == batch and e.numel() == batch * h.shape[1] * head_out:
+            grads = self.per_token_grads(e.reshape(batch, h.shape[1], head_out), h.to(e.dtype))
+            return Scores(loss=loss, targets=labels, bias=bias, grads=grads)
+        raise ValueError(
+            f"the head's input has shape {tuple(h.shape)}; per-sample last-layer gradients need (B, d) features "
+            "or (B, T, d) per-token features (pool or flatten before the head, or pass head=False for losses only)"
         )
 
     def __repr__(self) -> str:
@@ -324,4 +429,3 @@ class ScoringHook:
             f"ScoringHook(head={self.head}, loss={loss}, "
             f"label_smoothing={self.label_smoothing}, train_mode={self.train_mode})"
         )
-

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .batch import adapt_loader
+from .batch import BatchKeys, adapt_loader
 from .distributed import LocalSync, RankSync, resolve_sync
 from .epoch import EpochIterator
 from .hook import ScoringHook
@@ -61,6 +61,9 @@ class SelectiveLoader:
             decides per batch (per epoch when the wrapped loader has no length);
             outside it whole batches pass through with weights ``1/B``, unscored.
         epochs: total epochs, needed when ``start``/``end`` are set.
+        batch_keys: where dict batches keep inputs, targets and indices
+            (``sbsampler.BatchKeys``; ``BatchKeys(inputs=None, targets="labels")``
+            for a HuggingFace batch, whose other keys become the inputs).
         interrupt: Composer's interrupt: inside the window, every
             ``interrupt``-th batch of an epoch is a full batch (weights ``1/B``,
             unscored; with ``rebatch`` its own step). ``0``: never.
@@ -121,6 +124,7 @@ class SelectiveLoader:
         store: Optional[ScoreStore] = None,
         batch_fields: Iterable = (),
         interrupt: int = 0,
+        batch_keys: BatchKeys = BatchKeys(),
     ) -> None:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"hook must be a ScoringHook, got {type(hook).__name__}")
@@ -164,6 +168,9 @@ class SelectiveLoader:
                 raise ValueError(f"sync_history=True needs a strategy with a loss history, got {self.strategy!r}")
         self.store = store
         self.batch_fields = frozenset(batch_fields)
+        if not isinstance(batch_keys, BatchKeys):
+            raise TypeError(f"batch_keys must be a sbsampler.BatchKeys, got {type(batch_keys).__name__}")
+        self.batch_keys = batch_keys
         self.next_epoch = 0
         self.stats = LoaderStats()
         self._running: Optional[EpochIterator] = None  # the epoch being iterated (or broken off)

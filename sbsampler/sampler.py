@@ -43,7 +43,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .batch import SubBatch, adapt_loader, parse_batch
+from .batch import BatchKeys, SubBatch, adapt_loader, parse_batch
 from .schedule import anneal_start
 from .scores import Scores
 from .store import ScoreStore
@@ -317,12 +317,15 @@ class WeightedBatches:
         sampler: the ``SelectiveSampler`` that orders it.
         batch_fields: keys of extra fields that belong to the whole batch (as in
             ``SelectiveLoader``).
+        batch_keys: where dict batches keep their parts (as in ``SelectiveLoader``).
     """
 
-    def __init__(self, loader: Iterable, sampler: SelectiveSampler, batch_fields: Iterable = ()) -> None:
+    def __init__(self, loader: Iterable, sampler: SelectiveSampler, batch_fields: Iterable = (),
+                 batch_keys: BatchKeys = BatchKeys()) -> None:
         self.loader = adapt_loader(loader)
         self.sampler = sampler
         self.batch_fields = frozenset(batch_fields)
+        self.batch_keys = batch_keys
         self._epoch_len: Optional[int] = None
         self._check_size()
 
@@ -353,7 +356,7 @@ class WeightedBatches:
         try:
             self._epoch_len = n
             for raw in self.loader:
-                batch = parse_batch(raw, batch_fields=self.batch_fields)
+                batch = parse_batch(raw, batch_fields=self.batch_fields, keys=self.batch_keys)
                 batch.weights = torch.from_numpy(self.sampler.weights_for(batch.indices)).float().to(
                     batch.weights.device)
                 yield batch

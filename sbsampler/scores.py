@@ -35,8 +35,12 @@ class Scores:
         loss: (B,) per-sample loss.
         logit_grad: (B, C) ``E = dl/dz``, the loss gradient at the head's output.
         features: (B, d) ``H``, the head's input.
-        targets: (B,) int64 class labels.
+        targets: (B,) int64 class labels (``None`` for other targets).
         bias: whether the head has a bias (adds the ``1`` in ``[h_i, 1]``).
+        grads: (B, D) each sample's last-layer gradient, flattened, when it is not
+            one outer product (a head applied per token: ``sum_t e_it (x) [h_it, 1]``,
+            exact or a Kronecker sketch, see ``ScoringHook``); ``gram()`` and
+            ``grad_norms()`` read it instead of ``logit_grad`` and ``features``.
     """
 
     loss: Tensor
@@ -44,6 +48,7 @@ class Scores:
     features: Optional[Tensor] = None
     targets: Optional[Tensor] = None
     bias: bool = True
+    grads: Optional[Tensor] = None
     # grad_norms() computed once, or given by from_stored()
     _grad_norms: Optional[Tensor] = field(default=None, init=False, repr=False, compare=False)
 
@@ -60,8 +65,9 @@ class Scores:
     def _require_grads(self) -> tuple[Tensor, Tensor]:
         if self.logit_grad is None or self.features is None:
             raise ValueError(
-                "these Scores hold losses only; gradient-based strategies need "
-                "logit_grad and features from ScoringHook.score()"
+                "these Scores hold losses only: gradient-based strategies (gradmatch, importance) need the last "
+                "layer's gradients, which a ScoringHook with a head gives (ScoringHook(model, head=model.<last "
+                "linear layer>)); the loss-based strategies need none"
             )
         return self.logit_grad, self.features
 
@@ -72,6 +78,8 @@ class Scores:
         return self._grad_norms
 
     def _compute_grad_norms(self) -> Tensor:
+        if self.grads is not None:
+            return torch.linalg.vector_norm(self.grads, dim=1)
         e, h = self._require_grads()
         if all(t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES for t in (e, h)):
             from .kernels import outer_norms  # one pass over E and H; torch's takes twice as long at C=1000
@@ -89,6 +97,8 @@ class Scores:
         ``<g_i, g_j> = (e_i . e_j) * (h_i . h_j + 1)``, exact, computed in the
         dtype of the scores on their device.
         """
+        if self.grads is not None:
+            return self.grads @ self.grads.T
         e, h = self._require_grads()
         hh = h @ h.T
         if self.bias:
@@ -106,7 +116,7 @@ class Scores:
     def finite(self) -> Tensor:
         """(B,) bool: the loss, and the gradient information if any, are finite."""
         ok = torch.isfinite(self.loss)
-        for t in (self.logit_grad, self.features):
+        for t in (self.logit_grad, self.features, self.grads):
             if t is not None:
                 ok &= torch.isfinite(t).all(1)
         return ok
@@ -116,9 +126,9 @@ class Scores:
         loss = self.loss.clone()
         top = loss[finite].max() if bool(finite.any()) else torch.zeros((), device=loss.device, dtype=loss.dtype)
         loss[~finite] = top
-        e, h = (None if t is None else torch.where(finite[:, None], t, torch.zeros_like(t))
-                for t in (self.logit_grad, self.features))
-        return Scores(loss=loss, logit_grad=e, features=h, targets=self.targets, bias=self.bias)
+        e, h, g = (None if t is None else torch.where(finite[:, None], t, torch.zeros_like(t))
+                   for t in (self.logit_grad, self.features, self.grads))
+        return Scores(loss=loss, logit_grad=e, features=h, targets=self.targets, bias=self.bias, grads=g)
 
 
 def apply_nan_policy(scores: Scores, policy: str, indices: Tensor) -> tuple[Scores, Optional[Tensor]]:

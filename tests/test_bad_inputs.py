@@ -59,6 +59,15 @@ class NotLinearHead(nn.Module):
         return self.head(h, h)
 
 
+class _NoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, C, DIM)
+
+    def forward(self, x):
+        return self.conv(x[:, None]).flatten(1)
+
+
 class SkipsHead(nn.Module):
     def __init__(self):
         super().__init__()
@@ -200,8 +209,8 @@ CASES: list[tuple[str, Callable[[Any], Any], Optional[type], str, Optional[Calla
      TypeError, "'source' is not per-sample", None),
     ("head is not nn.Linear", lambda t: sb.ScoringHook(NotLinearHead(), head=NotLinearHead().head),
      TypeError, "head must be an nn.Linear", None),
-    ("model without nn.Linear", lambda t: sb.ScoringHook(nn.Sequential(nn.Conv1d(1, 2, 3))),
-     ValueError, "no nn.Linear", None),
+    ("gradmatch on a model without nn.Linear", lambda t: _run(_batches(), "gradmatch", model=_NoLinear()),
+     ValueError, "losses only.*head=", None),
     ("head not reached in forward", lambda t: _run(_batches(), model=SkipsHead()), RuntimeError,
      "was not called in the model's forward", None),
     ("loader that yields nothing", lambda t: _run([]), None, "", lambda ld: ld.stats.samples_seen == 0 == len(ld.out)),

@@ -138,10 +138,17 @@ def test_head_found_automatically_and_explicitly():
     assert sb.find_head(model) is model.fc
 
 
-def test_error_without_linear_layer():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
-    with pytest.raises(ValueError, match="head="):
-        sb.ScoringHook(model)
+def test_model_without_linear_layer_is_scored_for_losses_only():
+    """A 1x1-conv head: the loss strategies work; a gradient strategy says what it needs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))
+    scores = sb.ScoringHook(model).score(x, y)
+    with torch.no_grad():
+        torch.testing.assert_close(scores.loss, F.cross_entropy(model(x), y, reduction="none"))
+    assert scores.logit_grad is None and len(sb.TopK().select(scores, 3).indices) == 3
+    with pytest.raises(ValueError, match="losses only.*head="):
+        sb.GradientMatching().select(scores, 3)
 
 
 def test_error_when_head_is_not_linear():
