@@ -17,8 +17,10 @@ The hook hands it over exactly when ``C (d + 1)`` is small enough
 (``exact_limit``), and otherwise as a Kronecker-structured random sketch
 ``sum_t (P' e_it) (x) (Q' [h_it, 1])`` with Gaussian ``P`` (C x r) and ``Q``
 ((d + 1) x r), entries of variance ``1/r``: its Gram matrix is an unbiased
-estimate of the exact one, each entry with a relative standard deviation of
-about ``sqrt(2 / r)`` (tested against ``torch.func``).
+estimate of the exact one. A squared norm ``G_ii`` has a relative standard
+deviation of about ``sqrt(2 / r)``, an off-diagonal entry an error below
+``sqrt(2 / r) * sqrt(G_ii G_jj)`` (measured: 0.23 and 0.13 at the default
+``r = 32``; tested against ``torch.func``).
 
 Strategies that read only losses (uniform, topk, sb, composer, infobatch) need
 no head at all (``head=False``, or a model without an ``nn.Linear``).
