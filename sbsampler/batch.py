@@ -81,10 +81,14 @@ def tree_rows(tree: Any) -> Optional[int]:
 
 
 def _tree_take(tree: Any, rows: Tensor) -> Any:
+    if _is_tensor(tree):  # the common case, without the tree walk
+        return tree[rows.to(tree.device)]
     return pytree.tree_map(lambda t: t[rows.to(t.device)] if _is_tensor(t) else t, tree)
 
 
 def _tree_to(tree: Any, device: torch.device) -> Any:
+    if _is_tensor(tree):
+        return tree.to(device, non_blocking=True)
     return pytree.tree_map(lambda t: t.to(device, non_blocking=True) if _is_tensor(t) else t, tree)
 
 
@@ -294,20 +298,23 @@ def parse_batch(batch: Any, first_position: Optional[int] = None, batch_fields: 
             indices where they are needed.
     """
     x, y, idx, extras = _split(batch, keys)
-    x, y = _as_tree(x), _as_tree(y)
+    if not (_is_tensor(x) and _is_tensor(y)):  # plain tensors (the common case) need no tree walk
+        x, y = _as_tree(x), _as_tree(y)
     if isinstance(y, Tensor) and y.dim() == 0:
         raise TypeError(
             "got a single unbatched sample (its target is a scalar): the wrapped loader must yield batches; "
             "DataLoader(batch_size=None) turns batching off, give it a batch_size"
         )
-    n = tree_rows(x)
+    n = tree_rows(x) if not _is_tensor(x) or x.dim() == 0 else int(x.shape[0])
     if n is None:
         raise TypeError(f"the inputs hold no tensor with a batch dimension (got {type(x).__name__})")
-    m = tree_rows(y)
+    m = tree_rows(y) if not _is_tensor(y) else int(y.shape[0])
     if m is not None and m != n:
         raise ValueError(f"inputs have {n} samples but targets have {m}")
-    _check_rows(x, n, "inputs")
-    _check_rows(y, n, "targets")
+    if not _is_tensor(x):
+        _check_rows(x, n, "inputs")
+    if not _is_tensor(y):
+        _check_rows(y, n, "targets")
     if idx is not None:
         indices = _index_tensor(idx, n)
     elif first_position is not None:
@@ -317,7 +324,7 @@ def parse_batch(batch: Any, first_position: Optional[int] = None, batch_fields: 
                          "(or write the .beton with sbsampler.ffcv.write_beton)")
     batch_level = frozenset(batch_fields)
     _check_extras(extras, n, batch_level)
-    device = next(t.device for t in pytree.tree_leaves(x) if _is_tensor(t))
+    device = x.device if _is_tensor(x) else next(t.device for t in pytree.tree_leaves(x) if _is_tensor(t))
     weights = torch.full((n,), 1.0 / n if n else 0.0, device=device)
     return SubBatch(x, y, weights, indices, extras, batch_level)
 

@@ -253,7 +253,8 @@ class ScoringHook:
                 return self.forward(inputs) if self.forward is not None else _default_forward(model, inputs)
         finally:
             for module, training in modes:
-                module.training = training
+                if module.training != training:
+                    module.__dict__["training"] = training  # what Module.train sets, without __setattr__'s cost
             if saved is not None:
                 with torch.no_grad():
                     for b, s in zip(model.buffers(), saved):
