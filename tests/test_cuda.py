@@ -1,0 +1,155 @@
+"""The GPU paths: the hook, the loader, the sampler and AMP scoring on CUDA against the CPU.
+
+Skipped where no CUDA device is present (CI has none); run on a GPU machine with
+``python -m pytest -q tests/test_cuda.py``.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import sbsampler as sb
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+ALL = sorted(sb.strategies.STRATEGIES)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def data(n: int = 512, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_hook_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    x, y = data(128)
+    cpu = sb.ScoringHook(model).score(x, y)
+    model_gpu = SmallCNN().cuda()
+    model_gpu.load_state_dict(model.state_dict())
+    gpu = sb.ScoringHook(model_gpu).score(x.cuda(), y.cuda())
+    assert gpu.loss.device.type == "cuda"
+    torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(gpu.grad_norms()).cpu().float(),
+                               torch.as_tensor(cpu.grad_norms()).float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(gpu.gram()).cpu().double(),
+                               torch.as_tensor(cpu.gram()).double(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_amp_scoring_close_to_fp32(dtype):
+    torch.manual_seed(0)
+    model = SmallCNN().cuda()
+    x, y = (t.cuda() for t in data(256))
+    ref = sb.ScoringHook(model).score(x, y)
+    amp = sb.ScoringHook(model, amp_dtype=dtype).score(x, y)
+    assert amp.loss.dtype == torch.float32 or amp.loss.dtype == ref.loss.dtype
+    assert torch.isfinite(amp.loss).all()
+    torch.testing.assert_close(amp.loss.float(), ref.loss.float(), rtol=5e-2, atol=5e-2)
+    # the selection it drives agrees with fp32 scoring on most of the picked set
+    k = 64
+    top_ref = set(torch.topk(ref.loss, k).indices.tolist())
+    top_amp = set(torch.topk(amp.loss.float(), k).indices.tolist())
+    assert len(top_ref & top_amp) >= 0.8 * k
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_loader_on_cuda_every_strategy(strategy):
+    torch.manual_seed(0)
+    model = SmallCNN().cuda()
+    x, y = data(512)
+    dl = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    hook = sb.ScoringHook(model)
+    loader = sb.SelectiveLoader(dl, hook, strategy=strategy, fraction=0.25, device="cuda", seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rows = 0
+    for b in loader:
+        assert b.inputs.device.type == "cuda" and b.targets.device.type == "cuda"
+        assert b.weights.device.type == "cuda" and b.indices is not None
+        loss = (F.cross_entropy(model(b.inputs), b.targets, reduction="none") * b.weights).sum()
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rows += len(b.targets)
+    assert rows == loader.stats.samples_yielded > 0
+
+
+def test_uniform_picks_same_rows_on_cuda_and_cpu():
+    """Uniform does not read the scores: the same seed picks the same rows on either device."""
+    x, y = data(256)
+    picks = {}
+    for dev in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = SmallCNN().to(dev)
+        dl = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=False)
+        loader = sb.SelectiveLoader(dl, sb.ScoringHook(model), strategy="uniform", fraction=0.25, device=dev, seed=3)
+        picks[dev] = [b.indices.cpu().numpy() for b in loader]
+    for a, b in zip(picks["cpu"], picks["cuda"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sampler_with_cuda_losses():
+    """A store fed the step's CUDA losses plans the next epoch; batches reach the GPU with their weights."""
+    torch.manual_seed(0)
+    model = SmallCNN().cuda()
+    x, y = data(256)
+    ds = sb.with_indices(TensorDataset(x, y))
+    store = sb.ScoreStore(len(x))
+    sampler = sb.SelectiveSampler(store, "sb", fraction=0.5, seed=0)
+    batches = sb.WeightedBatches(DataLoader(ds, batch_size=32, sampler=sampler), sampler)
+    seen = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        n = 0
+        for b in batches:
+            xb, yb, w = b.inputs.cuda(), b.targets.cuda(), b.weights.cuda()
+            loss = F.cross_entropy(model(xb), yb, reduction="none")
+            store.update(b.indices, loss.detach())
+            sb.weighted_loss(loss, w).backward()
+            n += len(yb)
+        seen.append(n)
+    assert seen[0] == 256 and seen[1] == len(sampler.plan(1)[0]) < 256
+
+
+def test_per_token_sketch_on_cuda():
+    torch.manual_seed(0)
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 50)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.emb(ids)))
+
+    def token_loss(logits, targets):
+        per = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+        mask = (targets != -100).float()
+        return (per * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    model = Tok()
+    ids = torch.randint(0, 50, (16, 12))
+    cpu = sb.ScoringHook(model, loss=token_loss, exact_limit=1, sketch_dim=8, seed=0).score(ids, ids)
+    model_gpu = Tok().cuda()
+    model_gpu.load_state_dict(model.state_dict())
+    exact_gpu = sb.ScoringHook(model_gpu, loss=token_loss).score(ids.cuda(), ids.cuda())
+    exact_cpu = sb.ScoringHook(model, loss=token_loss).score(ids, ids)
+    torch.testing.assert_close(torch.as_tensor(exact_gpu.gram()).cpu().double(),
+                               torch.as_tensor(exact_cpu.gram()).double(), rtol=1e-3, atol=1e-5)
+    assert cpu.grads is not None and cpu.grads.shape == (16, 64)
