@@ -251,19 +251,8 @@ class EpochIterator:
     def _select(self, batch: SubBatch, strategy: Strategy) -> Selected:
         loader, stats = self.loader, self.stats
         picked = select_batch(loader.hook, strategy, batch, loader.fraction, nan_policy=loader.nan_policy)
-        n, scores = len(batch), picked.scores
-        if scores is not None:
-            stats.samples_scored += n
-        stats.samples_skipped += picked.skipped
-        candidates = n - picked.skipped
-        if candidates:
-            stats.samples_selected += picked.distinct
-            stats.samples_not_selected += candidates - picked.distinct
-        if picked.residual is not None:
-            stats.residuals.append(picked.residual)
-        stats.time_scoring += picked.seconds["scoring"]
-        stats.time_selecting += picked.seconds["selecting"]
-        stats.time_gathering += picked.seconds["gathering"]
+        stats.record(picked, len(batch))
+        scores = picked.scores
         if loader.store is not None and scores is not None and len(scores):
             kept = batch.indices if picked.candidates is None else batch.indices[picked.candidates]
             loader.store.update(kept, scores.loss, scores.grad_norms(), epoch=self.epoch)

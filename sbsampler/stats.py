@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .select import Selected
 
 __all__ = ["LoaderStats"]
 
@@ -39,6 +42,21 @@ class LoaderStats:
     time_selecting: float = 0.0  # the NaN policy and the strategy
     time_gathering: float = 0.0  # gathering the chosen rows
     residuals: list = field(default_factory=list)  # GradientMatching fit per batch
+
+    def record(self, picked: "Selected", batch_size: int) -> None:
+        """Count one ``select_batch`` result on a batch of ``batch_size`` samples (not yet the rows yielded)."""
+        if picked.scores is not None:
+            self.samples_scored += batch_size
+        self.samples_skipped += picked.skipped
+        candidates = batch_size - picked.skipped
+        if candidates:
+            self.samples_selected += picked.distinct
+            self.samples_not_selected += candidates - picked.distinct
+        if picked.residual is not None:
+            self.residuals.append(picked.residual)
+        self.time_scoring += picked.seconds["scoring"]
+        self.time_selecting += picked.seconds["selecting"]
+        self.time_gathering += picked.seconds["gathering"]
 
     @property
     def backprop_fraction(self) -> float:

@@ -1,0 +1,127 @@
+"""PyTorch Lightning: selection as a ``Callback``.
+
+Lightning iterates, shards (``DistributedSampler``), counts and checkpoints its
+own loader, and prefetches one batch ahead. So selection happens where the batch
+has reached the device, just before ``training_step``: the callback chains a
+step onto the module's ``on_after_batch_transfer`` that turns each training batch
+into a weighted ``SubBatch`` (``BatchSelector``), scored by the model as it is at
+that step (not one step stale, as a wrapped loader under Lightning's prefetch
+would be). One step per batch: ``len(train_dataloader)``, ``max_steps``,
+``estimated_stepping_batches`` and every LR schedule are Lightning's own::
+
+    from sbsampler.integrations.lightning import SelectiveBackprop
+
+    class Model(L.LightningModule):
+        def training_step(self, batch, batch_idx):       # batch: an sb.SubBatch
+            losses = F.cross_entropy(self(batch.inputs), batch.targets, reduction="none")
+            return sb.weighted_loss(losses, batch.weights)
+
+    trainer = L.Trainer(callbacks=[SelectiveBackprop("sb", fraction=0.25, seed=0)])
+
+The selector's state (strategy RNG and history, counters) is the callback's
+``state_dict``, which Lightning writes into every checkpoint and restores on
+``fit(ckpt_path=...)``. The counters are logged as ``sb/...`` each step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+try:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError:  # pragma: no cover - the standalone package
+    from pytorch_lightning import Callback, LightningModule, Trainer  # type: ignore[no-redef]
+
+from ..batch import SubBatch
+from ..hook import ScoringHook
+from ..selector import BatchSelector
+from ..strategies import Strategy
+
+__all__ = ["SelectiveBackprop"]
+
+LOGGED = ("backprop_fraction", "samples_yielded", "samples_seen", "selection_time")
+
+
+class SelectiveBackprop(Callback):
+    """Back-propagate a weighted share of every training batch.
+
+    Args:
+        strategy: a ``Strategy`` or registered name.
+        fraction: share of each batch to back-propagate.
+        hook: the ``ScoringHook`` to score with; default one on the
+            ``LightningModule`` itself (``ScoringHook(module, **hook_kwargs)``),
+            made at ``fit``'s setup.
+        hook_kwargs: passed to that default ``ScoringHook`` (``loss=``, ``head=``, ...).
+        log: log the counters (``sb/backprop_fraction``, ...) every step.
+        **selector_kwargs: passed to ``BatchSelector`` (``seed``, ``nan_policy``,
+            ``sync_history``, ``batch_keys``, ``batch_fields``).
+    """
+
+    def __init__(self, strategy: Union[None, str, Strategy] = "uniform", fraction: float = 0.25, *,
+                 hook: Optional[ScoringHook] = None, hook_kwargs: Optional[dict] = None, log: bool = True,
+                 **selector_kwargs: Any) -> None:
+        self._args = (strategy, fraction, selector_kwargs)
+        self.hook = hook
+        self.hook_kwargs = dict(hook_kwargs or {})
+        self.log = log
+        self.selector: Optional[BatchSelector] = None
+        self._pending: Optional[dict] = None  # a checkpoint's state restored before setup made the selector
+        self._module: Optional[LightningModule] = None
+        if hook is not None:
+            self._make_selector(hook)
+
+    def _make_selector(self, hook: ScoringHook) -> None:
+        strategy, fraction, kwargs = self._args
+        self.selector = BatchSelector(hook, strategy, fraction, **kwargs)
+        if self._pending is not None:
+            self.selector.load_state_dict(self._pending)
+            self._pending = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.selector is None:
+            self.hook = ScoringHook(pl_module, **self.hook_kwargs)
+            self._make_selector(self.hook)
+        original = pl_module.on_after_batch_transfer
+        selector = self.selector
+
+        def on_after_batch_transfer(batch: Any, dataloader_idx: int) -> Any:
+            batch = original(batch, dataloader_idx)
+            return selector(batch) if trainer.training else batch  # type: ignore[misc]
+
+        pl_module.on_after_batch_transfer = on_after_batch_transfer  # type: ignore[method-assign]
+        self._module = pl_module
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self._module is pl_module and "on_after_batch_transfer" in vars(pl_module):
+            del pl_module.on_after_batch_transfer  # the class's own hook again
+            self._module = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not isinstance(batch, SubBatch):
+            raise RuntimeError(
+                f"SelectiveBackprop: training_step would get an unselected {type(batch).__name__}: the module's "
+                "on_after_batch_transfer was bypassed (a LightningDataModule that defines on_after_batch_transfer "
+                "takes precedence). Move that hook into the LightningModule, or call the callback's selector "
+                "yourself at its end: `return callback.selector(batch)`")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.log and self.selector is not None:
+            stats = self.selector.stats.as_dict()
+            pl_module.log_dict({f"sb/{k}": float(stats[k]) for k in LOGGED}, on_step=True, on_epoch=False,
+                               batch_size=len(batch))
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.selector is None:
+            return dict(self._pending or {})
+        return self.selector.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.selector is None:
+            self._pending = dict(state_dict)
+        else:
+            self.selector.load_state_dict(state_dict)
