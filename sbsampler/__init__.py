@@ -20,6 +20,9 @@ Where things are (one room per concern):
 - ``weights``: the weights rule (multipliers to step weights), in one function;
 - ``loader`` and ``epoch``: ``SelectiveLoader`` (configuration, resume) and its
   per-epoch ``EpochIterator`` (pull, select, rebatch, pad, tail);
+- ``selector``: ``BatchSelector``, per-batch selection for a loop that owns its
+  loader (the framework integrations in ``sbsampler.integrations``);
+- ``checkpoint``: state dicts that load with ``torch.load(weights_only=True)``;
 - ``distributed``: how DDP ranks agree (and ``LocalSync`` for one process);
 - ``schedule``: the start/end window and the sampler's anneal;
 - ``store`` and ``sampler``: per-sample memory and sampler-level selection;
@@ -41,6 +44,7 @@ from .loader import SelectiveLoader
 from .sampler import Plan, SelectiveSampler, WeightedBatches
 from .scores import Scores
 from .select import Selected, select_batch
+from .selector import BatchSelector
 from .stats import LoaderStats
 from .store import ScoreStore
 from .strategies import (
@@ -76,6 +80,7 @@ __all__ = [
     "with_indices",
     "weighted_loss",
     "select_batch",
+    "BatchSelector",
     "Selected",
     "step_weights",
     "Strategy",

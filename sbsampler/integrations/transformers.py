@@ -1,0 +1,157 @@
+"""HuggingFace ``Trainer``: selection inside ``compute_loss``.
+
+``SelectiveTrainer`` is a ``Trainer`` whose ``compute_loss`` scores each training
+micro-batch (a dict of tensors on the device, ``labels`` among them) with one
+no-graph forward, keeps a weighted share of its rows (``BatchSelector``) and
+back-propagates ``sum_i w_i l_i`` through a forward of those rows alone. The
+Trainer's loader, sampler, length, ``max_steps``, LR schedule and gradient
+accumulation are untouched: one optimizer step per ``gradient_accumulation_steps``
+micro-batches, as without selection::
+
+    from sbsampler.integrations.transformers import SelectiveTrainer
+
+    trainer = SelectiveTrainer(model=model, args=args, train_dataset=train, strategy="sb", fraction=0.25, seed=0)
+    trainer.train()
+
+The loss matches the Trainer's own normalisation:
+
+- without ``num_items_in_batch`` (a model that takes no loss kwargs, e.g. a
+  sequence classifier): ``sum_i w_i l_i`` estimates the micro-batch's mean
+  per-sample loss, and the Trainer divides by the accumulation steps, as it
+  does its own mean loss;
+- with ``num_items_in_batch`` (the label tokens of all accumulated micro-batches,
+  e.g. a causal LM): ``B * sum_i w_i l_i / num_items_in_batch`` with ``l_i`` the
+  *sum* of sample ``i``'s token losses estimates this micro-batch's share of
+  the Trainer's token-mean loss, already scaled for accumulation (and by the
+  number of processes under ``average_tokens_across_devices``, as the Trainer
+  scales its own).
+
+With ``strategy="full"`` the loss equals the Trainer's own (a test checks the
+whole trajectory). The per-sample loss (``loss=``) is also what the scoring hook
+ranks by; the default is cross-entropy per sample for (B, C) logits, and the
+sum of the token cross-entropies (``-100`` ignored, shifted for causal LMs)
+for (B, T, C) logits. The selector's state goes into every checkpoint folder
+(``sbsampler_selector.pt``) and is restored by ``train(resume_from_checkpoint=...)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from ..batch import BatchKeys, weighted_loss
+from ..hook import ScoringHook
+from ..selector import BatchSelector
+from ..strategies import Strategy
+
+__all__ = ["SelectiveTrainer", "per_sample_loss", "causal_lm", "STATE_FILE"]
+
+STATE_FILE = "sbsampler_selector.pt"
+HF_KEYS = BatchKeys(inputs=None, targets="labels")
+
+
+def per_sample_loss(logits: Tensor, labels: Tensor, shift: bool = False) -> Tensor:
+    """(B,) losses: cross-entropy per sample for (B, C) logits; for (B, T, C) logits, the sum over the
+    sample's tokens of their cross-entropy (labels ``-100`` ignored; ``shift``: position t predicts t + 1)."""
+    if logits.dim() == 2:
+        if labels.dtype.is_floating_point and logits.shape[1] == 1:  # a one-output regression head
+            return F.mse_loss(logits[:, 0], labels.to(logits.dtype).reshape(-1), reduction="none")
+        return F.cross_entropy(logits, labels, reduction="none")
+    if logits.dim() == 3:
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+        return per_token.sum(1)
+    raise ValueError(f"per_sample_loss takes (B, C) or (B, T, C) logits, got shape {tuple(logits.shape)}: "
+                     "pass SelectiveTrainer(loss=) a callable (logits, labels) -> (B,)")
+
+
+def causal_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a causal LM whose own loss shifts its labels (a decoder-only ``...ForCausalLM``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or \
+        getattr(model, "loss_type", None) == "ForCausalLM"
+
+
+class _SaveSelector(TrainerCallback):
+    """Writes the selector's state into each checkpoint folder, after the Trainer has written it."""
+
+    def __init__(self, trainer: "SelectiveTrainer") -> None:
+        self.trainer = trainer
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            torch.save(self.trainer.selector.state_dict(), os.path.join(folder, STATE_FILE))
+
+
+class SelectiveTrainer(Trainer):
+    """A ``Trainer`` that back-propagates a weighted share of each training micro-batch.
+
+    Args:
+        *args, **kwargs: the ``Trainer``'s own.
+        strategy: a ``Strategy`` or registered name.
+        fraction: share of each micro-batch to back-propagate.
+        loss: per-sample loss ``(logits, labels) -> (B,)``; default ``per_sample_loss``
+            (token sums, shifted for a causal LM).
+        shift_labels: whether the default loss shifts token labels (position t
+            predicts t + 1); default: for a causal LM (``causal_lm``).
+        hook: the ``ScoringHook``; default ``ScoringHook(model, loss=loss)``.
+        seed, nan_policy, sync_history: passed to ``BatchSelector``.
+    """
+
+    def __init__(self, *args: Any, strategy: Union[None, str, Strategy] = "uniform", fraction: float = 0.25,
+                 loss: Optional[Callable[[Tensor, Any], Tensor]] = None, hook: Optional[ScoringHook] = None,
+                 seed: Optional[int] = None, nan_policy: str = "raise", sync_history: bool = False,
+                 shift_labels: Optional[bool] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if loss is None:
+            shift = causal_lm(self.model) if shift_labels is None else bool(shift_labels)
+
+            def loss(logits: Tensor, labels: Tensor) -> Tensor:
+                return per_sample_loss(logits, labels, shift=shift)
+        self.per_sample_loss = loss
+        if hook is None:
+            hook = ScoringHook(self.model, loss=loss)
+        self.selector = BatchSelector(hook, strategy, fraction, seed=seed, nan_policy=nan_policy,
+                                      sync_history=sync_history, batch_keys=HF_KEYS)
+        self.add_callback(_SaveSelector(self))
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Union[None, int, Tensor] = None) -> Any:
+        if not model.training or "labels" not in inputs:  # evaluation: the Trainer's own loss
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        batch = len(inputs["labels"])
+        sub = self.selector(inputs)
+        outputs = model(**sub.inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss = weighted_loss(self.per_sample_loss(logits, sub.targets), sub.weights)
+        if num_items_in_batch is not None:
+            loss = loss * (batch / num_items_in_batch)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.accelerator.num_processes  # the Trainer's own scaling for a gathered count
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        return (loss, outputs) if return_outputs else loss
+
+    def train(self, resume_from_checkpoint: Union[None, bool, str] = None, *args: Any, **kwargs: Any) -> Any:
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+        if isinstance(folder, str):
+            path = os.path.join(folder, STATE_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a SelectiveTrainer, "
+                                        "so the selector cannot resume where it stopped")
+            self.selector.load_state_dict(torch.load(path, weights_only=True))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
