@@ -13,11 +13,10 @@ The learning rate is a function of training progress measured in epochs, set at
 every step, so a schedule written per epoch stays correct however many steps an
 epoch has:
 
-- per batch: progress is ``epoch + batches_consumed / batches_per_epoch`` where
-  batches are those of the FFCV loader that ``SelectiveLoader`` wraps
-  (``loader.stats.batches_seen``), with or without rebatching;
-- sampler: progress is ``epoch + steps / len(loader)`` with ``len()`` read at the
-  start of *each* epoch (the plan's length), never frozen at the first epoch's.
+- per batch: ``SelectiveLoader.progress``, ``epoch + batches consumed / batches
+  per epoch`` of the FFCV loader it wraps, with or without rebatching;
+- sampler: ``WeightedBatches.progress``, ``epoch + steps / len()`` with ``len()``
+  that of *each* epoch's plan, never frozen at the first epoch's.
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ def label_pipeline(device: Optional[torch.device] = None) -> list:
 
 def cyclic_lr(progress: float, lr: float, epochs: int, peak_epoch: float) -> float:
     """FFCV's triangular schedule: ``1e-4 lr`` -> ``lr`` at ``peak_epoch`` -> 0 at ``epochs``."""
-    return float(np.interp(progress, [0, peak_epoch, epochs], [1e-4 * lr, lr, 0.0]))
+    return lr * sb.schedule.one_cycle(epochs, peak_epoch)(progress)
 
 
 def step_lr(progress: float, lr: float, epochs: int, step_ratio: float, step_length: int) -> float:
@@ -128,22 +127,13 @@ def train_epoch(model: nn.Module, loader: Union[sb.SelectiveLoader, sb.WeightedB
     training loss there (sampler mode: the next epoch's plan is drawn from it).
     """
     model.train()
-    if isinstance(loader, sb.SelectiveLoader):
-        per_epoch, seen0 = len(loader.loader), loader.stats.batches_seen
-
-        def progress(steps: int) -> float:
-            return epoch + (loader.stats.batches_seen - seen0) / per_epoch
-    else:
-        per_epoch = len(loader)  # this epoch's plan: read now, every epoch
-
-        def progress(steps: int) -> float:
-            return epoch + steps / max(per_epoch, 1)
+    per_epoch = len(loader.loader) if isinstance(loader, sb.SelectiveLoader) else len(loader)
     steps, samples, total, lr = 0, 0, 0.0, lr_at(epoch)
     lr_first = None
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=None, leave=False)
     for batch in bar:
-        lr = lr_at(progress(steps + 1))
+        lr = lr_at(loader.progress)  # epochs done, this step's batches included (sbsampler.schedule)
         lr_first = lr if lr_first is None else lr_first
         for group in opt.param_groups:
             group["lr"] = lr

@@ -24,7 +24,9 @@ Where things are (one room per concern):
   loader (the framework integrations in ``sbsampler.integrations``);
 - ``checkpoint``: state dicts that load with ``torch.load(weights_only=True)``;
 - ``distributed``: how DDP ranks agree (and ``LocalSync`` for one process);
-- ``schedule``: the start/end window and the sampler's anneal;
+- ``schedule``: the start/end window, the sampler's anneal, and LR schedules that
+  follow the loaders' ``progress`` in epochs (``progress_lr``);
+- ``wrapped``: the wrapped loader's own state (stateful loaders, FFCV's epoch);
 - ``store`` and ``sampler``: per-sample memory and sampler-level selection;
 - ``ffcv``: ``.beton`` files with indices, FFCV batches, the selective order
   (imported on first use; needs FFCV);
@@ -36,7 +38,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import distributed, kernels, strategies
+from . import distributed, kernels, schedule, strategies
 from .batch import BatchKeys, IndexedDataset, SubBatch, parse_batch, weighted_loss, with_indices
 from .epoch import EpochIterator
 from .hook import ScoringHook, find_head
@@ -102,6 +104,7 @@ __all__ = [
     "get_strategy",
     "distributed",
     "kernels",
+    "schedule",
     "strategies",
 ]
 

@@ -44,6 +44,7 @@ from .distributed import LocalSync
 from .select import Selected, select_batch
 from .strategies import Full, Strategy
 from .weights import step_weights
+from .wrapped import ffcv_loader, is_stateful
 
 if TYPE_CHECKING:
     from .loader import SelectiveLoader
@@ -95,6 +96,8 @@ class EpochIterator:
         self._start_error: Optional[BaseException] = None  # reported in the first round, on every rank
         self._drawn = [0, 0]  # candidates and picks of this epoch's draws so far (samples per pick, see _per_pick)
         self._carried: Optional[float] = None  # the previous epoch's samples per pick
+        self._stateful = is_stateful(loader.loader)
+        self._snapshots: dict[int, dict[str, Any]] = {}  # a stateful loader's state before each batch still queued
 
     def _start(self) -> Iterator[SubBatch]:
         """Claim the epoch from the loader (and any state to resume), open the wrapped loader.
@@ -157,6 +160,10 @@ class EpochIterator:
 
     def _next_batch(self) -> Optional[SubBatch]:
         t0 = time.perf_counter()
+        if self._stateful:  # where to hand off to the wrapped loader if a state is saved while this batch is queued
+            oldest = self.queue[0].ordinal if self.queue else self.position
+            self._snapshots = {k: v for k, v in self._snapshots.items() if k >= oldest}
+            self._snapshots[self.position] = self._handoff()
         batch = self._read()
         if batch is None:
             return None
@@ -359,9 +366,29 @@ class EpochIterator:
         return out  # type: ignore[return-value]
 
     # -- resume ----------------------------------------------------------------------
+    def _handoff(self) -> dict[str, Any]:
+        """The stateful wrapped loader's state now, and where this epoch stands."""
+        return {"state": self.loader.loader.state_dict(), "position": self.position, "samples_read": self.samples_read}
+
+    def wrapped_state(self) -> Optional[dict[str, Any]]:
+        """The wrapped loader's state to resume this epoch from (``sbsampler.wrapped``), or ``None``.
+
+        A stateful loader's state from before the oldest batch with rows still queued
+        (the current one when nothing is queued); an FFCV loader's epoch counter.
+        """
+        ffcv = ffcv_loader(self.loader.loader)
+        if ffcv is not None:
+            return {"ffcv_epoch": int(ffcv.next_epoch) - 1}  # FFCV advanced it when this epoch's iter began
+        if not self._stateful:
+            return None
+        if self.queue:
+            return self._snapshots[self.queue[0].ordinal]
+        return self._handoff()
+
     def state_dict(self) -> dict[str, Any]:
         """The epoch, the wrapped batches consumed and the queue: plain values and NumPy arrays."""
         return {
+            "wrapped": self.wrapped_state(),
             "epoch": self.epoch,
             "position": self.position,
             "drawn": list(self._drawn),
@@ -384,7 +411,14 @@ class EpochIterator:
         for j, entry in enumerate(state["queue"]):
             wanted.setdefault(int(entry["batch"]), []).append(j)
         pieces: list[Optional[_Queued]] = [None] * len(state["queue"])
-        for ordinal in range(int(state["position"])):
+        first = 0
+        handoff = state.get("wrapped")
+        if self._stateful and handoff is not None and "state" in handoff:  # the loader resumes itself from there
+            first = int(handoff["position"])
+            self.samples_read = int(handoff["samples_read"])
+        for ordinal in range(first, int(state["position"])):
+            if self._stateful:
+                self._snapshots[ordinal] = self._handoff() | {"position": ordinal}
             batch = self._read()
             if batch is None:
                 raise RuntimeError(

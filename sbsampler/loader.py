@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .batch import BatchKeys, adapt_loader
+from .wrapped import ffcv_loader, is_stateful
 from .distributed import LocalSync, RankSync, resolve_sync
 from .epoch import EpochIterator
 from .hook import ScoringHook
@@ -28,7 +29,8 @@ from .strategies import Seed, Strategy, budget, get_strategy
 __all__ = ["SelectiveLoader"]
 
 #: version of the layout of ``SelectiveLoader.state_dict()``
-STATE_VERSION = 2
+STATE_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # version 2 had no "wrapped" entry
 
 
 class SelectiveLoader:
@@ -229,6 +231,25 @@ class SelectiveLoader:
         self.next_epoch = epoch
 
     @property
+    def progress(self) -> float:
+        """Epochs of training done: ``epoch + wrapped batches consumed / batches per epoch``.
+
+        During a step, the batches consumed include those that made it; between
+        epochs it is ``next_epoch``. For per-iteration schedules
+        (``sbsampler.schedule.progress_lr``), whatever each epoch's number of steps.
+
+        Raises:
+            TypeError: mid-epoch, when the wrapped loader has no ``len()``.
+        """
+        running = self._running
+        if running is None or running.finished or running.epoch is None:
+            return float(self.next_epoch)
+        n = self.batches_per_epoch()
+        if not n:
+            raise TypeError("progress within an epoch needs the wrapped loader's len(); it has none")
+        return running.epoch + running.position / n
+
+    @property
     def current_iterator(self) -> Optional[EpochIterator]:
         """The epoch iterator that started last (running, broken off or finished), or ``None``."""
         return self._running
@@ -303,7 +324,8 @@ class SelectiveLoader:
         running = self._running
         in_epoch = running is not None and not running.finished
         epoch_state = running.state_dict() if in_epoch else {"epoch": None, "position": 0, "queue": [],
-                                                             "drawn": [0, 0], "carried": None}
+                                                             "drawn": [0, 0], "carried": None,
+                                                             "wrapped": self._wrapped_between_epochs()}
         return self._saved({"in_epoch": in_epoch, **epoch_state})
 
     def _saved(self, epoch_state: dict[str, Any]) -> dict[str, Any]:
@@ -316,21 +338,45 @@ class SelectiveLoader:
             **epoch_state,
         }
 
+    def _wrapped_between_epochs(self) -> Optional[dict[str, Any]]:
+        """The wrapped loader's state for the next epoch (``sbsampler.wrapped``), or ``None``."""
+        ffcv = ffcv_loader(self.loader)
+        if ffcv is not None:
+            return {"ffcv_epoch": int(ffcv.next_epoch)}
+        if is_stateful(self.loader):
+            return {"state": self.loader.state_dict(), "position": 0, "samples_read": 0}  # type: ignore[attr-defined]
+        return None
+
+    def _restore_wrapped(self, wrapped: Optional[dict[str, Any]]) -> None:
+        if wrapped is None:
+            return
+        ffcv = ffcv_loader(self.loader)
+        if ffcv is not None and "ffcv_epoch" in wrapped:
+            ffcv.next_epoch = int(wrapped["ffcv_epoch"])
+        elif is_stateful(self.loader) and "state" in wrapped:
+            self.loader.load_state_dict(wrapped["state"])  # type: ignore[attr-defined]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; a state saved mid-epoch makes the next iteration finish that epoch."""
-        if state.get("version") != STATE_VERSION:
+        """Restore ``state_dict()``; a state saved mid-epoch makes the next iteration finish that epoch.
+
+        The wrapped loader's own state is restored too (``sbsampler.wrapped``): a
+        stateful loader's position, an FFCV loader's epoch counter.
+        """
+        if state.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"unknown SelectiveLoader state version {state.get('version')!r} "
-                             f"(this sbsampler reads version {STATE_VERSION})")
+                             f"(this sbsampler reads versions {READABLE_VERSIONS})")
         self.batch_size = state["batch_size"]
         self.strategy.load_state_dict(state["strategy"])
         self.stats = LoaderStats(**{**state["stats"], "residuals": list(state["stats"]["residuals"])})
         self._running = None
         if state["in_epoch"]:
             self._resume = {k: state[k] for k in ("epoch", "position", "queue", "drawn", "carried")}
+            self._resume["wrapped"] = state.get("wrapped")
             self.next_epoch = int(state["epoch"])
         else:
             self._resume = None
             self.next_epoch = int(state["next_epoch"])
+        self._restore_wrapped(state.get("wrapped"))
 
     def __repr__(self) -> str:
         return (

@@ -327,7 +327,19 @@ class WeightedBatches:
         self.batch_fields = frozenset(batch_fields)
         self.batch_keys = batch_keys
         self._epoch_len: Optional[int] = None
+        self._yielded = 0  # steps yielded in the epoch being iterated
         self._check_size()
+
+    @property
+    def progress(self) -> float:
+        """Epochs of training done: ``epoch + steps yielded / this epoch's len()`` (the sampler's epoch).
+
+        During a step, the steps yielded include it. For per-iteration schedules
+        (``sbsampler.schedule.progress_lr``): an epoch's length follows its plan.
+        """
+        if self._epoch_len is None:
+            return float(self.sampler.epoch)
+        return self.sampler.epoch + self._yielded / max(self._epoch_len, 1)
 
     def _check_size(self) -> None:
         """The dataset must be the store's: a larger one would never be fully loaded, a smaller one fail to load."""
@@ -354,11 +366,12 @@ class WeightedBatches:
         # FFCV's len() means the *next* epoch once this one has started: remember this one's
         n = len(self)
         try:
-            self._epoch_len = n
+            self._epoch_len, self._yielded = n, 0
             for raw in self.loader:
                 batch = parse_batch(raw, batch_fields=self.batch_fields, keys=self.batch_keys)
                 batch.weights = torch.from_numpy(self.sampler.weights_for(batch.indices)).float().to(
                     batch.weights.device)
+                self._yielded += 1
                 yield batch
         finally:
             self._epoch_len = None

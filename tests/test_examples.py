@@ -101,7 +101,7 @@ def test_imagenet_example_says_where_the_data_goes():
 
 def test_cifar_example_smoke():
     res = run(["examples/cifar_ffcv.py", "--synthetic", "256", "--epochs", "1", "--batch-size", "64",
-               "--strategy", "sb", "--fraction", "0.25"])
+               "--strategy", "sb", "--fraction", "0.25", "--lr-peak-epoch", "0.5"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "top_1" in res.stdout and "back-propagated 64 of 256 samples" in res.stdout
 

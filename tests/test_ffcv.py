@@ -153,3 +153,32 @@ def test_image_conversion():
         _to_hwc_uint8(np.zeros((4, 5), dtype=np.int32))
     with pytest.raises(ValueError, match="empty"):
         write_beton([], "/tmp/never.beton")
+
+
+@pytest.mark.parametrize("stop", [1, 4])  # mid epoch 0; mid epoch 1 (3 steps an epoch)
+def test_resume_restores_ffcvs_epoch_counter(beton, stop):
+    """FFCV's order follows its next_epoch counter: the library saves it with its own state and sets it back,
+    so a fresh Loader (counter 0) resumes the uninterrupted run's steps."""
+    def run(loader, out, epochs=2, stop=None):
+        for _ in range(epochs):
+            for b in loader:
+                out.append((b.indices.tolist(), b.weights.tolist()))
+                if stop is not None and len(out) == stop:
+                    return out
+        return out
+
+    def build():
+        torch.manual_seed(0)
+        return sb.SelectiveLoader(make_loader(beton), sb.ScoringHook(TinyCNN()), "sb", fraction=0.25, rebatch=True,
+                                  seed=0)
+
+    ref = run(build(), [])
+    first = build()
+    head = run(first, [], stop=stop)
+    state = first.state_dict()
+    assert state["wrapped"] == {"ffcv_epoch": state["epoch"]}
+    resumed = build()
+    resumed.load_state_dict(state)
+    assert resumed.loader.loader.next_epoch == state["epoch"]
+    epochs_left = 2 - state["epoch"]
+    assert head + run(resumed, [], epochs=epochs_left) == ref
