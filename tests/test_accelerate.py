@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-pytest.importorskip("accelerate")
+from conftest import need  # noqa: E402
+
+need("accelerate")
 from accelerate import debug_launcher  # noqa: E402
 
 from _accelerate_worker import train  # noqa: E402

@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import sbsampler as sb
 
-L = pytest.importorskip("lightning.pytorch")
+from conftest import need  # noqa: E402
+
+L = need("lightning.pytorch")
 from sbsampler.integrations.lightning import SelectiveBackprop  # noqa: E402
 
 TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)

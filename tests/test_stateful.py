@@ -9,7 +9,9 @@ from torch.utils.data import Dataset
 
 import sbsampler as sb
 
-stateful = pytest.importorskip("torchdata.stateful_dataloader")
+from conftest import need  # noqa: E402
+
+stateful = need("torchdata.stateful_dataloader")
 StatefulDataLoader = stateful.StatefulDataLoader
 
 
