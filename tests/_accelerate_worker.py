@@ -1,11 +1,15 @@
-"""Run by tests/test_accelerate.py under accelerate.debug_launcher (2 CPU processes, gloo)."""
+"""Run by tests/test_accelerate.py in a fresh process: accelerate.debug_launcher forks 2 CPU processes (gloo).
+
+A fresh process because forking one that has already run autograd (an earlier test) is refused by torch.
+"""
 
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, debug_launcher
 from accelerate.utils import DataLoaderConfiguration
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -42,3 +46,7 @@ def train(out: str, strategy: str, rebatch: bool, even_batches: bool) -> None:
         json.dump({"steps": steps, "rows": rows, "syncs": syncs,
                    "yielded": loader.stats.samples_yielded, "padded": loader.stats.samples_padded,
                    "seen": loader.stats.samples_seen, "w": float(w.sum())}, f)
+
+
+if __name__ == "__main__":
+    debug_launcher(train, args=(sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"), num_processes=2)

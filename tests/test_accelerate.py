@@ -1,21 +1,25 @@
 """accelerate: a SelectiveLoader over a prepared loader, 2 CPU processes (accelerate.debug_launcher)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import need  # noqa: E402
 
 need("accelerate")
-from accelerate import debug_launcher  # noqa: E402
-
-from _accelerate_worker import train  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize("strategy,rebatch,even", [("sb", False, False), ("infobatch", True, False),
                                                    ("uniform", False, True)])
 def test_two_processes_step_together(tmp_path, strategy, rebatch, even):
-    debug_launcher(train, args=(str(tmp_path), strategy, rebatch, even), num_processes=2)
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    subprocess.run([sys.executable, str(HERE / "_accelerate_worker.py"), str(tmp_path), strategy, str(int(rebatch)),
+                    str(int(even))], check=True, env=env, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["steps"] == ranks[1]["steps"] > 0  # equal steps on both processes
     assert ranks[0]["syncs"] == ranks[1]["syncs"] > 0  # and the same optimizer steps under accumulate

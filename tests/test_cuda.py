@@ -153,3 +153,55 @@ def test_per_token_sketch_on_cuda():
     torch.testing.assert_close(torch.as_tensor(exact_gpu.gram()).cpu().double(),
                                torch.as_tensor(exact_cpu.gram()).double(), rtol=1e-3, atol=1e-5)
     assert cpu.grads is not None and cpu.grads.shape == (16, 64)
+
+
+def test_lightning_callback_on_cuda():
+    L = pytest.importorskip("lightning.pytorch")
+    from sbsampler.integrations.lightning import SelectiveBackprop
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallCNN()
+            self.devices = set()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, i):
+            self.devices.add((batch.inputs.device.type, batch.weights.device.type))
+            return sb.weighted_loss(F.cross_entropy(self(batch.inputs), batch.targets, reduction="none"),
+                                    batch.weights)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    x, y = data(256)
+    model, cb = Net(), SelectiveBackprop("gradmatch", fraction=0.25, seed=0, log=False)
+    L.Trainer(accelerator="gpu", devices=1, max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+              enable_progress_bar=False).fit(model, DataLoader(TensorDataset(x, y), batch_size=64))
+    assert model.devices == {("cuda", "cuda")}
+    assert cb.selector.stats.samples_yielded == 64
+
+
+def test_selective_trainer_on_cuda(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+    from sbsampler.integrations.transformers import SelectiveTrainer
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64,
+                                                     max_position_embeddings=16, num_labels=3))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (64, 10), generator=g)
+    ds = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": ids[i, 0] % 3}
+          for i in range(64)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=2,
+                             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                             bf16=True)
+    t = SelectiveTrainer(model=model, args=args, train_dataset=ds, strategy="sb", fraction=0.25, seed=0)
+    t.train()
+    assert next(model.parameters()).device.type == "cuda"
+    assert t.selector.stats.samples_yielded == 2 * 16
