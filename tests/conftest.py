@@ -20,3 +20,14 @@ def need(module: str):
     if os.environ.get("SBSAMPLER_REQUIRE_INTEGRATIONS") == "1":
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+def record_steps(loader, epochs: int = 1, stop=None) -> list:
+    """``(indices, weights)`` of each step of ``epochs`` epochs of ``loader``, up to ``stop`` steps in all."""
+    out = []
+    for _ in range(epochs):
+        for b in loader:
+            out.append((b.indices.tolist(), b.weights.tolist()))
+            if stop is not None and len(out) == stop:
+                return out
+    return out

@@ -159,26 +159,20 @@ def test_image_conversion():
 def test_resume_restores_ffcvs_epoch_counter(beton, stop):
     """FFCV's order follows its next_epoch counter: the library saves it with its own state and sets it back,
     so a fresh Loader (counter 0) resumes the uninterrupted run's steps."""
-    def run(loader, out, epochs=2, stop=None):
-        for _ in range(epochs):
-            for b in loader:
-                out.append((b.indices.tolist(), b.weights.tolist()))
-                if stop is not None and len(out) == stop:
-                    return out
-        return out
+    from conftest import record_steps
 
     def build():
         torch.manual_seed(0)
         return sb.SelectiveLoader(make_loader(beton), sb.ScoringHook(TinyCNN()), "sb", fraction=0.25, rebatch=True,
                                   seed=0)
 
-    ref = run(build(), [])
+    ref = record_steps(build(), epochs=2)
     first = build()
-    head = run(first, [], stop=stop)
+    head = record_steps(first, epochs=2, stop=stop)
     state = first.state_dict()
     assert state["wrapped"] == {"ffcv_epoch": state["epoch"]}
     resumed = build()
     resumed.load_state_dict(state)
     assert resumed.loader.loader.next_epoch == state["epoch"]
     epochs_left = 2 - state["epoch"]
-    assert head + run(resumed, [], epochs=epochs_left) == ref
+    assert head + record_steps(resumed, epochs=epochs_left) == ref

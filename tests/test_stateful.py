@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 import sbsampler as sb
 
-from conftest import need  # noqa: E402
+from conftest import need, record_steps as steps  # noqa: E402
 
 stateful = need("torchdata.stateful_dataloader")
 StatefulDataLoader = stateful.StatefulDataLoader
@@ -41,16 +41,6 @@ def build(seed=0, strategy="sb"):
     data = Counting()
     return data, sb.SelectiveLoader(inner(data, seed), sb.ScoringHook(model), strategy, fraction=0.25, rebatch=True,
                                     seed=0)
-
-
-def steps(loader, epochs=1, stop=None):
-    out = []
-    for _ in range(epochs):
-        for b in loader:
-            out.append((b.indices.tolist(), b.weights.tolist()))
-            if stop is not None and len(out) == stop:
-                return out
-    return out
 
 
 def roundtrip(state):
