@@ -211,13 +211,17 @@ class Uniform(Strategy):
     """``k`` samples uniformly at random without replacement, ``w = 1/k``.
 
     The baseline that matters: the weighted sub-batch gradient is an unbiased
-    estimate of the minibatch mean gradient.
+    estimate of the minibatch mean gradient. It reads no scores, so a
+    ``SelectiveLoader`` runs no scoring forward for it (a step costs the
+    sub-batch step alone), and its draws are the same with or without ``Scores``.
     """
 
     name = "uniform"
+    needs_scores = False
 
-    def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
-        idx = np.sort(rng.choice(loss.shape[0], size=k, replace=False))
+    def _select(self, scores: Any, loss: Optional[np.ndarray], k: int, rng: np.random.Generator) -> Selection:
+        n = int(scores) if loss is None else loss.shape[0]
+        idx = np.sort(rng.choice(n, size=k, replace=False))
         return Selection(idx, _uniform_weights(k))
 
 

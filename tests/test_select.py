@@ -42,11 +42,13 @@ def test_select_batch_gives_the_loaders_step():
 def test_select_batch_nan_skip_and_empty():
     x, y = _xy()
     x[3] = float("nan")
-    picked = sb.select_batch(sb.ScoringHook(_model()), "uniform", (x, y, torch.arange(100, 116)), 1.0,
+    picked = sb.select_batch(sb.ScoringHook(_model()), "topk", (x, y, torch.arange(100, 116)), 1.0,
                              nan_policy="skip", rng=0)
     assert picked.skipped == 1 and 103 not in picked.sub.indices.tolist() and len(picked.sub) == 15
     with pytest.raises(ValueError, match=r"dataset indices \[103\]"):
-        sb.select_batch(sb.ScoringHook(_model()), "uniform", (x, y, torch.arange(100, 116)), 0.5)
+        sb.select_batch(sb.ScoringHook(_model()), "topk", (x, y, torch.arange(100, 116)), 0.5)
+    # uniform reads no scores, so no scoring pass looks at the losses: the step's own loss shows a NaN
+    assert len(sb.select_batch(sb.ScoringHook(_model()), "uniform", (x, y), 0.5).sub) == 8
     with pytest.raises(ValueError, match="nan_policy"):
         sb.select_batch(sb.ScoringHook(_model()), "uniform", _xy(), 0.5, nan_policy="ignore")
     empty = sb.select_batch(sb.ScoringHook(_model()), "uniform", (x[:0], y[:0]), 0.5)
@@ -60,7 +62,8 @@ def test_full_is_a_strategy_with_no_scoring_pass():
     torch.testing.assert_close(picked.sub.weights, torch.full((16,), 1 / 16))
     assert isinstance(sb.get_strategy(None), sb.Full) and isinstance(sb.get_strategy("full"), sb.Full)
     with pytest.raises(TypeError, match="reads scores"):
-        sb.select_batch(None, "uniform", (x, y), 0.5)
+        sb.select_batch(None, "topk", (x, y), 0.5)
+    assert len(sb.select_batch(None, "uniform", (x, y), 0.5).sub) == 8  # nor does uniform
     loader = sb.SelectiveLoader([(x, y), _xy(seed=1)], sb.ScoringHook(_model()), strategy=None, rebatch=True)
     assert [len(b) for b in loader] == [16, 16] and len(loader) == 2  # whole batches, never rebatched
     assert loader.stats.samples_scored == 0 and loader.stats.samples_yielded == 32
@@ -103,7 +106,7 @@ def test_strategies_declare_what_they_need():
     facts = {name: (cls.needs_scores, cls.needs_gradients, cls.works_from_stored, cls.keeps_history,
                     cls.variable_count, cls.keeps_all) for name, cls in sb.STRATEGIES.items()}
     assert facts == {
-        "uniform": (True, False, True, False, False, False),
+        "uniform": (False, False, True, False, False, False),
         "topk": (True, False, True, False, False, False),
         "sb": (True, False, True, True, False, False),
         "composer": (True, False, True, False, False, False),
@@ -121,3 +124,19 @@ def test_in_window_and_local_sync():
     sync = sb.distributed.LocalSync()
     assert sync.min_max([3, 1]) == ([3, 1], [3, 1]) and (sync.rank, sync.world_size) == (0, 1)
     np.testing.assert_array_equal(sync.all_gather_1d(np.array([1.0, 2.0])), [1.0, 2.0])
+
+
+def test_uniform_runs_no_scoring_forward():
+    """Uniform reads no scores: the loader never runs the scoring forward for it, and draws as before."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    ds = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+    loader = sb.SelectiveLoader(DataLoader(ds, batch_size=16), sb.ScoringHook(model), "uniform", 0.25, seed=3)
+    picked = [b.indices.tolist() for b in loader]
+    assert calls == [] and loader.stats.samples_scored == 0 and loader.stats.samples_selected == 16
+    rng = np.random.default_rng(3)
+    assert picked == [sorted((16 * j + rng.choice(16, size=4, replace=False)).tolist()) for j in range(4)]
