@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import sbsampler as sb
 
-__all__ = ["DigitsCNN", "MNIST1DCNN", "MNISTCNN", "BetonCNN", "load_digits_split", "load_data", "digits_rgb", "train_step",
-           "accuracy", "RunResult", "train_run", "warm_up"]
+__all__ = ["DigitsCNN", "MNIST1DCNN", "MNISTCNN", "BetonCNN", "load_digits_split", "load_data", "digits_rgb",
+           "train_step", "accuracy", "RunResult", "train_run", "warm_up"]
 
 
 class DigitsCNN(nn.Module):
