@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import sbsampler as sb
 
-__all__ = ["DigitsCNN", "MNIST1DCNN", "MNISTCNN", "BetonCNN", "load_digits_split", "load_data", "digits_rgb",
+__all__ = ["DigitsCNN", "MNIST1DCNN", "MNISTCNN", "PoolCNN", "BetonCNN", "load_digits_split", "load_data", "digits_rgb",
            "train_step", "accuracy", "RunResult", "train_run", "warm_up"]
 
 
@@ -73,6 +73,23 @@ class MNISTCNN(nn.Module):
             nn.Flatten(), nn.Linear(2 * width * 49, 64), nn.ReLU(),
         )
         self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class PoolCNN(nn.Module):
+    """A small CNN for 1-channel images of any size: conv blocks, global average pooling, a linear head."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))

@@ -43,6 +43,9 @@ __all__ = ["ScoringHook", "find_head"]
 LossFn = Callable[[Any, Any], Tensor]
 
 
+_INTERPOLATE_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}  # by input dimensions, as Composer
+
+
 def _logits_of(output: Any) -> Optional[Tensor]:
     """The logits in a model's output: the tensor itself, the first item of a tuple/list, or ``.logits``."""
     if isinstance(output, Tensor):
@@ -126,6 +129,13 @@ class ScoringHook:
             while ``C (d + 1)`` is at most this, else a sketch.
         sketch_dim: ``r`` of the Kronecker sketch (``r * r`` numbers per sample).
         seed: seeds the sketch's random projections.
+        scale_factor: score on inputs downscaled by this factor in (0, 1]
+            (Composer's ``scale_factor``: ``F.interpolate``, linear / bilinear /
+            trilinear for 3-, 4- and 5-D inputs, an integer image interpolated in
+            float and rounded back to its dtype); the step still trains on the
+            full-size inputs. Every score (losses, ``E``, ``H``) is then the
+            smaller input's: cheaper and approximate. The model must accept the
+            smaller size (global pooling before its head, say).
 
     Example:
         >>> hook = ScoringHook(model)                # doctest: +SKIP
@@ -146,6 +156,7 @@ class ScoringHook:
         exact_limit: int = 65536,
         sketch_dim: int = 32,
         seed: int = 0,
+        scale_factor: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -177,7 +188,11 @@ class ScoringHook:
         for name, value in (("exact_limit", exact_limit), ("sketch_dim", sketch_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) or \
+                not 0.0 < float(scale_factor) <= 1.0:
+            raise ValueError(f"scale_factor must be a number in (0, 1], got {scale_factor!r}")
         self.model = model
+        self.scale_factor = float(scale_factor)
         self.head: Optional[nn.Linear] = head
         self.loss = loss
         self.label_smoothing = float(label_smoothing)
@@ -237,8 +252,32 @@ class ScoringHook:
                     f"[0, {classes - 1}]; for ignore_index or other targets pass loss= a callable)"
                 )
 
+    def downscale(self, inputs: Any) -> Any:
+        """``inputs`` as the scoring forward sees them: downscaled by ``scale_factor`` (see the class)."""
+        if self.scale_factor == 1.0:
+            return inputs
+        if not isinstance(inputs, Tensor) or inputs.dim() not in _INTERPOLATE_MODES:
+            shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+            raise ValueError(f"scale_factor={self.scale_factor} downscales (B, C, L), (B, C, H, W) or (B, C, D, H, W) "
+                             f"tensor inputs, got {shape}")
+        x = inputs if inputs.is_floating_point() else inputs.float()
+        x = F.interpolate(x, scale_factor=self.scale_factor, mode=_INTERPOLATE_MODES[inputs.dim()])
+        return x if inputs.is_floating_point() else x.round().to(inputs.dtype)
+
     def _run(self, inputs: Any) -> Any:
         """One no-graph forward of the model in scoring mode; every module's mode and buffer restored."""
+        if self.scale_factor != 1.0:
+            small = self.downscale(inputs)
+            try:
+                return self._run_as_is(small)
+            except RuntimeError as err:
+                raise RuntimeError(f"the scoring forward failed on inputs downscaled by scale_factor="
+                                   f"{self.scale_factor} to {tuple(small.shape)} from {tuple(inputs.shape)}: the "
+                                   f"model must accept the smaller size (e.g. global pooling before its head). "
+                                   f"{type(err).__name__}: {err}") from err
+        return self._run_as_is(inputs)
+
+    def _run_as_is(self, inputs: Any) -> Any:
         model = self.model
         modes = [(m, m.training) for m in model.modules()]  # each module's own flag: frozen parts stay frozen
         saved = None
