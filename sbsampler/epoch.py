@@ -257,7 +257,8 @@ class EpochIterator:
 
     def _select(self, batch: SubBatch, strategy: Strategy) -> Selected:
         loader, stats = self.loader, self.stats
-        picked = select_batch(loader.hook, strategy, batch, loader.fraction, nan_policy=loader.nan_policy)
+        picked = select_batch(loader.hook, strategy, batch, loader.fraction, nan_policy=loader.nan_policy,
+                              score=loader.store is not None and not strategy.keeps_all)  # the store keeps scores
         stats.record(picked, len(batch))
         scores = picked.scores
         if loader.store is not None and scores is not None and len(scores):

@@ -77,6 +77,7 @@ def select_batch(
     *,
     nan_policy: str = "raise",
     rng: Seed = None,
+    score: bool = False,
 ) -> Selected:
     """Score ``batch``, choose ``ceil(fraction * B)`` of it with ``strategy``, gather the weighted rows.
 
@@ -92,6 +93,8 @@ def select_batch(
             (variable-count strategies choose their own count).
         nan_policy: ``"raise"``, ``"skip"`` or ``"keep"`` (``sbsampler.scores.apply_nan_policy``).
         rng: draw from this generator instead of the strategy's own.
+        score: run the scoring pass even for a strategy that reads no scores
+            (``Uniform``), because the caller keeps them (a ``ScoreStore``).
     """
     strategy = get_strategy(strategy)
     if nan_policy not in NAN_POLICIES:
@@ -108,7 +111,7 @@ def select_batch(
     seconds = {"scoring": 0.0, "selecting": 0.0, "gathering": 0.0}
     t0 = time.perf_counter()
     scores, candidates = None, None
-    if strategy.needs_scores:
+    if strategy.needs_scores or score:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"{strategy!r} reads scores: pass the ScoringHook on the model, got {type(hook).__name__}")
         scores = hook.score(batch.inputs, batch.targets)
