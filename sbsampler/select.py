@@ -115,6 +115,8 @@ def select_batch(
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"{strategy!r} reads scores: pass the ScoringHook on the model, got {type(hook).__name__}")
         scores = hook.score(batch.inputs, batch.targets)
+        if scores.loss.is_cuda:  # CUDA runs ahead of the clock: wait, or the scoring time lands in "selecting"
+            torch.cuda.synchronize(scores.loss.device)  # (the NaN policy's check next waits for it anyway)
         t1 = time.perf_counter()
         seconds["scoring"] = t1 - t0
         t0 = t1

@@ -205,3 +205,28 @@ def test_selective_trainer_on_cuda(tmp_path):
     t.train()
     assert next(model.parameters()).device.type == "cuda"
     assert t.selector.stats.samples_yielded == 2 * 16
+
+
+def test_stats_time_the_scoring_forward_on_cuda():
+    """The scoring time is the scoring forward's, not its launch's (CUDA runs ahead of the host clock)."""
+    import time
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(2048, 2048), nn.ReLU()) for _ in range(12)],
+                          nn.Linear(2048, 10)).cuda()
+    x, y = torch.randn(4096, 2048, device="cuda"), torch.randint(0, 10, (4096,), device="cuda")
+    # a callable loss: no label check inside the hook waits for the forward (integer labels are checked, a sync)
+    hook = sb.ScoringHook(model, loss=lambda z, t: F.cross_entropy(z, t, reduction="none"))
+    for _ in range(30):  # warm: an idle GPU clocks down, and its first passes run several times slower
+        hook.score(x, y)
+    loader = sb.SelectiveLoader([(x, y)] * 5, hook, "topk", fraction=0.25, device="cuda")
+    list(loader)
+    per_batch = loader.stats.time_scoring / 5
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        hook.score(x, y)
+    torch.cuda.synchronize()
+    direct = (time.perf_counter() - t0) / 5
+    assert per_batch >= 0.7 * direct, (per_batch, direct)
+    assert loader.stats.time_selecting < per_batch
