@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .batch import SubBatch, parse_batch
 from .distributed import LocalSync
-from .select import Selected, select_batch
+from .select import Selected, observe_round, select_batch
 from .strategies import Full, Strategy
 from .weights import step_weights
 from .wrapped import ffcv_loader, is_stateful
@@ -193,9 +193,7 @@ class EpochIterator:
             except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
                 batch, picked, error = None, None, err
         if strategy.keeps_history:  # every rank, every such round: the all-gather must match up
-            scores = picked.scores if picked is not None else None
-            losses = scores.loss.detach().to("cpu", torch.float64).numpy() if scores is not None else np.zeros(0)
-            strategy.observe(self.history_sync.all_gather_1d(losses))
+            observe_round(strategy, picked, self.history_sync)
         whole = None
         if picked is not None and picked.sub is not None:
             if self.rebatch and strategy.keeps_all:

@@ -32,7 +32,7 @@ from .scores import NAN_POLICIES, Scores, apply_nan_policy
 from .strategies import Seed, budget, get_strategy
 from .weights import step_weights
 
-__all__ = ["Selected", "select_batch"]
+__all__ = ["Selected", "select_batch", "observe_round"]
 
 
 @dataclass
@@ -142,3 +142,15 @@ def select_batch(
     sub = batch.take(rows, weights)
     seconds["gathering"] = time.perf_counter() - t1
     return Selected(sub, rows, multipliers, per_pick, **common)
+
+
+def observe_round(strategy: Any, picked: Optional[Selected], sync: Any) -> None:
+    """Show a strategy with a loss history one round's losses (``Strategy.observe``), gathered over ``sync``.
+
+    Every rank calls it every round, with or without scores of its own (an empty
+    share then), so that the all-gather of ``RankSync`` matches up; ``LocalSync``
+    hands back this process's losses.
+    """
+    scores = picked.scores if picked is not None else None
+    losses = scores.loss.detach().to("cpu", torch.float64).numpy() if scores is not None else np.zeros(0)
+    strategy.observe(sync.all_gather_1d(losses))

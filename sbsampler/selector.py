@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Iterable, Optional, Union
 
-import numpy as np
 import torch
 
 from .batch import BatchKeys, SubBatch, parse_batch
@@ -37,7 +36,7 @@ from .checkpoint import safe_state
 from .distributed import LocalSync, RankSync, resolve_sync
 from .hook import ScoringHook
 from .scores import NAN_POLICIES
-from .select import select_batch
+from .select import observe_round, select_batch
 from .stats import LoaderStats
 from .strategies import Seed, Strategy, budget, get_strategy
 
@@ -108,9 +107,7 @@ class BatchSelector:
         if self.strategy.keeps_history:
             if self._history_sync is None:
                 self._history_sync = resolve_sync(self._distributed) if self.sync_history else LocalSync()
-            losses = picked.scores.loss.detach().to("cpu", torch.float64).numpy() if picked.scores is not None \
-                else np.zeros(0)
-            self.strategy.observe(self._history_sync.all_gather_1d(losses))
+            observe_round(self.strategy, picked, self._history_sync)
         out = picked.sub
         if out is None:
             if picked.skipped == n:

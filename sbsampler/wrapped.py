@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["is_stateful", "ffcv_loader", "Snapshot"]
+__all__ = ["is_stateful", "ffcv_loader"]
 
 
 def ffcv_loader(loader: Any) -> Optional[Any]:
@@ -36,7 +36,3 @@ def is_stateful(loader: Any) -> bool:
     if getattr(loader, "use_stateful_dataloader", True) is False:  # accelerate's wrapper of a plain DataLoader
         return False
     return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
-
-
-class Snapshot(dict):
-    """A stateful loader's state before a batch was read: ``{"state", "position", "samples_read"}``."""
