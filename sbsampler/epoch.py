@@ -44,7 +44,7 @@ from .distributed import LocalSync
 from .select import Selected, observe_round, select_batch
 from .strategies import Full, Strategy
 from .weights import step_weights
-from .wrapped import ffcv_loader, is_stateful
+from .wrapped import handoff, is_stateful, save_wrapped
 
 if TYPE_CHECKING:
     from .loader import SelectiveLoader
@@ -367,7 +367,7 @@ class EpochIterator:
     # -- resume ----------------------------------------------------------------------
     def _handoff(self) -> dict[str, Any]:
         """The stateful wrapped loader's state now, and where this epoch stands."""
-        return {"state": self.loader.loader.state_dict(), "position": self.position, "samples_read": self.samples_read}
+        return handoff(self.loader.loader, self.position, self.samples_read)
 
     def wrapped_state(self) -> Optional[dict[str, Any]]:
         """The wrapped loader's state to resume this epoch from (``sbsampler.wrapped``), or ``None``.
@@ -375,14 +375,11 @@ class EpochIterator:
         A stateful loader's state from before the oldest batch with rows still queued
         (the current one when nothing is queued); an FFCV loader's epoch counter.
         """
-        ffcv = ffcv_loader(self.loader.loader)
-        if ffcv is not None:
-            return {"ffcv_epoch": int(ffcv.next_epoch) - 1}  # FFCV advanced it when this epoch's iter began
-        if not self._stateful:
-            return None
-        if self.queue:
+        if self._stateful and self.queue:
             return self._snapshots[self.queue[0].ordinal]
-        return self._handoff()
+        if self._stateful:
+            return self._handoff()
+        return save_wrapped(self.loader.loader, iterating=True)
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch, the wrapped batches consumed and the queue: plain values and NumPy arrays."""

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .batch import BatchKeys, adapt_loader
-from .wrapped import ffcv_loader, is_stateful
+from .wrapped import restore_wrapped, save_wrapped
 from .distributed import LocalSync, RankSync, resolve_sync
 from .epoch import EpochIterator
 from .hook import ScoringHook
@@ -325,7 +325,7 @@ class SelectiveLoader:
         in_epoch = running is not None and not running.finished
         epoch_state = running.state_dict() if in_epoch else {"epoch": None, "position": 0, "queue": [],
                                                              "drawn": [0, 0], "carried": None,
-                                                             "wrapped": self._wrapped_between_epochs()}
+                                                             "wrapped": save_wrapped(self.loader, iterating=False)}
         return self._saved({"in_epoch": in_epoch, **epoch_state})
 
     def _saved(self, epoch_state: dict[str, Any]) -> dict[str, Any]:
@@ -337,24 +337,6 @@ class SelectiveLoader:
             "stats": asdict(self.stats),
             **epoch_state,
         }
-
-    def _wrapped_between_epochs(self) -> Optional[dict[str, Any]]:
-        """The wrapped loader's state for the next epoch (``sbsampler.wrapped``), or ``None``."""
-        ffcv = ffcv_loader(self.loader)
-        if ffcv is not None:
-            return {"ffcv_epoch": int(ffcv.next_epoch)}
-        if is_stateful(self.loader):
-            return {"state": self.loader.state_dict(), "position": 0, "samples_read": 0}  # type: ignore[attr-defined]
-        return None
-
-    def _restore_wrapped(self, wrapped: Optional[dict[str, Any]]) -> None:
-        if wrapped is None:
-            return
-        ffcv = ffcv_loader(self.loader)
-        if ffcv is not None and "ffcv_epoch" in wrapped:
-            ffcv.next_epoch = int(wrapped["ffcv_epoch"])
-        elif is_stateful(self.loader) and "state" in wrapped:
-            self.loader.load_state_dict(wrapped["state"])  # type: ignore[attr-defined]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``; a state saved mid-epoch makes the next iteration finish that epoch.
@@ -376,7 +358,7 @@ class SelectiveLoader:
         else:
             self._resume = None
             self.next_epoch = int(state["next_epoch"])
-        self._restore_wrapped(state.get("wrapped"))
+        restore_wrapped(self.loader, state.get("wrapped"))
 
     def __repr__(self) -> str:
         return (

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["is_stateful", "ffcv_loader"]
+from .batch import is_ffcv_loader
+
+__all__ = ["is_stateful", "ffcv_loader", "handoff", "save_wrapped", "restore_wrapped"]
 
 
 def ffcv_loader(loader: Any) -> Optional[Any]:
     """The FFCV ``Loader`` behind an adapted loader (``sbsampler.ffcv.FFCVBatches``), else ``None``."""
     inner = getattr(loader, "loader", None)
-    if type(loader).__name__ == "FFCVBatches" and hasattr(inner, "next_epoch"):
-        return inner
-    return None
+    return inner if is_ffcv_loader(inner) else None
 
 
 def is_stateful(loader: Any) -> bool:
@@ -36,3 +36,35 @@ def is_stateful(loader: Any) -> bool:
     if getattr(loader, "use_stateful_dataloader", True) is False:  # accelerate's wrapper of a plain DataLoader
         return False
     return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+
+
+def handoff(loader: Any, position: int = 0, samples_read: int = 0) -> dict[str, Any]:
+    """A stateful loader's state now, with the wrapped batches and samples its epoch had consumed by then."""
+    return {"state": loader.state_dict(), "position": position, "samples_read": samples_read}
+
+
+def save_wrapped(loader: Any, iterating: bool) -> Optional[dict[str, Any]]:
+    """The wrapped loader's state to save now, or ``None`` for a loader that keeps none.
+
+    ``iterating``: an epoch of it is under way. FFCV then counts it already (its
+    ``next_epoch`` advanced at ``iter``), so the saved counter is the running
+    epoch's. A stateful loader's state is its current one (an epoch iterator with
+    rows still queued saves an earlier snapshot instead, see ``EpochIterator``).
+    """
+    ffcv = ffcv_loader(loader)
+    if ffcv is not None:
+        return {"ffcv_epoch": int(ffcv.next_epoch) - int(iterating)}
+    if is_stateful(loader):
+        return handoff(loader)
+    return None
+
+
+def restore_wrapped(loader: Any, wrapped: Optional[dict[str, Any]]) -> None:
+    """Set a saved state (``save_wrapped``) back on the wrapped loader; ``None`` or a foreign kind: nothing."""
+    if wrapped is None:
+        return
+    ffcv = ffcv_loader(loader)
+    if ffcv is not None and "ffcv_epoch" in wrapped:
+        ffcv.next_epoch = int(wrapped["ffcv_epoch"])
+    elif is_stateful(loader) and "state" in wrapped:
+        loader.load_state_dict(wrapped["state"])
