@@ -135,7 +135,10 @@ class SelectiveTrainer(Trainer):
         batch = len(inputs["labels"])
         sub = self.selector(inputs)
         outputs = model(**sub.inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = self.selector.hook.logits(outputs)  # the hook's selector: a ScoringHook(logits=...) applies here too
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"cannot find the logits in the model's output of type {type(outputs).__name__}: pass "
+                            "hook=ScoringHook(model, logits=lambda output: ...) naming them")
         loss = weighted_loss(self.per_sample_loss(logits, sub.targets), sub.weights)
         if num_items_in_batch is not None:
             loss = loss * (batch / num_items_in_batch)
