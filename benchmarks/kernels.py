@@ -45,6 +45,9 @@ from sbsampler.strategies import budget  # noqa: E402
 D = 512
 #: every strategy that selects (not ``full``, which passes every sample through unscored)
 SELECTING = [name for name, cls in sb.STRATEGIES.items() if not cls.keeps_all]
+#: those with a torch-op twin (``select_tensors``), timed here on CPU tensors too (no target: on the CPU
+#: ``select_on="auto"`` keeps the Numba path; the twin is for a GPU, where it saves the host round trip)
+ON_DEVICE = [name for name in SELECTING if sb.STRATEGIES[name].selects_on_device]
 TARGET_GM_MS = 2.0
 TARGET_GM_SPEEDUP = 10.0
 TARGET_OTHER_MS = 0.2
@@ -151,6 +154,10 @@ def main(argv=None) -> int:
             fn = lambda: strat.select(sb.Scores(loss=scores.loss, logit_grad=scores.logit_grad,  # noqa: E731
                                                 features=scores.features, targets=scores.targets), k)
             row[f"{name}_ms"] = 1e3 * median_time(fn, adaptive_repeats(fn))
+            if name in ON_DEVICE and c == classes[0]:  # loss-only: the class count does not matter
+                loss_only = sb.Scores(loss=scores.loss)
+                fn = lambda: strat.select_tensors(loss_only, k)  # noqa: E731
+                row[f"{name}_torch_ms"] = 1e3 * median_time(fn, adaptive_repeats(fn))
         gm = sb.GradientMatching(seed=0)
         fn = lambda: gm.select_from_gram(gram32, k)  # noqa: E731
         row["gm_kernel_ms"] = 1e3 * median_time(fn, adaptive_repeats(fn))
@@ -171,6 +178,7 @@ def main(argv=None) -> int:
 
     cols = [("C", "C", "d"), ("B", "B", "d"), ("k", "k", "d")]
     cols += [(f"{n}_ms", f"{n} ms", ".3f") for n in SELECTING]
+    cols += [(f"{n}_torch_ms", f"{n} torch ms", ".3f") for n in ON_DEVICE]
     cols += [("gram_ms", "gram ms", ".2f"), ("gm_kernel_ms", "gm kernel ms", ".3f"),
              ("numpy_ref_ms", "numpy ref ms", ".1f"), ("vs_numpy", "x numpy", ".0f"),
              ("torch_ref_ms", "torch ref ms", ".1f"), ("vs_torch", "x torch", ".0f"),

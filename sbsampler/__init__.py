@@ -16,6 +16,8 @@ Where things are (one room per concern):
   ``with_indices``, ``weighted_loss``, adapting an FFCV loader;
 - ``hook`` and ``scores``: the scoring forward and its ``Scores`` (NaN policy);
 - ``strategies`` and ``kernels``: what to select, and the Numba inner loops;
+  ``ondevice``: the loss-only rules' torch-op twins, for selection on a GPU;
+- ``deferred``: checks of GPU values read without stalling the GPU;
 - ``select``: ``select_batch``, one batch in, one weighted sub-batch out;
 - ``weights``: the weights rule (multipliers to step weights), in one function;
 - ``loader`` and ``epoch``: ``SelectiveLoader`` (configuration, resume) and its
@@ -30,7 +32,7 @@ Where things are (one room per concern):
 - ``store`` and ``sampler``: per-sample memory and sampler-level selection;
 - ``ffcv``: ``.beton`` files with indices, FFCV batches, the selective order
   (imported on first use; needs FFCV);
-- ``stats``: the loader's counters.
+- ``stats``: the loader's counters, and the stage ``Clock`` (CUDA events on a GPU).
 """
 
 from __future__ import annotations

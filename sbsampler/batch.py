@@ -137,7 +137,8 @@ class SubBatch:
         weights: (k,) float32 loss weights: the step's loss is ``sum(w * l)``
             (see ``sbsampler.weights`` for what they mean).
         indices: (k,) int64 dataset indices (stream positions when the wrapped
-            loader provides none), on the CPU.
+            loader provides none): on the CPU, or beside the rows that chose them
+            when the strategy chose on the batch's device (``select_batch``).
         extras: the batch's other fields, gathered alongside: a dict batch's
             other keys, or a tuple batch's items after the indices by position
             (3, 4, ...). Tensors, arrays, lists and tuples are per-sample (one
@@ -169,13 +170,19 @@ class SubBatch:
                         self.indices, self.extras, self.batch_level)
 
     def take(self, rows: Tensor, weights: Optional[Tensor] = None) -> "SubBatch":
-        """The rows ``rows`` (CPU int64 positions) of every field; ``weights`` replaces theirs when given."""
+        """The rows ``rows`` (int64 positions) of every field; ``weights`` replaces theirs when given.
+
+        Positions on the batch's device gather there with no host round trip (the
+        indices go to that device, without waiting, rather than the rows to the host).
+        """
         n = len(self)
+        indices = self.indices if rows.device == self.indices.device else self.indices.to(rows.device,
+                                                                                           non_blocking=True)
         return SubBatch(
             _tree_take(self.inputs, rows),
             _tree_take(self.targets, rows),
             self.weights[rows.to(self.weights.device)] if weights is None else weights,
-            self.indices[rows],
+            indices[rows],
             {k: v if k in self.batch_level else _take_field(v, rows, n) for k, v in self.extras.items()},
             self.batch_level,
         )
@@ -217,7 +224,7 @@ def _take_field(value: Any, rows: Tensor, n: int) -> Any:
     if isinstance(value, Tensor):
         return value[rows.to(value.device)]
     if isinstance(value, np.ndarray):
-        return value[rows.numpy()]
+        return value[rows.cpu().numpy()]
     picked = [value[i] for i in rows.tolist()]
     return type(value)(picked) if isinstance(value, tuple) else picked
 

@@ -60,13 +60,14 @@ class _Queued:
 
     sub: SubBatch
     ordinal: int  # the wrapped batch of this epoch they came from
-    rows: Tensor  # their positions in that batch
-    multipliers: Tensor  # float64 (CPU): samples of that batch each row stands for
-    per_pick: Tensor  # float64 (CPU): samples per pick of that batch's draw, per row
+    rows: Tensor  # their positions in that batch (where the strategy chose: the CPU or the batch's device)
+    multipliers: Tensor  # float64, beside rows: samples of that batch each row stands for
+    per_pick: Tensor  # float64, beside rows: samples per pick of that batch's draw, per row
 
     def split(self, count: int) -> tuple["_Queued", "_Queued"]:
         """The first ``count`` rows and the rest."""
-        front, rest = torch.arange(count), torch.arange(count, len(self.sub))
+        device = self.rows.device  # positions made where they are used: no copy to a GPU per step
+        front, rest = torch.arange(count, device=device), torch.arange(count, len(self.sub), device=device)
         return self._part(front), self._part(rest)
 
     def _part(self, pos: Tensor) -> "_Queued":
@@ -189,6 +190,8 @@ class EpochIterator:
         if error is None:
             try:
                 batch = self._next_batch()
+                if batch is None:  # this rank's input has run out: wait for its GPU checks still pending
+                    self.loader.hook.checks.flush()  # (labels, non-finite losses; an error reaches every rank)
                 picked = None if batch is None else self._select(batch, strategy)
             except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
                 batch, picked, error = None, None, err
@@ -256,11 +259,12 @@ class EpochIterator:
     def _select(self, batch: SubBatch, strategy: Strategy) -> Selected:
         loader, stats = self.loader, self.stats
         picked = select_batch(loader.hook, strategy, batch, loader.fraction, nan_policy=loader.nan_policy,
-                              score=loader.store is not None and not strategy.keeps_all)  # the store keeps scores
+                              score=loader.store is not None and not strategy.keeps_all,  # the store keeps scores
+                              select_on=loader.select_on)
         stats.record(picked, len(batch))
         scores = picked.scores
         if loader.store is not None and scores is not None and len(scores):
-            kept = batch.indices if picked.candidates is None else batch.indices[picked.candidates]
+            kept = batch.indices if picked.candidates is None else batch.indices[picked.candidates.cpu()]
             loader.store.update(kept, scores.loss, scores.grad_norms(), epoch=self.epoch)
         return picked
 
@@ -355,7 +359,8 @@ class EpochIterator:
                     "sample in its first round"
                 )
             need = size - have
-            pad = base.take(torch.arange(need) % len(base), torch.zeros(need, device=base.weights.device))
+            device = base.weights.device
+            pad = base.take(torch.arange(need, device=device) % len(base), torch.zeros(need, device=device))
             out = SubBatch.concat([sub, pad], same_batch=True) if have else pad  # type: ignore[list-item]
             self.stats.samples_padded += need
         if have:
@@ -392,10 +397,10 @@ class EpochIterator:
             "queue": [
                 {
                     "batch": q.ordinal,
-                    "rows": q.rows.numpy().copy(),
-                    "indices": q.sub.indices.numpy().copy(),
-                    "multipliers": q.multipliers.numpy().copy(),
-                    "per_pick": q.per_pick.numpy().copy(),
+                    "rows": q.rows.cpu().numpy().copy(),
+                    "indices": q.sub.indices.cpu().numpy().copy(),
+                    "multipliers": q.multipliers.to("cpu", torch.float64).numpy().copy(),
+                    "per_pick": q.per_pick.to("cpu", torch.float64).numpy().copy(),
                 }
                 for q in self.queue
             ],
@@ -427,7 +432,7 @@ class EpochIterator:
             for j in wanted[ordinal]:
                 entry = state["queue"][j]
                 rows = torch.as_tensor(entry["rows"], dtype=torch.int64)
-                if not torch.equal(batch.indices[rows], torch.as_tensor(entry["indices"], dtype=torch.int64)):
+                if not torch.equal(batch.indices[rows].cpu(), torch.as_tensor(entry["indices"], dtype=torch.int64)):
                     raise RuntimeError(
                         f"cannot resume: batch {ordinal} of the wrapped loader holds other samples than in the "
                         "saved run; the loader must replay the same order (seed it, set the sampler's epoch)"

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from .deferred import DeferredChecks
 from .scores import Scores
 
 __all__ = ["ScoringHook", "find_head"]
@@ -208,6 +209,8 @@ class ScoringHook:
         self._captured: Optional[tuple[Tensor, Tensor]] = None
         self._calls = 0  # head calls in the current scoring forward
         self._head_checked = False  # the head's output was compared with the model's logits
+        #: label checks on an accelerator, read without stalling it (``sbsampler.deferred``)
+        self.checks = DeferredChecks()
         self._handle = head.register_forward_hook(self._capture) if head is not None else None
 
     @property
@@ -244,13 +247,13 @@ class ScoringHook:
                 f"got {tuple(targets.shape)}"
             )
         if batch_size:
-            lo, hi = int(targets.min()), int(targets.max())
-            if lo < 0 or hi >= classes:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"target label {bad} is out of range for logits with {classes} classes (labels must be in "
-                    f"[0, {classes - 1}]; for ignore_index or other targets pass loss= a callable)"
-                )
+            def error() -> ValueError:
+                lo, hi = int(targets.min()), int(targets.max())
+                return ValueError(
+                    f"target label {lo if lo < 0 else hi} is out of range for logits with {classes} classes (labels "
+                    f"must be in [0, {classes - 1}]; for ignore_index or other targets pass loss= a callable)")
+            # On a GPU the check is read later (no stall); the scoring forward clamps the labels meanwhile.
+            self.checks.add(((targets < 0) | (targets >= classes)).any(), error)
 
     def downscale(self, inputs: Any) -> Any:
         """``inputs`` as the scoring forward sees them: downscaled by ``scale_factor`` (see the class)."""
@@ -388,7 +391,10 @@ class ScoringHook:
             if targets.dtype.is_floating_point:
                 q = targets.to(z.device, z.dtype)
             else:
-                q = F.one_hot(targets.to(z.device, torch.int64), z.shape[1]).to(z.dtype)  # uint8/int32 labels too
+                labels = targets.to(z.device, torch.int64)
+                if labels.is_cuda:  # an out-of-range label is reported by the deferred check, not a device assert
+                    labels = labels.clamp(0, z.shape[1] - 1)
+                q = F.one_hot(labels, z.shape[1]).to(z.dtype)  # uint8/int32 labels too
             if self.label_smoothing:
                 eps = self.label_smoothing
                 q = q * (1 - eps) + eps / z.shape[1]
@@ -439,6 +445,7 @@ class ScoringHook:
             ``Scores`` on the inputs' device, in the head's dtype (float32 for half-precision heads).
             Without a head: losses only. With a per-token head: ``Scores.grads``.
         """
+        self.checks.poll()  # an earlier batch's labels, checked on the GPU meanwhile
         batch = int(_first_tensor(inputs).shape[0])
         h, z = self._forward(inputs)  # first: a wrong head would make the label check misleading
         z = z.detach()

@@ -22,6 +22,7 @@ from .epoch import EpochIterator
 from .hook import ScoringHook
 from .schedule import in_window
 from .scores import NAN_POLICIES
+from .select import SELECT_ON
 from .stats import LoaderStats
 from .store import ScoreStore
 from .strategies import Seed, Strategy, budget, get_strategy
@@ -94,6 +95,14 @@ class SelectiveLoader:
             4, ...) that belong to the whole batch and pass through ungathered.
             Every other tensor, array or list field is per-sample and must have
             one row per sample (``sbsampler.batch.parse_batch``).
+        select_on: where the strategy chooses: ``"auto"`` (default: with torch ops
+            on the batch's device when that is an accelerator and the strategy has
+            an on-device rule, so a GPU batch is selected with no host round trip;
+            on the host otherwise), ``"host"`` (NumPy/Numba always) or ``"device"``
+            (torch ops, on the CPU too). The two paths follow the same law from
+            different random streams (``sbsampler.select``). On a GPU, a
+            ``nan_policy="raise"`` or label error is then raised a batch or two
+            after the batch it names, at the latest when the epoch ends.
 
     Epochs: ``next_epoch`` is the epoch the next ``iter(loader)`` runs; it
     advances by one when an epoch starts, and ``set_epoch`` sets it.
@@ -127,6 +136,7 @@ class SelectiveLoader:
         batch_fields: Iterable = (),
         interrupt: int = 0,
         batch_keys: BatchKeys = BatchKeys(),
+        select_on: str = "auto",
     ) -> None:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"hook must be a ScoringHook, got {type(hook).__name__}")
@@ -137,6 +147,8 @@ class SelectiveLoader:
             raise ValueError(f"start/end are fractions of the training epochs: pass epochs= (got {epochs!r})")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be 'raise', 'skip' or 'keep', got {nan_policy!r}")
+        if select_on not in SELECT_ON:
+            raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
         if isinstance(interrupt, bool) or not isinstance(interrupt, int) or interrupt < 0:
             raise ValueError(f"interrupt must be an int >= 0 (0: never), got {interrupt!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -159,6 +171,7 @@ class SelectiveLoader:
         self.interrupt = interrupt
         self.device = torch.device(device) if device is not None else None
         self.nan_policy = nan_policy
+        self.select_on = select_on
         self.batch_size = batch_size if batch_size is not None else getattr(self.loader, "batch_size", None)
         self.drop_last = bool(drop_last)
         self.sync = resolve_sync(distributed)

@@ -16,10 +16,13 @@ not finite: ``"raise"`` names them, ``"skip"`` drops them from the candidates,
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .deferred import DeferredChecks
 
 __all__ = ["Scores", "apply_nan_policy", "NAN_POLICIES"]
 
@@ -122,16 +125,21 @@ class Scores:
         return ok
 
     def with_non_finite_as_max(self, finite: Tensor) -> "Scores":
-        """Non-finite samples scored as the largest finite loss, with zero gradient information."""
-        loss = self.loss.clone()
-        top = loss[finite].max() if bool(finite.any()) else torch.zeros((), device=loss.device, dtype=loss.dtype)
-        loss[~finite] = top
+        """Non-finite samples scored as the largest finite loss (0 if none), with zero gradient information.
+
+        Reads nothing back to the host (no ``bool()`` of a device value).
+        """
+        masked = torch.where(finite, self.loss, torch.full_like(self.loss, -torch.inf))
+        top = masked.amax()
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        loss = torch.where(finite, self.loss, top)
         e, h, g = (None if t is None else torch.where(finite[:, None], t, torch.zeros_like(t))
                    for t in (self.logit_grad, self.features, self.grads))
         return Scores(loss=loss, logit_grad=e, features=h, targets=self.targets, bias=self.bias, grads=g)
 
 
-def apply_nan_policy(scores: Scores, policy: str, indices: Tensor) -> tuple[Scores, Optional[Tensor]]:
+def apply_nan_policy(scores: Scores, policy: str, indices: Tensor,
+                     checks: Optional["DeferredChecks"] = None) -> tuple[Scores, Optional[Tensor]]:
     """The candidates of a batch under ``policy``: ``(their scores, their positions or None for all)``.
 
     Args:
@@ -141,19 +149,34 @@ def apply_nan_policy(scores: Scores, policy: str, indices: Tensor) -> tuple[Scor
             (they stay candidates, scored as the largest finite loss with zero
             gradient information).
         indices: (B,) dataset indices of the batch, for the error message.
+        checks: for selection on the losses' device, where nothing should be read
+            back to the host: ``"raise"`` then hands its check to these
+            ``DeferredChecks`` (on a GPU it raises a batch or two later, and the
+            batch's selection has gone ahead meanwhile) and ``"keep"``
+            replaces without testing first. ``"skip"`` always reads the count back:
+            the candidates' number sets the shapes.
     """
+    if policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {policy!r}")
     finite = scores.finite()
+
+    def error() -> ValueError:
+        bad = (~finite).nonzero().flatten().cpu()
+        return ValueError(
+            f"non-finite loss or gradient for {bad.numel()} sample(s), dataset indices "
+            f"{indices[bad.to(indices.device)][:10].tolist()}; pass nan_policy='skip' or 'keep' to SelectiveLoader "
+            "to go on")
+
+    if checks is not None and policy == "raise":
+        checks.add(~finite.all(), error)
+        return scores, None
+    if checks is not None and policy == "keep":
+        return scores.with_non_finite_as_max(finite), None
     if bool(finite.all()):
         return scores, None
     if policy == "keep":
         return scores.with_non_finite_as_max(finite), None
-    bad = (~finite).nonzero().flatten().cpu()
     if policy == "skip":
         keep = finite.nonzero().flatten()
-        return scores.subset(keep), keep.cpu()
-    if policy == "raise":
-        raise ValueError(
-            f"non-finite loss or gradient for {bad.numel()} sample(s), dataset indices "
-            f"{indices[bad][:10].tolist()}; pass nan_policy='skip' or 'keep' to SelectiveLoader to go on"
-        )
-    raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {policy!r}")
+        return scores.subset(keep), keep
+    raise error()

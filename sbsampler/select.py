@@ -14,12 +14,22 @@ loop that wants no wrapper can call it directly::
 It does not remember losses for a strategy with a history (``observe``): whoever
 drives it decides what a round is (the loader shows every round's losses, on
 every rank).
+
+Where the strategy chooses (``select_on``): a loss-only rule with an on-device twin
+(``Strategy.selects_on_device``) chooses with torch ops on the device the losses
+live on when that is an accelerator (``"auto"``), so that a GPU batch is selected
+and gathered with no host round trip: the rows, weights and multipliers stay on
+the GPU, a NaN check or a label check is read later (``sbsampler.deferred``), the
+stage timers are CUDA events (``sbsampler.stats.Clock``). What still reads back to
+the host per batch: a variable-count rule's count (InfoBatch, Bernoulli SB) and
+``nan_policy="skip"``'s, which set the sub-batch's shape; a ``ScoreStore``; the
+history all-gather under DDP. Gradient-based rules (``gradmatch``, ``importance``)
+choose on the host (Numba), as every rule does with ``select_on="host"``.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -28,11 +38,18 @@ from torch import Tensor
 
 from .batch import SubBatch, parse_batch
 from .hook import ScoringHook
+from .distributed import LocalSync
+from .ondevice import work_dtype
 from .scores import NAN_POLICIES, Scores, apply_nan_policy
+from .stats import Clock
 from .strategies import Seed, budget, get_strategy
 from .weights import step_weights
 
-__all__ = ["Selected", "select_batch", "observe_round"]
+__all__ = ["Selected", "select_batch", "observe_round", "SELECT_ON"]
+
+#: where a strategy chooses: ``"auto"`` (on the losses' device if it is an accelerator and the
+#: strategy has a torch-op rule), ``"host"`` (NumPy and Numba), ``"device"`` (torch ops, even on the CPU)
+SELECT_ON = ("auto", "host", "device")
 
 
 @dataclass
@@ -43,18 +60,19 @@ class Selected:
         sub: the weighted sub-batch to train on; ``None`` when nothing was
             chosen (an empty batch, every sample skipped, or a variable-count
             rule that kept none).
-        rows: (k,) int64 positions of ``sub``'s rows in the batch (CPU).
-        multipliers: (k,) float64 (CPU), how many samples of the batch each
-            row stands for (``sbsampler.weights``).
+        rows: (k,) int64 positions of ``sub``'s rows in the batch, on the
+            device the strategy chose on (the CPU, or the losses' device).
+        multipliers: (k,) float64 (float32 on MPS), beside ``rows``: how many
+            samples of the batch each row stands for (``sbsampler.weights``).
         per_pick: samples per pick of this draw (candidates / picks).
         scores: the candidates' scores after the NaN policy; ``None`` when the
             strategy reads no scores (no scoring pass ran).
-        candidates: positions of the candidates in the batch, ``None`` when
-            every sample was one.
+        candidates: positions of the candidates in the batch (on the
+            scores' device), ``None`` when every sample was one.
         skipped: samples left out by ``nan_policy="skip"``.
         distinct: distinct samples chosen (sampling with replacement can repeat one).
         residual: GradientMatching's fit, else ``None``.
-        seconds: time spent ``scoring``, ``selecting`` and ``gathering``.
+        clock: the stage timer; ``seconds`` reads it.
     """
 
     sub: Optional[SubBatch]
@@ -66,7 +84,16 @@ class Selected:
     skipped: int = 0
     distinct: int = 0
     residual: Optional[float] = None
-    seconds: dict = field(default_factory=lambda: {"scoring": 0.0, "selecting": 0.0, "gathering": 0.0})
+    clock: Clock = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.clock is None:
+            self.clock = Clock(torch.device("cpu"))
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Time spent ``scoring``, ``selecting`` and ``gathering`` (on CUDA, reading it waits for them)."""
+        return self.clock.seconds
 
 
 def select_batch(
@@ -78,6 +105,7 @@ def select_batch(
     nan_policy: str = "raise",
     rng: Seed = None,
     score: bool = False,
+    select_on: str = "auto",
 ) -> Selected:
     """Score ``batch``, choose ``ceil(fraction * B)`` of it with ``strategy``, gather the weighted rows.
 
@@ -95,10 +123,13 @@ def select_batch(
         rng: draw from this generator instead of the strategy's own.
         score: run the scoring pass even for a strategy that reads no scores
             (``Uniform``), because the caller keeps them (a ``ScoreStore``).
+        select_on: ``"auto"``, ``"host"`` or ``"device"`` (``SELECT_ON``, the module docstring).
     """
     strategy = get_strategy(strategy)
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if select_on not in SELECT_ON:
+        raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
     if not isinstance(batch, SubBatch):
         batch = parse_batch(batch, first_position=0)
     n = len(batch)
@@ -108,39 +139,46 @@ def select_batch(
         return Selected(None, empty)
     if strategy.keeps_all:  # the whole batch as it came, weights 1/B: no scoring, no copy
         return Selected(batch, torch.arange(n), torch.ones(n, dtype=torch.float64), 1.0, distinct=n)
-    seconds = {"scoring": 0.0, "selecting": 0.0, "gathering": 0.0}
-    t0 = time.perf_counter()
+    clock = Clock(batch.weights.device)
     scores, candidates = None, None
     if strategy.needs_scores or score:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"{strategy!r} reads scores: pass the ScoringHook on the model, got {type(hook).__name__}")
         scores = hook.score(batch.inputs, batch.targets)
-        if scores.loss.is_cuda:  # CUDA runs ahead of the clock: wait, or the scoring time lands in "selecting"
-            torch.cuda.synchronize(scores.loss.device)  # (the NaN policy's check next waits for it anyway)
-        t1 = time.perf_counter()
-        seconds["scoring"] = t1 - t0
-        t0 = t1
-        scores, candidates = apply_nan_policy(scores, nan_policy, batch.indices)
+        clock.mark("scoring")
+    device = scores.loss.device if scores is not None else batch.weights.device
+    on_device = strategy.selects_on_device and (select_on == "device" or (select_on == "auto"
+                                                                          and device.type != "cpu"))
+    if scores is not None:
+        scores, candidates = apply_nan_policy(scores, nan_policy, batch.indices, hook.checks if on_device else None)
     m = n if scores is None else len(scores)
     skipped = n - m
     if m == 0:
-        return Selected(None, empty, scores=scores, candidates=candidates, skipped=skipped, seconds=seconds)
-    sel = strategy.select(scores if scores is not None else m, min(k, m), rng=rng)
-    rows = torch.from_numpy(sel.indices)
-    if candidates is not None:
-        rows = candidates[rows]
-    distinct = int(torch.unique(rows).numel())
-    t1 = time.perf_counter()
-    seconds["selecting"] = t1 - t0
+        return Selected(None, empty, scores=scores, candidates=candidates, skipped=skipped, clock=clock)
+    residual = None
+    if on_device:  # torch ops where the losses are: nothing read back but a variable count's shape
+        rows, w = strategy._select_tensors(scores, m, min(k, m), strategy.device_generator(device, rng))
+        if candidates is not None:
+            rows = candidates[rows]
+        distinct = int(rows.shape[0])  # no on-device rule repeats a pick
+        multipliers = w.to(work_dtype(device)) * m
+    else:
+        sel = strategy.select(scores if scores is not None else m, min(k, m), rng=rng)
+        rows = torch.from_numpy(sel.indices)
+        if candidates is not None:
+            rows = candidates.cpu()[rows]
+        distinct = int(torch.unique(rows).numel())
+        residual = sel.residual
+        multipliers = torch.from_numpy(sel.weights.astype(np.float64) * m)  # float64: the round trip is exact
+    clock.mark("selecting")
     common = dict(scores=scores, candidates=candidates, skipped=skipped, distinct=distinct,
-                  residual=sel.residual, seconds=seconds)
+                  residual=residual, clock=clock)
     if distinct == 0:  # a variable-count rule kept nothing: no step from this batch
         return Selected(None, rows, **common)
-    multipliers = torch.from_numpy(sel.weights.astype(np.float64) * m)  # float64: the round trip is exact
     per_pick = m / len(rows)
     weights = step_weights(multipliers, per_pick).to(batch.weights.device, torch.float32)
     sub = batch.take(rows, weights)
-    seconds["gathering"] = time.perf_counter() - t1
+    clock.mark("gathering")
     return Selected(sub, rows, multipliers, per_pick, **common)
 
 
@@ -148,9 +186,12 @@ def observe_round(strategy: Any, picked: Optional[Selected], sync: Any) -> None:
     """Show a strategy with a loss history one round's losses (``Strategy.observe``), gathered over ``sync``.
 
     Every rank calls it every round, with or without scores of its own (an empty
-    share then), so that the all-gather of ``RankSync`` matches up; ``LocalSync``
-    hands back this process's losses.
+    share then), so that the all-gather of ``RankSync`` matches up. One process
+    shows the losses as they are, on their device (a GPU history stays there).
     """
     scores = picked.scores if picked is not None else None
+    if isinstance(sync, LocalSync):
+        strategy.observe(scores.loss.detach() if scores is not None else np.zeros(0))
+        return
     losses = scores.loss.detach().to("cpu", torch.float64).numpy() if scores is not None else np.zeros(0)
     strategy.observe(sync.all_gather_1d(losses))

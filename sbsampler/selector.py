@@ -36,7 +36,7 @@ from .checkpoint import safe_state
 from .distributed import LocalSync, RankSync, resolve_sync
 from .hook import ScoringHook
 from .scores import NAN_POLICIES
-from .select import observe_round, select_batch
+from .select import SELECT_ON, observe_round, select_batch
 from .stats import LoaderStats
 from .strategies import Seed, Strategy, budget, get_strategy
 
@@ -59,6 +59,8 @@ class BatchSelector:
         distributed: as ``SelectiveLoader(distributed=)``; only read with ``sync_history``.
         batch_keys, batch_fields: how batches are read (``parse_batch``); for
             HuggingFace dict batches ``BatchKeys(inputs=None, targets="labels")``.
+        select_on: where the strategy chooses (``SelectiveLoader(select_on=)``):
+            ``"auto"`` selects a GPU batch on the GPU with no host round trip.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class BatchSelector:
         distributed: Union[None, bool, RankSync, LocalSync] = None,
         batch_keys: BatchKeys = BatchKeys(),
         batch_fields: Iterable = (),
+        select_on: str = "auto",
     ) -> None:
         self.strategy = get_strategy(strategy, seed=seed)
         if self.strategy.needs_scores and not isinstance(hook, ScoringHook):
@@ -81,11 +84,14 @@ class BatchSelector:
         budget(fraction, 1)
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if select_on not in SELECT_ON:
+            raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
         if not isinstance(batch_keys, BatchKeys):
             raise TypeError(f"batch_keys must be a BatchKeys, got {type(batch_keys).__name__}")
         self.hook = hook
         self.fraction = float(fraction)
         self.nan_policy = nan_policy
+        self.select_on = select_on
         self.sync_history = bool(sync_history)
         self._distributed = distributed
         self._history_sync: Union[None, RankSync, LocalSync] = None  # resolved at the first call (DDP is up by then)
@@ -100,7 +106,8 @@ class BatchSelector:
         n = len(sub)
         if n == 0:
             raise ValueError("got an empty batch: there is nothing to select from or to step on")
-        picked = select_batch(self.hook, self.strategy, sub, self.fraction, nan_policy=self.nan_policy)
+        picked = select_batch(self.hook, self.strategy, sub, self.fraction, nan_policy=self.nan_policy,
+                              select_on=self.select_on)
         self.stats.batches_seen += 1
         self.stats.samples_seen += n
         self.stats.record(picked, n)

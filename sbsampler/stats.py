@@ -1,16 +1,69 @@
-"""What a ``SelectiveLoader`` counts: samples in and out, and where the time went."""
+"""What a ``SelectiveLoader`` counts: samples in and out, and where the time went.
+
+The selection stages are timed by a ``Clock``: ``time.perf_counter`` on the host,
+CUDA events on a GPU (a host clock there would time the kernel launches, not the
+kernels, and synchronising to read it would stall the GPU every batch). A GPU
+clock's events are read when a time figure is read, which waits for them.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 if TYPE_CHECKING:
     from .select import Selected
 
-__all__ = ["LoaderStats"]
+__all__ = ["LoaderStats", "Clock"]
+
+STAGES = ("scoring", "selecting", "gathering")
+_TIMES = tuple(f"time_{stage}" for stage in STAGES)
+
+
+class Clock:
+    """The seconds each stage of one ``select_batch`` took, marked as each stage ends.
+
+    On a CUDA device the marks are events on the current stream, and ``seconds``
+    waits for the last one; elsewhere they are host clock readings.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self._seconds = dict.fromkeys(STAGES, 0.0)
+        self._events: list[tuple[str, Any]] = []
+        if self.cuda:
+            self._events.append(("", self._event()))
+        else:
+            self._t = time.perf_counter()
+
+    @staticmethod
+    def _event() -> Any:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def mark(self, stage: str) -> None:
+        """``stage`` ends now (it began at the previous mark, or when the clock was made)."""
+        if self.cuda:
+            self._events.append((stage, self._event()))
+        else:
+            now = time.perf_counter()
+            self._seconds[stage] += now - self._t
+            self._t = now
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds per stage (on CUDA this waits for the stages to have run)."""
+        if self.cuda and len(self._events) > 1:
+            self._events[-1][1].synchronize()
+            for (_, start), (stage, end) in zip(self._events, self._events[1:]):
+                self._seconds[stage] += start.elapsed_time(end) / 1e3
+            self._events = self._events[-1:]
+        return dict(self._seconds)
 
 
 @dataclass
@@ -43,6 +96,30 @@ class LoaderStats:
     time_gathering: float = 0.0  # gathering the chosen rows
     residuals: list = field(default_factory=list)  # GradientMatching fit per batch
 
+    def __post_init__(self) -> None:
+        self._clocks: list[Clock] = []  # GPU clocks not read yet (not a field: not in asdict or a state)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _TIMES and object.__getattribute__(self, "__dict__").get("_clocks"):  # read the GPU clocks first
+            object.__getattribute__(self, "_settle")()
+        return object.__getattribute__(self, name)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles: the GPU clocks read, not copied
+        if self.__dict__.get("_clocks"):
+            self._settle()
+        return {k: v for k, v in self.__dict__.items() if k != "_clocks"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._clocks = []
+
+    def _settle(self) -> None:
+        clocks, self._clocks = self._clocks, []
+        for clock in clocks:
+            seconds = clock.seconds
+            for stage in STAGES:
+                setattr(self, f"time_{stage}", getattr(self, f"time_{stage}") + seconds[stage])
+
     def record(self, picked: "Selected", batch_size: int) -> None:
         """Count one ``select_batch`` result on a batch of ``batch_size`` samples (not yet the rows yielded)."""
         if picked.scores is not None:
@@ -54,9 +131,13 @@ class LoaderStats:
             self.samples_not_selected += candidates - picked.distinct
         if picked.residual is not None:
             self.residuals.append(picked.residual)
-        self.time_scoring += picked.seconds["scoring"]
-        self.time_selecting += picked.seconds["selecting"]
-        self.time_gathering += picked.seconds["gathering"]
+        if picked.clock.cuda:  # read when a time figure is (no wait now)
+            self._clocks.append(picked.clock)
+            return
+        seconds = picked.clock.seconds
+        self.time_scoring += seconds["scoring"]
+        self.time_selecting += seconds["selecting"]
+        self.time_gathering += seconds["gathering"]
 
     @property
     def backprop_fraction(self) -> float:
@@ -71,6 +152,7 @@ class LoaderStats:
     def reset(self) -> None:
         """Zero every counter."""
         fresh = LoaderStats()
+        self._clocks = []
         for k, v in asdict(fresh).items():
             setattr(self, k, v)
 

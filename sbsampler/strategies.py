@@ -23,7 +23,14 @@ read these facts instead of names:
 ``variable_count``         may return a count other than ``k``
 ``keeps_all``              every sample passes, ``k`` is ignored (no rebatching)
 ``sampler_scale``          a ``SelectiveSampler``'s default weight scale (``"step"``/``"epoch"``)
+``selects_on_device``      has a torch-op rule (``sbsampler.ondevice``) that selects on the losses' device
 =========================  ==========================================================
+
+Two implementations of each loss-only rule follow the same law: ``select`` (NumPy
+and the Numba kernels, on the host; draws from ``self.rng``) and
+``select_tensors`` (torch ops on the losses' device, no host round trip; draws from
+a ``torch.Generator`` on that device, seeded once from ``self.rng``). ``select_batch``
+uses the second for losses on an accelerator (``select_on="auto"``).
 
 ======================  ===========  =====================================================
 name                    class        rule
@@ -48,7 +55,7 @@ from typing import Any, ClassVar, Optional, Union
 import numpy as np
 import torch
 
-from . import kernels
+from . import kernels, ondevice
 from .scores import Scores
 
 __all__ = [
@@ -122,6 +129,14 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
+def _device_key(device: Union[str, torch.device]) -> str:
+    """``"cuda:0"`` for ``"cuda"`` (the current device), the device's own name otherwise."""
+    device = torch.device(device)
+    if device.index is None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
 class Strategy:
     """Base class: validation, the RNG and (empty) state handling.
 
@@ -145,9 +160,13 @@ class Strategy:
     keeps_all: ClassVar[bool] = False
     #: a ``SelectiveSampler``'s default ``scale`` with this strategy (``"step"`` or ``"epoch"``)
     sampler_scale: ClassVar[str] = "step"
+    #: whether ``select_tensors`` can choose with torch ops on the losses' device
+    selects_on_device: ClassVar[bool] = False
 
     def __init__(self, seed: Seed = None) -> None:
         self.rng = _rng(seed)
+        self._generators: dict[str, torch.Generator] = {}  # select_tensors' RNG, one per device
+        self._generator_states: dict[str, torch.Tensor] = {}  # restored states for devices not used yet
 
     def select(self, scores: Union[Scores, int], k: int, rng: Seed = None) -> Selection:
         """Choose ``k`` samples of the minibatch and their loss weights.
@@ -185,16 +204,85 @@ class Strategy:
     def _select(self, scores: Any, loss: Optional[np.ndarray], k: int, rng: np.random.Generator) -> Selection:
         raise NotImplementedError
 
-    def observe(self, losses: np.ndarray) -> None:
+    def select_tensors(self, scores: Union[Scores, int], k: int, device: Union[None, str, torch.device] = None,
+                       rng: Seed = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``select``'s rule in torch ops on the losses' device: ``(indices int64 (k,), weights (k,))`` there.
+
+        Same arguments and law as ``select`` (the draws come from a ``torch.Generator``
+        on the device instead of ``self.rng``, so the picks differ from ``select``'s).
+        A fixed-count rule reads nothing back to the host apart from this method's
+        own check that the losses are finite; ``select_batch`` applies its NaN policy
+        instead, with no host read on the way. A variable-count rule reads its count.
+
+        Args:
+            scores: the minibatch's ``Scores``, or the batch size for a strategy that reads no scores.
+            k: the budget, in ``[1, B]``.
+            device: where to select when ``scores`` is a count (default the CPU).
+            rng: a seed or ``numpy.random.Generator`` for a one-off ``torch.Generator``;
+                the strategy's own generators are then left untouched.
+        """
+        if not self.selects_on_device:
+            raise TypeError(f"{self!r} has no on-device rule (selects_on_device is False); use select()")
+        given_count = isinstance(scores, (int, np.integer)) and not isinstance(scores, bool)
+        if given_count and self.needs_scores:
+            raise TypeError(f"{self!r} reads the batch's scores: pass Scores, not a count")
+        n = int(scores) if given_count else len(scores)
+        if n == 0:
+            raise ValueError("cannot select from an empty batch (0 samples)")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+            raise ValueError(f"k must be an int in [1, {n}] for a batch of {n} samples, got {k!r}")
+        if not given_count:
+            device = scores.loss.device
+            if scores.loss.shape != (n,):
+                raise ValueError(f"scores.loss must have shape ({n},), got {tuple(scores.loss.shape)}")
+            bad = ~torch.isfinite(scores.loss)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{int(bad.sum())} non-finite loss value(s) at batch positions "
+                    f"{bad.nonzero().flatten()[:10].tolist()}; use nan_policy='skip' or 'keep' in SelectiveLoader")
+        device = torch.device("cpu" if device is None else device)
+        return self._select_tensors(None if given_count else scores, n, int(k), self.device_generator(device, rng))
+
+    def device_generator(self, device: Union[str, torch.device], rng: Seed = None) -> torch.Generator:
+        """The ``torch.Generator`` that ``select_tensors`` draws from on ``device``.
+
+        Created at first use, seeded from ``self.rng`` (or from a state that
+        ``load_state_dict`` restored); ``rng`` instead gives a fresh one seeded from it.
+        """
+        device = torch.device(device)
+        if rng is not None:
+            return torch.Generator(device=device).manual_seed(int(_rng(rng).integers(2**63)))
+        key = _device_key(device)
+        g = self._generators.get(key)
+        if g is None:
+            g = torch.Generator(device=device)
+            saved = self._generator_states.pop(key, None)
+            if saved is not None:
+                g.set_state(saved)
+            else:
+                g.manual_seed(int(self.rng.integers(2**63)))
+            self._generators[key] = g
+        return g
+
+    def _select_tensors(self, scores: Optional[Scores], n: int, k: int,
+                        g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The on-device rule: ``scores`` finite (``None`` when given a count), ``k`` in [1, n]."""
+        raise NotImplementedError
+
+    def observe(self, losses: Union[np.ndarray, torch.Tensor]) -> None:
         """Remember a round's losses (a no-op unless ``keeps_history``)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically: here, the RNG state."""
-        return {"rng": self.rng.bit_generator.state}
+        """Everything needed to continue identically: the RNG states (NumPy's, and any device generator's)."""
+        generators = {**self._generator_states, **{k: g.get_state() for k, g in self._generators.items()}}
+        return {"rng": self.rng.bit_generator.state, "device_rng": generators}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` saved."""
         self.rng.bit_generator.state = state["rng"]
+        self._generators = {}
+        self._generator_states = {k: torch.as_tensor(v, dtype=torch.uint8)
+                                  for k, v in (state.get("device_rng") or {}).items()}
 
     def _params(self) -> str:
         return ""
@@ -205,6 +293,21 @@ class Strategy:
 
 def _uniform_weights(k: int) -> np.ndarray:
     return np.full(k, 1.0 / k) if k else np.zeros(0)
+
+
+def _equal_weights(idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``1/count`` for each of ``idx`` on its device (an empty vector for none)."""
+    return torch.full(idx.shape, 1.0 / max(idx.shape[0], 1), dtype=dtype, device=idx.device)
+
+
+def _device_loss(scores: Scores) -> torch.Tensor:
+    loss = scores.loss.detach()
+    return loss.to(ondevice.work_dtype(loss.device))
+
+
+def _open_uniforms(n: int, g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """U(0, 1] numbers on ``like``'s device (for Efraimidis-Spirakis keys ``log(u) / w``)."""
+    return 1.0 - torch.rand(n, generator=g, device=like.device, dtype=like.dtype)
 
 
 class Uniform(Strategy):
@@ -218,11 +321,16 @@ class Uniform(Strategy):
 
     name = "uniform"
     needs_scores = False
+    selects_on_device = True
 
     def _select(self, scores: Any, loss: Optional[np.ndarray], k: int, rng: np.random.Generator) -> Selection:
         n = int(scores) if loss is None else loss.shape[0]
         idx = np.sort(rng.choice(n, size=k, replace=False))
         return Selection(idx, _uniform_weights(k))
+
+    def _select_tensors(self, scores: Optional[Scores], n: int, k: int, g: torch.Generator):
+        idx = torch.sort(torch.randperm(n, generator=g, device=g.device)[:k]).values
+        return idx, _equal_weights(idx, ondevice.work_dtype(g.device))
 
 
 class TopK(Strategy):
@@ -234,10 +342,16 @@ class TopK(Strategy):
     """
 
     name = "topk"
+    selects_on_device = True
 
     def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
         idx = np.sort(np.argsort(-loss, kind="stable")[:k])
         return Selection(idx, _uniform_weights(k))
+
+    def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):
+        loss = _device_loss(scores)
+        idx = ondevice.top_k(loss, k)
+        return idx, _equal_weights(idx, loss.dtype)
 
 
 class SelectiveBackprop(Strategy):
@@ -270,6 +384,7 @@ class SelectiveBackprop(Strategy):
 
     name = "sb"
     keeps_history = True
+    selects_on_device = True
 
     def __new__(cls, beta: float = 1.0, history: int = 1024, mode: str = "fixed", unbiased: bool = False,
                 seed: Seed = None):
@@ -296,26 +411,34 @@ class SelectiveBackprop(Strategy):
         self.history = int(history)
         self.mode = mode
         self.unbiased = bool(unbiased)
-        self._hist = np.zeros(0)
+        # The latest ``history`` losses, a tensor on the device of the losses last observed: losses
+        # observed on a GPU stay there, for select_tensors' CDF with no host round trip.
+        self._hist = torch.zeros(0, dtype=torch.float64)
 
     def recent_losses(self) -> np.ndarray:
-        """The losses remembered (oldest first), a copy."""
-        return self._hist.copy()
+        """The losses remembered (oldest first), a float64 NumPy copy."""
+        return _numpy(self._hist).copy()
 
-    def observe(self, losses: np.ndarray) -> None:
-        """Remember losses, keeping the latest ``history`` of them."""
-        losses = np.asarray(losses, dtype=np.float64).ravel()
-        self._hist = np.concatenate([self._hist, losses])[-self.history :]
+    def observe(self, losses: Union[np.ndarray, torch.Tensor]) -> None:
+        """Remember losses, keeping the latest ``history`` of them (a tensor's stay on its device)."""
+        t = losses.detach() if isinstance(losses, torch.Tensor) else torch.as_tensor(np.asarray(losses, np.float64))
+        t = t.reshape(-1).to(ondevice.work_dtype(t.device))
+        self._hist = torch.cat([self._hist.to(t.device, t.dtype), t])[-self.history :]
 
     def keep_probabilities(self, loss: np.ndarray) -> np.ndarray:
         """``CDF(loss) ** beta`` against the remembered losses alone (no update)."""
-        return kernels.ecdf(self._hist, np.ascontiguousarray(loss, dtype=np.float64)) ** self.beta
+        return kernels.ecdf(_numpy(self._hist), np.ascontiguousarray(loss, dtype=np.float64)) ** self.beta
 
     def _ranked(self, loss: np.ndarray) -> np.ndarray:
         """``CDF(loss) ** beta`` against the remembered losses and the batch's own."""
         loss = np.ascontiguousarray(loss, dtype=np.float64)
-        reference = np.concatenate([self._hist, loss])[-max(self.history, loss.shape[0]) :]
+        reference = np.concatenate([_numpy(self._hist), loss])[-max(self.history, loss.shape[0]) :]
         return kernels.ecdf(reference, loss) ** self.beta
+
+    def _ranked_tensors(self, loss: torch.Tensor) -> torch.Tensor:
+        """``_ranked`` in torch ops on ``loss``'s device (the history moves there once, and stays)."""
+        reference = torch.cat([self._hist.to(loss.device, loss.dtype), loss])[-max(self.history, loss.shape[0]) :]
+        return ondevice.ecdf(reference, loss) ** self.beta
 
     def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
         b = loss.shape[0]
@@ -328,13 +451,25 @@ class SelectiveBackprop(Strategy):
         idx = np.sort(kernels.sample_without_replacement(p, u, k))
         return Selection(idx, _uniform_weights(k))
 
+    def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):
+        loss = _device_loss(scores)
+        p = self._ranked_tensors(loss)
+        if self.unbiased:
+            pi = ondevice.inclusion_probabilities(p, k)
+            order = torch.randperm(n, generator=g, device=loss.device)
+            u = torch.rand(1, generator=g, device=loss.device, dtype=loss.dtype)
+            idx = torch.sort(ondevice.systematic_sample(pi, order, u, k)).values
+            return idx, 1.0 / (n * pi[idx])
+        idx = torch.sort(ondevice.sample_without_replacement(p, _open_uniforms(n, g, loss), k)).values
+        return idx, _equal_weights(idx, loss.dtype)
+
     def state_dict(self) -> dict[str, Any]:
         """RNG state and the loss history."""
         return {**super().state_dict(), "history": self.recent_losses()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._hist = np.asarray(state["history"], dtype=np.float64)[-self.history :].copy()
+        self._hist = torch.as_tensor(np.asarray(state["history"], dtype=np.float64)[-self.history :].copy())
 
     def _params(self) -> str:
         return f"beta={self.beta}, history={self.history}, mode={self.mode!r}, unbiased={self.unbiased}"
@@ -363,6 +498,14 @@ class BernoulliSelectiveBackprop(SelectiveBackprop):
             return Selection(idx, 1.0 / (b * p[idx]))
         return Selection(idx, _uniform_weights(idx.shape[0]))
 
+    def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):
+        loss = _device_loss(scores)
+        p = self._ranked_tensors(loss)
+        idx = (torch.rand(n, generator=g, device=loss.device, dtype=loss.dtype) < p).nonzero().flatten()  # the count
+        if self.unbiased:
+            return idx, 1.0 / (n * p[idx])
+        return idx, _equal_weights(idx, loss.dtype)
+
 
 class ComposerRule(Strategy):
     """MosaicML Composer's Selective Backprop rule (``select_using_loss``).
@@ -384,6 +527,7 @@ class ComposerRule(Strategy):
     """
 
     name = "composer"
+    selects_on_device = True
 
     def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
         b = loss.shape[0]
@@ -393,6 +537,12 @@ class ComposerRule(Strategy):
         u = 1.0 - rng.random(b)  # in (0, 1]
         idx = np.sort(kernels.sample_without_replacement(p, u, k))
         return Selection(idx, _uniform_weights(k))
+
+    def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):
+        loss = _device_loss(scores)
+        p = ((ondevice.ranks(loss).to(loss.dtype) + 0.5) / n) ** (n / k - 1.0)
+        idx = torch.sort(ondevice.sample_without_replacement(p, _open_uniforms(n, g, loss), k)).values
+        return idx, _equal_weights(idx, loss.dtype)
 
 
 class GradientMatching(Strategy):
@@ -580,6 +730,7 @@ class InfoBatch(Strategy):
 
     name = "infobatch"
     variable_count = True
+    selects_on_device = True
     sampler_scale = "epoch"  # the official code: kept samples 1/keep, the others 1, the plain batch mean
 
     def __init__(self, prune: float = 0.5, seed: Seed = None) -> None:
@@ -596,6 +747,14 @@ class InfoBatch(Strategy):
         w = np.where(low[idx], 1.0 / (1.0 - self.prune), 1.0) / b
         return Selection(idx, w)
 
+    def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):
+        loss = _device_loss(scores)
+        low = loss < loss.mean()
+        drop = low & (torch.rand(n, generator=g, device=loss.device, dtype=loss.dtype) < self.prune)
+        idx = (~drop).nonzero().flatten()  # reads the count
+        one = torch.ones((), dtype=loss.dtype, device=loss.device)
+        return idx, torch.where(low[idx], one / (1.0 - self.prune), one) / n
+
     def _params(self) -> str:
         return f"prune={self.prune}"
 
@@ -611,10 +770,15 @@ class Full(Strategy):
     name = "full"
     needs_scores = False
     keeps_all = True
+    selects_on_device = True
 
     def _select(self, scores: Any, loss: Optional[np.ndarray], k: int, rng: np.random.Generator) -> Selection:
         n = int(scores) if loss is None else loss.shape[0]
         return Selection(np.arange(n), _uniform_weights(n))
+
+    def _select_tensors(self, scores: Optional[Scores], n: int, k: int, g: torch.Generator):
+        idx = torch.arange(n, device=g.device)
+        return idx, _equal_weights(idx, ondevice.work_dtype(g.device))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

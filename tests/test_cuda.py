@@ -230,3 +230,58 @@ def test_stats_time_the_scoring_forward_on_cuda():
     direct = (time.perf_counter() - t0) / 5
     assert per_batch >= 0.7 * direct, (per_batch, direct)
     assert loader.stats.time_selecting < per_batch
+
+
+def _cuda_batches(n: int = 6, b: int = 64, nan_at=None, label=None):
+    """Batches already on the GPU, dataset indices on the host (as a loader gives them)."""
+    x, y = data(n * b)
+    x, y = x.cuda(), y.cuda()
+    if nan_at is not None:
+        x[nan_at] = float("nan")
+    if label is not None:
+        y[label[0]] = label[1]
+    return [(x[j * b:(j + 1) * b], y[j * b:(j + 1) * b], torch.arange(j * b, (j + 1) * b)) for j in range(n)]
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "topk", "sb", "composer", "full"])
+@pytest.mark.parametrize("rebatch", [False, True])
+def test_selection_on_the_gpu_never_waits_for_it(strategy, rebatch):
+    """Issue 15: with ``select_on="auto"`` a GPU batch is scored, selected and gathered with no host sync."""
+    torch.manual_seed(0)
+    model = SmallCNN().cuda()
+    hook = sb.ScoringHook(model)
+    loader = sb.SelectiveLoader(_cuda_batches(), hook, strategy, fraction=0.25, rebatch=rebatch, seed=0)
+    steps = iter(loader)
+    first = next(steps)  # the hook compares its head with the logits once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = [next(steps) for _ in range(2 if rebatch else 4)]  # short of the epoch's end, which waits on purpose
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for step in [first, *rest]:
+        assert step.inputs.is_cuda and step.weights.is_cuda
+    assert loader.stats.time_scoring > 0  # the CUDA events are read here, after the loop
+
+
+def test_gpu_checks_raise_late_but_name_the_batch():
+    torch.manual_seed(0)
+    hook = sb.ScoringHook(SmallCNN().cuda())
+    with pytest.raises(ValueError, match=r"dataset indices \[70\].*found after later batches"):
+        list(sb.SelectiveLoader(_cuda_batches(nan_at=70), hook, "sb", seed=0))
+    with pytest.raises(ValueError, match=r"target label 12 is out of range.*found after later batches"):
+        list(sb.SelectiveLoader(_cuda_batches(label=(200, 12)), hook, "topk", seed=0))
+
+
+@pytest.mark.parametrize("name,kwargs", [("sb", {"beta": 2.0}), ("composer", {}), ("infobatch", {})])
+def test_gpu_selection_follows_the_host_law(name, kwargs):
+    from reference import make_scores
+
+    scores = make_scores(seed=3, b=12)
+    gpu = sb.Scores(loss=scores.loss.cuda())
+    host, dev = sb.STRATEGIES[name](**kwargs, seed=1), sb.STRATEGIES[name](**kwargs, seed=2)
+    f_host, f_dev = np.zeros(12), np.zeros(12)
+    for _ in range(4000):
+        f_host[host.select(scores, 4).indices] += 1
+        f_dev[dev.select_tensors(gpu, 4)[0].cpu().numpy()] += 1
+    np.testing.assert_allclose(f_dev / 4000, f_host / 4000, atol=0.04)

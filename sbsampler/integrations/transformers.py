@@ -107,12 +107,13 @@ class SelectiveTrainer(Trainer):
         shift_labels: whether the default loss shifts token labels (position t
             predicts t + 1); default: for a causal LM (``causal_lm``).
         hook: the ``ScoringHook``; default ``ScoringHook(model, loss=loss)``.
-        seed, nan_policy, sync_history: passed to ``BatchSelector``.
+        seed, nan_policy, sync_history, select_on: passed to ``BatchSelector``.
     """
 
     def __init__(self, *args: Any, strategy: Union[None, str, Strategy] = "uniform", fraction: float = 0.25,
                  loss: Optional[Callable[[Tensor, Any], Tensor]] = None, hook: Optional[ScoringHook] = None,
                  seed: Optional[int] = None, nan_policy: str = "raise", sync_history: bool = False,
+                 select_on: str = "auto",
                  shift_labels: Optional[bool] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if loss is None:
@@ -124,7 +125,7 @@ class SelectiveTrainer(Trainer):
         if hook is None:
             hook = ScoringHook(self.model, loss=loss)
         self.selector = BatchSelector(hook, strategy, fraction, seed=seed, nan_policy=nan_policy,
-                                      sync_history=sync_history, batch_keys=HF_KEYS)
+                                      sync_history=sync_history, batch_keys=HF_KEYS, select_on=select_on)
         self.add_callback(_SaveSelector(self))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
