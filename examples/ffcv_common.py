@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 import sbsampler as sb
 
-__all__ = ["cyclic_lr", "step_lr", "image_pipeline", "label_pipeline", "selective_loader", "score_sampler",
+__all__ = ["cyclic_lr", "reference_lr", "cyclic_epoch_lr", "step_epoch_lr", "reference_param_groups",
+           "image_pipeline", "label_pipeline", "selective_loader", "score_sampler",
            "train_epoch", "evaluate", "param_groups", "SAMPLER_STRATEGIES"]
 
 #: strategies that can choose from the losses the training step stored (no gradient norms, no current gradients)
@@ -71,11 +72,39 @@ def cyclic_lr(progress: float, lr: float, epochs: int, peak_epoch: float) -> flo
     return lr * sb.schedule.one_cycle(epochs, peak_epoch)(progress)
 
 
-def step_lr(progress: float, lr: float, epochs: int, step_ratio: float, step_length: int) -> float:
-    """``lr * step_ratio ** (epoch // step_length)``, 0 after the last epoch."""
-    if progress >= epochs:
+def cyclic_epoch_lr(epoch: int, lr: float, epochs: int, peak_epoch: float) -> float:
+    """ffcv-imagenet's ``get_cyclic_lr``: ``np.interp(epoch, [0, peak, epochs], [1e-4 lr, lr, 0])``."""
+    return float(np.interp(epoch, [0, peak_epoch, epochs], [1e-4 * lr, lr, 0.0]))
+
+
+def step_epoch_lr(epoch: int, lr: float, epochs: int, step_ratio: float, step_length: int) -> float:
+    """ffcv-imagenet's ``get_step_lr``: ``lr * step_ratio ** (epoch // step_length)``, 0 from ``epochs`` on."""
+    if epoch >= epochs:
         return 0.0
-    return lr * step_ratio ** int(progress // step_length)
+    return lr * step_ratio ** (epoch // step_length)
+
+
+def reference_lr(progress: float, epoch_lr: Callable[[int], float]) -> float:
+    """ffcv-imagenet's per-iteration LR at ``progress = e + ix / iters`` (before iteration ``ix`` of epoch ``e``).
+
+    The reference sets ``np.interp(ix, [0, iters], [epoch_lr(e), epoch_lr(e + 1)])``:
+    a straight line through each epoch from its value toward the next epoch's (for the
+    step schedule a ramp into each drop, not a jump).
+    """
+    e = int(np.floor(progress))
+    frac = progress - e
+    return float((1.0 - frac) * epoch_lr(e) + frac * epoch_lr(e + 1))
+
+
+def reference_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """ffcv-imagenet's rule: no weight decay on parameters whose name contains ``"bn"``.
+
+    With torchvision's ResNets that leaves decay on the shortcut BatchNorms
+    (``downsample.1``), as in the reference; ``examples/resnets.py`` names its layers alike.
+    """
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if "bn" in n], "weight_decay": 0.0},
+            {"params": [p for n, p in named if "bn" not in n], "weight_decay": weight_decay}]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -119,21 +148,26 @@ def train_epoch(model: nn.Module, loader: Union[sb.SelectiveLoader, sb.WeightedB
                 lr_at: Callable[[float], float], epoch: int, label_smoothing: float,
                 scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
                 channels_last: bool = False, max_steps: Optional[int] = None,
-                store: Optional[sb.ScoreStore] = None) -> dict:
+                store: Optional[sb.ScoreStore] = None, lr_before_step: bool = False) -> dict:
     """One epoch of weighted sub-batch steps; returns loss, steps, samples, LRs and time.
 
     ``loader`` is a ``SelectiveLoader`` (per-batch selection) or ``WeightedBatches``
     over a ``SelectiveSampler`` (sampler mode). ``store``: record each sample's
     training loss there (sampler mode: the next epoch's plan is drawn from it).
+    ``lr_before_step``: the LR at the progress before the step's batches (ffcv-imagenet's
+    ``e + ix / iters``), else after them (``e + (ix + 1) / iters``).
     """
     model.train()
     per_epoch = len(loader.loader) if isinstance(loader, sb.SelectiveLoader) else len(loader)
     steps, samples, total, lr = 0, 0, 0.0, lr_at(epoch)
     lr_first = None
     t0 = time.perf_counter()
+    before = float(epoch)  # progress before this step's batches
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=None, leave=False)
     for batch in bar:
-        lr = lr_at(loader.progress)  # epochs done, this step's batches included (sbsampler.schedule)
+        after = loader.progress  # epochs done, this step's batches included (sbsampler.schedule)
+        lr = lr_at(before if lr_before_step else after)
+        before = after
         lr_first = lr if lr_first is None else lr_first
         for group in opt.param_groups:
             group["lr"] = lr
@@ -188,4 +222,4 @@ def evaluate(model: nn.Module, loader, amp_dtype: Optional[torch.dtype] = None, 
         top1 += int((pred[:, 0] == labels).sum())
         top5 += int((pred == labels[:, None]).any(1).sum())
         n += len(labels)
-    return {"top_1": top1 / max(n, 1), "top_5": top5 / max(n, 1)}
+    return {"top_1": top1 / max(n, 1), "top_5": top5 / max(n, 1), "n": n}

@@ -8,11 +8,13 @@ block layout (BasicBlock [2, 2, 2, 2] for 18, Bottleneck [3, 4, 6, 3] for 50).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["resnet", "CompactResNet"]
+__all__ = ["resnet", "CompactResNet", "BlurPoolConv2d", "apply_blurpool"]
 
 
 class _Basic(nn.Module):
@@ -67,11 +69,13 @@ class CompactResNet(nn.Module):
     def __init__(self, arch: str = "resnet18", num_classes: int = 10, small_input: bool = True) -> None:
         super().__init__()
         block, counts = _LAYOUTS[arch]
+        # torchvision's names (conv1, bn1): the ImageNet recipe exempts parameters named "bn" from weight decay
         if small_input:
-            self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+            self.stem = nn.Sequential(OrderedDict(conv1=nn.Conv2d(3, 64, 3, 1, 1, bias=False),
+                                                  bn1=nn.BatchNorm2d(64), relu=nn.ReLU()))
         else:
-            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                                      nn.MaxPool2d(3, 2, 1))
+            self.stem = nn.Sequential(OrderedDict(conv1=nn.Conv2d(3, 64, 7, 2, 3, bias=False), bn1=nn.BatchNorm2d(64),
+                                                  relu=nn.ReLU(), maxpool=nn.MaxPool2d(3, 2, 1)))
         layers, cin = [], 64
         for i, n in enumerate(counts):
             width = 64 * 2**i
@@ -84,6 +88,38 @@ class CompactResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class BlurPoolConv2d(nn.Module):
+    """A fixed 3x3 binomial low-pass filter, per channel, before a strided convolution (Zhang 2019).
+
+    FFCV's ImageNet recipe (``use_blurpool: 1`` in every config) puts it before every
+    convolution with stride > 1 and at least 16 input channels; the filter
+    ``[1, 2, 1] x [1, 2, 1] / 16`` is a buffer, not a parameter.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (taps[:, None] * taps[None, :]) / 16.0
+        self.register_buffer("blur_filter", kernel.expand(conv.in_channels, 1, 3, 3).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blurred = F.conv2d(x, self.blur_filter.to(x.dtype), padding=1, groups=self.conv.in_channels)
+        return self.conv(blurred)
+
+
+def apply_blurpool(model: nn.Module) -> int:
+    """Wrap every ``Conv2d`` with stride > 1 and >= 16 input channels in ``BlurPoolConv2d`` (in place); count them."""
+    count = 0
+    for name, child in model.named_children():
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
+            setattr(model, name, BlurPoolConv2d(child))
+            count += 1
+        else:
+            count += apply_blurpool(child)
+    return count
 
 
 def resnet(arch: str = "resnet18", num_classes: int = 10, small_input: bool = False) -> tuple[nn.Module, str]:
@@ -102,4 +138,5 @@ def resnet(arch: str = "resnet18", num_classes: int = 10, small_input: bool = Fa
             model.maxpool = nn.Identity()
         return model, f"torchvision.models.{arch}"
     except Exception as exc:  # noqa: BLE001 - missing, or a CUDA build next to CPU torch
-        return CompactResNet(arch, num_classes, small_input), f"CompactResNet({arch}) (torchvision: {type(exc).__name__})"
+        why = f"torchvision: {type(exc).__name__}"
+        return CompactResNet(arch, num_classes, small_input), f"CompactResNet({arch}) ({why})"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,17 +55,24 @@ def test_imagenet_example_smoke(tiny_betons):
     assert stats["samples_seen"] == 256 and stats["batches_seen"] == 2
     assert stats["samples_selected"] == 64 == stats["samples_yielded"]  # rebatched into one step of 64
     assert log["epochs"][0]["steps"] == 1
-    # The LR follows the wrapped loader's batches, not the optimiser's steps: the one rebatched
-    # step comes after both FFCV batches, at progress 1.0 = the end of the schedule (LR 0).
-    assert log["epochs"][0]["lr_last_step"] == 0.0
+    # The LR follows the wrapped loader's batches, set before each step as ffcv-imagenet does: the one
+    # rebatched step starts at progress 0, so it runs at the cyclic schedule's start, 1e-4 of the peak;
+    # the peak is lr.lr scaled by the global batch 128 over the config's lr_batch_size 1024.
+    assert log["peak_lr"] == pytest.approx(0.5 * 128 / 1024)
+    assert log["epochs"][0]["lr_first_step"] == pytest.approx(1e-4 * 0.5 * 128 / 1024)
+    assert log["blurpool_convs"] == 6  # ResNet-18: the 3 strided 3x3 convolutions past the stem, 3 shortcuts
     assert 0.0 <= log["top_1"] <= log["top_5"] <= 1.0
+    lines = [json.loads(line) for line in (folder / "log" / "log").read_text().splitlines()]
+    assert len(lines) == 1  # the rn18 configs' log_level 0: evaluated at the end only, as the reference
+    assert {"epoch", "top_1", "top_5", "train_loss", "current_lr", "epoch_time", "val_time", "samples_loaded",
+            "samples_backprop", "selection_time", "relative_time"} <= set(lines[0])
 
 
-def _cyclic(progress, lr, epochs, peak):
-    sys.path.insert(0, str(ROOT / "examples"))
-    from ffcv_common import cyclic_lr
-
-    return cyclic_lr(progress, lr, epochs, peak)
+def _reference_lr(e, ix, iters, lr, epochs, peak):
+    """ffcv-imagenet: np.interp(ix, [0, iters], [get_cyclic_lr(e), get_cyclic_lr(e + 1)])."""
+    def epoch_lr(x):
+        return float(np.interp(x, [0, peak, epochs], [1e-4 * lr, lr, 0]))
+    return float(np.interp(ix, [0, iters], [epoch_lr(e), epoch_lr(e + 1)]))
 
 
 def test_imagenet_example_sampler_mode_keeps_the_lr_schedule(tiny_betons):
@@ -74,7 +82,7 @@ def test_imagenet_example_sampler_mode_keeps_the_lr_schedule(tiny_betons):
     log_dir = tiny_betons[2] / "log_sampler"
     res = run_imagenet(tiny_betons, log_dir, "--training.batch_size=32", "--training.epochs=3",
                        "--selection.mode=sampler", "--selection.strategy=uniform", "--selection.fraction=0.25",
-                       "--lr.lr=0.1", "--lr.lr_peak_epoch=1")
+                       "--lr.lr=0.1", "--lr.lr_peak_epoch=1", "--lr.lr_batch_size=32")
     assert res.returncode == 0, res.stderr[-3000:]
     log = json.loads((log_dir / "log.json").read_text())
     epochs = log["epochs"]
@@ -82,10 +90,26 @@ def test_imagenet_example_sampler_mode_keeps_the_lr_schedule(tiny_betons):
     assert [e["samples_backprop"] for e in epochs] == [256, 64, 64]
     assert log["samples_loaded"] == log["samples_backprop"] == 384
     for e in epochs:
-        k = e["epoch"]
-        assert e["lr_first_step"] == pytest.approx(_cyclic(k + 1 / e["steps"], 0.1, 3, 1))
-        assert e["lr_last_step"] == pytest.approx(_cyclic(k + 1, 0.1, 3, 1))
-    assert epochs[-1]["lr_last_step"] == 0.0
+        k, n = e["epoch"], e["steps"]
+        assert e["lr_first_step"] == pytest.approx(_reference_lr(k, 0, n, 0.1, 3, 1))
+        assert e["lr_last_step"] == pytest.approx(_reference_lr(k, n - 1, n, 0.1, 3, 1))
+    assert epochs[-1]["lr_last_step"] == pytest.approx(0.025)  # epoch 2 runs from 0.05 toward 0: its 2nd of 2 steps
+
+
+def test_imagenet_example_distributed_keeps_ranks_in_step(tiny_betons):
+    """Two gloo processes (the reference's spawn), FFCV distributed loaders, a variable-count strategy:
+    every rank takes the same steps and ends with the same parameters."""
+    log_dir = tiny_betons[2] / "log_ddp"
+    res = run_imagenet(tiny_betons, log_dir, "--training.batch_size=32", "--training.epochs=2",
+                       "--training.distributed=1", "--dist.world_size=2", "--dist.port=29541",
+                       "--data.num_workers=1", "--validation.batch_size=32", "--selection.strategy=infobatch")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((log_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [4, 4]  # 128 images a rank, 32 a batch
+    assert ranks[0]["params_sha1"] == ranks[1]["params_sha1"]
+    log = json.loads((log_dir / "log.json").read_text())
+    assert log["world_size"] == 2 and log["peak_lr"] == pytest.approx(0.5 * 64 / 1024)  # the global batch, 2 x 32
+    assert log["loader_stats"]["samples_seen"] == 2 * 128
 
 
 def test_sampler_mode_refuses_strategies_that_need_current_gradients():
