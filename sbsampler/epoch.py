@@ -339,7 +339,9 @@ class EpochIterator:
                 parts.append(front)
                 count = 0
         out = SubBatch.concat([p.sub for p in parts], same_batch=len({p.ordinal for p in parts}) == 1)
-        weights = step_weights(torch.cat([p.multipliers for p in parts]), torch.cat([p.per_pick for p in parts]))
+        device = parts[-1].multipliers.device  # rows restored on the CPU may meet rows picked on a GPU
+        weights = step_weights(torch.cat([p.multipliers.to(device) for p in parts]),
+                               torch.cat([p.per_pick.to(device) for p in parts]))
         out.weights = weights.to(out.weights.device, torch.float32)
         return out
 
@@ -387,7 +389,7 @@ class EpochIterator:
         return save_wrapped(self.loader.loader, iterating=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """The epoch, the wrapped batches consumed and the queue: plain values and NumPy arrays."""
+        """The epoch, the wrapped batches consumed and the queue: plain values and CPU tensors."""
         return {
             "wrapped": self.wrapped_state(),
             "epoch": self.epoch,
@@ -397,10 +399,10 @@ class EpochIterator:
             "queue": [
                 {
                     "batch": q.ordinal,
-                    "rows": q.rows.cpu().numpy().copy(),
-                    "indices": q.sub.indices.cpu().numpy().copy(),
-                    "multipliers": q.multipliers.to("cpu", torch.float64).numpy().copy(),
-                    "per_pick": q.per_pick.to("cpu", torch.float64).numpy().copy(),
+                    "rows": q.rows.to("cpu", torch.int64, copy=True),
+                    "indices": q.sub.indices.to("cpu", torch.int64, copy=True),
+                    "multipliers": q.multipliers.to("cpu", torch.float64, copy=True),
+                    "per_pick": q.per_pick.to("cpu", torch.float64, copy=True),
                 }
                 for q in self.queue
             ],

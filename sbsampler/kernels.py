@@ -29,6 +29,11 @@ Kernels
 
 from __future__ import annotations
 
+import os
+import tempfile
+import warnings
+from typing import Any, Callable, Optional
+
 import numba
 import numpy as np
 
@@ -44,12 +49,63 @@ __all__ = [
     "nnls_gram",
 ]
 
-_JIT = {"cache": True, "nogil": True}
+_JIT = {"nogil": True}
 # Reassociation (vectorised sums) and fused multiply-add, but not "no NaNs": a NaN must stay a NaN.
 _FAST = {**_JIT, "fastmath": {"reassoc", "contract"}}
 
 
-@numba.njit(**_JIT)
+_UNCACHED: list = []  # kernels compiled without a cache
+
+
+def _fallback_cache_dir() -> Optional[str]:
+    """A writable per-user cache folder under the system's temp dir, or ``None``."""
+    try:
+        user = str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+        path = os.path.join(tempfile.gettempdir(), f"sbsampler-numba-cache-{user}")
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+        return path
+    except OSError:
+        return None
+
+
+def _njit(**options: Any) -> Callable:
+    """``numba.njit(cache=True, **options)``, that also works installed read-only.
+
+    Numba caches compiled kernels next to the source (``__pycache__``) or in the
+    user's cache folder; where neither is writable (a read-only site-packages and no
+    usable ``$HOME``: containers, Nix) it refuses at import, "cannot cache function
+    ...: no locator available" (numba issues #4908, #5566). Then the kernels cache
+    in a per-user folder under the temp dir (``NUMBA_CACHE_DIR`` for them alone),
+    and where that fails too they compile uncached (a few seconds more per process).
+    """
+    def decorate(fn: Callable) -> Callable:
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError as err:
+            if "no locator available" not in str(err):
+                raise
+        folder = _fallback_cache_dir()
+        if folder is not None:
+            saved = numba.config.CACHE_DIR
+            numba.config.CACHE_DIR = folder  # read when the locator is made, here
+            try:
+                return numba.njit(cache=True, **options)(fn)
+            except RuntimeError:
+                pass
+            finally:
+                numba.config.CACHE_DIR = saved
+        if not _UNCACHED:  # once, not once per kernel
+            warnings.warn("sbsampler: no writable Numba cache (read-only install, no usable $HOME or temp dir); "
+                          "its kernels compile uncached in each process. Set NUMBA_CACHE_DIR to a writable folder "
+                          "to cache them", RuntimeWarning, stacklevel=2)
+        _UNCACHED.append(fn.__name__)
+        return numba.njit(cache=False, **options)(fn)
+    return decorate
+
+
+@_njit(**_JIT)
 def ecdf(history: np.ndarray, losses: np.ndarray) -> np.ndarray:
     """Fraction of ``history`` values that are ``<=`` each entry of ``losses``.
 
@@ -75,7 +131,7 @@ def ecdf(history: np.ndarray, losses: np.ndarray) -> np.ndarray:
     return out
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def sample_without_replacement(weights: np.ndarray, uniforms: np.ndarray, k: int) -> np.ndarray:
     """Draw ``k`` distinct indices, each draw proportional to ``weights`` among those left.
 
@@ -97,7 +153,7 @@ def sample_without_replacement(weights: np.ndarray, uniforms: np.ndarray, k: int
     return order[:k].astype(np.int64)
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def inclusion_probabilities(p: np.ndarray, k: int) -> np.ndarray:
     """Inclusion probabilities ``pi_i = min(1, c * p_i)`` with ``sum(pi) == k``.
 
@@ -129,7 +185,7 @@ def inclusion_probabilities(p: np.ndarray, k: int) -> np.ndarray:
             return pi
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def systematic_sample(pi: np.ndarray, order: np.ndarray, u: float) -> np.ndarray:
     """Systematic probability-proportional-to-size sample along ``order``.
 
@@ -157,7 +213,7 @@ def systematic_sample(pi: np.ndarray, order: np.ndarray, u: float) -> np.ndarray
     return out
 
 
-@numba.njit(**_FAST)
+@_njit(**_FAST)
 def outer_norms(e: np.ndarray, h: np.ndarray, bias: bool) -> np.ndarray:
     """float64 (B,) ``|e_i| * |[h_i, 1]|`` (``|e_i| * |h_i|`` without ``bias``).
 
@@ -183,7 +239,7 @@ def outer_norms(e: np.ndarray, h: np.ndarray, bias: bool) -> np.ndarray:
     return out
 
 
-@numba.njit(**_FAST)
+@_njit(**_FAST)
 def _orthogonalise(row: np.ndarray, q: np.ndarray, coef: np.ndarray, m: int, n: int) -> None:
     """``row[:n] -= sum_{t < m} coef[t] * q[t, :n]``, four rows of ``q`` per pass."""
     t = 0
@@ -201,7 +257,7 @@ def _orthogonalise(row: np.ndarray, q: np.ndarray, coef: np.ndarray, m: int, n: 
         t += 1
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def _most_correlated(corr: np.ndarray, atom: np.ndarray, live: int, nonneg: bool, floor: float) -> int:
     """Position (< ``live``) of the largest (signed or absolute) correlation above ``floor``; -1 if none.
 
@@ -224,7 +280,7 @@ def _most_correlated(corr: np.ndarray, atom: np.ndarray, live: int, nonneg: bool
     return best
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def _retire(p: int, live: int, q: np.ndarray, m: int, corr: np.ndarray, atom: np.ndarray) -> None:
     """Swap column ``p`` with the last live column ``live - 1`` (rows ``q[:m]``, ``corr``, ``atom``)."""
     last = live - 1
@@ -235,7 +291,7 @@ def _retire(p: int, live: int, q: np.ndarray, m: int, corr: np.ndarray, atom: np
         atom[p], atom[last] = atom[last], atom[p]
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ridge: float,
              dep_tol: float = 1e-10):
     """Orthogonal matching pursuit using only inner products.
@@ -332,7 +388,7 @@ def omp_gram(gram: np.ndarray, target_corr: np.ndarray, k: int, nonneg: bool, ri
     return chosen[:m].copy(), w, explained
 
 
-@numba.njit(**_FAST)
+@_njit(**_FAST)
 def row_means(gram: np.ndarray) -> np.ndarray:
     """float64 mean of each row: ``<g_i, mean_j g_j>`` for a Gram matrix."""
     b = gram.shape[0]
@@ -346,7 +402,7 @@ def row_means(gram: np.ndarray) -> np.ndarray:
     return out
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def gather_gram(gram: np.ndarray, index: np.ndarray, ridge: float) -> np.ndarray:
     """``gram[index][:, index] + ridge * I`` as a new float64 (m, m) array."""
     m = index.shape[0]
@@ -359,7 +415,7 @@ def gather_gram(gram: np.ndarray, index: np.ndarray, ridge: float) -> np.ndarray
     return out
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def nnls_gram(gram: np.ndarray, target_corr: np.ndarray, init: np.ndarray,
               max_sweeps: int, tol: float) -> np.ndarray:
     """Minimise ``0.5 w' G w - c' w`` subject to ``w >= 0`` by cyclic coordinate descent.

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .batch import BatchKeys, adapt_loader
+from .checkpoint import check_version, read_array, require, safe_state
 from .wrapped import restore_wrapped, save_wrapped
 from .distributed import LocalSync, RankSync, resolve_sync
 from .epoch import EpochIterator
@@ -23,15 +24,15 @@ from .hook import ScoringHook
 from .schedule import in_window
 from .scores import NAN_POLICIES
 from .select import SELECT_ON
-from .stats import LoaderStats
+from .stats import LoaderStats, read_stats
 from .store import ScoreStore
 from .strategies import Seed, Strategy, budget, get_strategy
 
 __all__ = ["SelectiveLoader"]
 
 #: version of the layout of ``SelectiveLoader.state_dict()``
-STATE_VERSION = 3
-READABLE_VERSIONS = (2, 3)  # version 2 had no "wrapped" entry
+STATE_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)  # version 2 had no "wrapped" entry; up to 3, NumPy arrays where 4 has tensors
 
 
 class SelectiveLoader:
@@ -327,10 +328,11 @@ class SelectiveLoader:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue where the last yielded step left off.
 
-        Plain Python/NumPy values (``torch.save``-able): the next epoch, the
-        strategy's ``state_dict``, the counters and, in the middle of an epoch,
-        that epoch, the number of wrapped batches it consumed and the queued
-        samples as (batch ordinal, rows, dataset indices, multipliers, samples per pick).
+        Plain Python values and CPU tensors (``torch.save``-able, loads with
+        ``torch.load(weights_only=True)``): the next epoch, the strategy's
+        ``state_dict``, the counters and, in the middle of an epoch, that epoch,
+        the number of wrapped batches it consumed and the queued samples as
+        (batch ordinal, rows, dataset indices, multipliers, samples per pick).
         """
         if self._resume is not None:  # loaded but not iterated yet: hand the same state back
             return self._saved({**self._resume, "in_epoch": True})
@@ -342,35 +344,38 @@ class SelectiveLoader:
         return self._saved({"in_epoch": in_epoch, **epoch_state})
 
     def _saved(self, epoch_state: dict[str, Any]) -> dict[str, Any]:
-        return {
+        return safe_state({
             "version": STATE_VERSION,
             "next_epoch": self.next_epoch,
             "batch_size": self.batch_size,
             "strategy": self.strategy.state_dict(),
             "stats": asdict(self.stats),
             **epoch_state,
-        }
+        })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``; a state saved mid-epoch makes the next iteration finish that epoch.
 
         The wrapped loader's own state is restored too (``sbsampler.wrapped``): a
         stateful loader's position, an FFCV loader's epoch counter.
+
+        Everything is checked before anything changes: the version, the strategy
+        that saved it (``ValueError`` for another), the counters, the position
+        against the wrapped loader's length and every queue entry's arrays.
         """
-        if state.get("version") not in READABLE_VERSIONS:
-            raise ValueError(f"unknown SelectiveLoader state version {state.get('version')!r} "
-                             f"(this sbsampler reads versions {READABLE_VERSIONS})")
-        self.batch_size = state["batch_size"]
-        self.strategy.load_state_dict(state["strategy"])
-        self.stats = LoaderStats(**{**state["stats"], "residuals": list(state["stats"]["residuals"])})
-        self._running = None
-        if state["in_epoch"]:
-            self._resume = {k: state[k] for k in ("epoch", "position", "queue", "drawn", "carried")}
-            self._resume["wrapped"] = state.get("wrapped")
-            self.next_epoch = int(state["epoch"])
-        else:
-            self._resume = None
-            self.next_epoch = int(state["next_epoch"])
+        kind = "SelectiveLoader"
+        require(state, ["version", "next_epoch", "batch_size", "strategy", "stats", "in_epoch"], kind)
+        check_version(state, kind, READABLE_VERSIONS)
+        strategy = self.strategy._read_state(state["strategy"])
+        stats = read_stats(state["stats"], kind)
+        batch_size = state["batch_size"]
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"{kind} state field 'batch_size' must be a positive int or None, got {batch_size!r}")
+        resume = _read_resume(state, self.batches_per_epoch(), kind) if state["in_epoch"] else None
+        self.strategy._apply_state(strategy)
+        self.batch_size, self.stats, self._running, self._resume = batch_size, stats, None, resume
+        self.next_epoch = int(state["epoch"] if resume is not None else state["next_epoch"])
         restore_wrapped(self.loader, state.get("wrapped"))
 
     def __repr__(self) -> str:
@@ -378,3 +383,35 @@ class SelectiveLoader:
             f"SelectiveLoader(strategy={self.strategy!r}, fraction={self.fraction}, rebatch={self.rebatch}, "
             f"start={self.start}, end={self.end}, epochs={self.epochs}, interrupt={self.interrupt})"
         )
+
+
+def _read_resume(state: dict[str, Any], batches: Optional[int], kind: str) -> dict[str, Any]:
+    """The mid-epoch part of a loader state, checked: position, draws and every queued entry's arrays."""
+    require(state, ["epoch", "position", "queue", "drawn", "carried"], kind)
+    position = state["position"]
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+        raise ValueError(f"{kind} state field 'position' must be an int >= 0, got {position!r}")
+    if batches is not None and position > batches:
+        raise ValueError(f"the {kind} state was saved after {position} batches of its epoch, but the wrapped loader "
+                         f"has {batches} an epoch: it comes from another dataset or batch size")
+    drawn = state["drawn"]
+    if not (isinstance(drawn, (list, tuple)) and len(drawn) == 2 and all(isinstance(v, int) for v in drawn)):
+        raise ValueError(f"{kind} state field 'drawn' must be two ints, got {drawn!r}")
+    carried = state["carried"]
+    if carried is not None and not isinstance(carried, (int, float)):
+        raise ValueError(f"{kind} state field 'carried' must be a number or None, got {carried!r}")
+    queue = []
+    for j, entry in enumerate(state["queue"]):
+        require(entry, ["batch", "rows", "indices", "multipliers", "per_pick"], f"{kind} queue entry")
+        rows = read_array(entry["rows"], f"queue[{j}].rows", kind, integer=True)
+        n = rows.shape[0]
+        batch = entry["batch"]
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 0 <= batch < position:
+            raise ValueError(f"{kind} state field 'queue[{j}].batch' must be a batch before position {position}, "
+                             f"got {batch!r}")
+        queue.append({"batch": batch, "rows": rows,
+                      "indices": read_array(entry["indices"], f"queue[{j}].indices", kind, n, integer=True),
+                      "multipliers": read_array(entry["multipliers"], f"queue[{j}].multipliers", kind, n),
+                      "per_pick": read_array(entry["per_pick"], f"queue[{j}].per_pick", kind, n)})
+    return {"epoch": int(state["epoch"]), "position": position, "queue": queue, "drawn": list(drawn),
+            "carried": carried, "wrapped": state.get("wrapped")}

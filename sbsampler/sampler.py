@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .batch import BatchKeys, SubBatch, adapt_loader, parse_batch
+from .checkpoint import check_saved_by, check_version, read_array, require
 from .schedule import anneal_start
 from .scores import Scores
 from .store import ScoreStore
@@ -51,6 +52,9 @@ from .strategies import Strategy, budget, get_strategy
 from .weights import step_weights
 
 __all__ = ["SelectiveSampler", "WeightedBatches", "Plan"]
+
+#: version of the layout of ``SelectiveSampler.state_dict()`` (a state without one is read as version 0)
+STATE_VERSION = 1
 
 
 @dataclass
@@ -281,21 +285,40 @@ class SelectiveSampler(torch.utils.data.Sampler):
         after a restart the epoch in progress could not be drawn again from it.
         """
         frozen = self._plans.get(self.frozen_epoch) if self.frozen_epoch is not None else None
-        return {"epoch": self.epoch, "frozen_epoch": self.frozen_epoch,
-                "plan": None if frozen is None else (frozen.indices.copy(), frozen.multipliers.copy())}
+        return {"version": STATE_VERSION, "num_samples": len(self.store), "strategy": type(self.strategy).__name__,
+                "epoch": self.epoch, "frozen_epoch": self.frozen_epoch,
+                "plan": None if frozen is None else (torch.from_numpy(frozen.indices.copy()),
+                                                     torch.from_numpy(frozen.multipliers.copy()))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``: the epoch in progress keeps the plan it was started with."""
-        self.set_epoch(state["epoch"])
-        self.frozen_epoch = state["frozen_epoch"]
-        self._plans = {}
+        """Restore ``state_dict()``: the epoch in progress keeps the plan it was started with.
+
+        Checked first (dataset size, strategy, the plan's arrays), then set; nothing half-loaded.
+        """
+        kind = "SelectiveSampler"
+        require(state, ["epoch", "frozen_epoch", "plan"], kind)
+        check_version(state, kind, (0, STATE_VERSION), legacy=0)
+        n = len(self.store)
+        if state.get("num_samples", n) != n:
+            raise ValueError(f"this SelectiveSampler state planned over {state['num_samples']} samples, this "
+                             f"sampler's store holds {n}: it comes from another dataset")
+        check_saved_by(state, "strategy", type(self.strategy).__name__, kind)
+        epoch, frozen = state["epoch"], state["frozen_epoch"]
+        for name, value in (("epoch", epoch), ("frozen_epoch", frozen)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{kind} state field {name!r} must be an int or None, got {value!r}")
+        plans = {}
         if state["plan"] is not None:
-            idx = np.asarray(state["plan"][0], dtype=np.int64)
-            mult = np.asarray(state["plan"][1], dtype=np.float64)
-            if idx.shape != mult.shape or (idx.size and (idx.min() < 0 or idx.max() >= len(self.store))):
-                raise ValueError(f"the saved plan does not fit a store of {len(self.store)} samples")
-            n = len(self.store)
-            self._plans[self.frozen_epoch] = Plan(idx, mult, self._per_pick(n, idx.size), n, self.store.version)
+            if frozen is None or not isinstance(state["plan"], (list, tuple)) or len(state["plan"]) != 2:
+                raise ValueError(f"{kind} state field 'plan' must be (indices, multipliers) of the frozen epoch")
+            idx = read_array(state["plan"][0], "plan.indices", kind, integer=True)
+            mult = read_array(state["plan"][1], "plan.multipliers", kind, idx.shape[0])
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                raise ValueError(f"the saved plan does not fit a store of {n} samples")
+            plans[frozen] = Plan(idx, mult, self._per_pick(n, idx.size), n, self.store.version)
+        self.set_epoch(epoch)
+        self.frozen_epoch = frozen
+        self._plans = plans
 
     def __repr__(self) -> str:
         return (f"SelectiveSampler(strategy={self.strategy!r}, fraction={self.fraction}, "

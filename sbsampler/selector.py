@@ -32,17 +32,18 @@ from typing import Any, Iterable, Optional, Union
 import torch
 
 from .batch import BatchKeys, SubBatch, parse_batch
-from .checkpoint import safe_state
+from .checkpoint import check_version, require, safe_state
 from .distributed import LocalSync, RankSync, resolve_sync
 from .hook import ScoringHook
 from .scores import NAN_POLICIES
 from .select import SELECT_ON, observe_round, select_batch
-from .stats import LoaderStats
+from .stats import LoaderStats, read_stats
 from .strategies import Seed, Strategy, budget, get_strategy
 
 __all__ = ["BatchSelector"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2: the strategy's state records its version and class
 
 
 class BatchSelector:
@@ -137,11 +138,12 @@ class BatchSelector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``: the next call draws as the saved selector's next call would have."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unknown BatchSelector state version {state.get('version')!r} "
-                             f"(this sbsampler reads version {STATE_VERSION})")
-        self.strategy.load_state_dict(state["strategy"])
-        self.stats = LoaderStats(**{**state["stats"], "residuals": [float(r) for r in state["stats"]["residuals"]]})
+        require(state, ["version", "strategy", "stats"], "BatchSelector")
+        check_version(state, "BatchSelector", READABLE_VERSIONS)
+        strategy = self.strategy._read_state(state["strategy"])  # everything checked before anything changes
+        stats = read_stats(state["stats"], "BatchSelector")
+        self.strategy._apply_state(strategy)
+        self.stats = stats
 
     def __repr__(self) -> str:
         return f"BatchSelector(strategy={self.strategy!r}, fraction={self.fraction}, nan_policy={self.nan_policy!r})"

@@ -18,7 +18,7 @@ import torch
 if TYPE_CHECKING:
     from .select import Selected
 
-__all__ = ["LoaderStats", "Clock"]
+__all__ = ["LoaderStats", "Clock", "read_stats"]
 
 STAGES = ("scoring", "selecting", "gathering")
 _TIMES = tuple(f"time_{stage}" for stage in STAGES)
@@ -164,3 +164,22 @@ class LoaderStats:
         d["selection_time"] = self.selection_time
         d["mean_residual"] = float(np.mean(self.residuals)) if self.residuals else None
         return d
+
+
+def read_stats(state: Any, kind: str) -> LoaderStats:
+    """``LoaderStats`` from ``asdict`` of one, checked: known counters, numbers, a list of residuals."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{kind} state field 'stats' must be a dict, got {type(state).__name__}")
+    names = {f for f in LoaderStats.__dataclass_fields__}
+    unknown = sorted(set(state) - names)
+    if unknown:
+        raise ValueError(f"{kind} state field 'stats' holds unknown counters {unknown}")
+    values = dict(state)
+    for name, value in values.items():
+        if name == "residuals":
+            if not isinstance(value, (list, tuple)) or not all(isinstance(r, (int, float)) for r in value):
+                raise ValueError(f"{kind} state field 'stats.residuals' must be a list of numbers")
+            values[name] = [float(r) for r in value]
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{kind} state field 'stats.{name}' must be a number, got {value!r}")
+    return LoaderStats(**values)

@@ -15,7 +15,12 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .checkpoint import check_version, read_array, require
+
 __all__ = ["ScoreStore"]
+
+#: version of the layout of ``ScoreStore.state_dict()`` (a state without one is read as version 0)
+STATE_VERSION = 1
 
 ArrayLike = Union[np.ndarray, torch.Tensor, list]
 
@@ -126,18 +131,30 @@ class ScoreStore:
         self.version += 1
 
     def state_dict(self) -> dict[str, Any]:
-        """Copies of the arrays and the epoch counter."""
-        return {"loss": self.loss.copy(), "grad_norm": self.grad_norm.copy(),
-                "scored_epoch": self.scored_epoch.copy(), "current_epoch": self.current_epoch}
+        """Copies of the arrays (CPU tensors) and the epoch counter: loads with ``torch.load(weights_only=True)``."""
+        return {"version": STATE_VERSION, "num_samples": len(self), "loss": torch.from_numpy(self.loss.copy()),
+                "grad_norm": torch.from_numpy(self.grad_norm.copy()),
+                "scored_epoch": torch.from_numpy(self.scored_epoch.copy()), "current_epoch": self.current_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` (the dataset size must match)."""
-        if len(state["loss"]) != len(self):
-            raise ValueError(f"state holds {len(state['loss'])} samples, this store {len(self)}")
-        self.loss = np.array(state["loss"], dtype=np.float64)
-        self.grad_norm = np.array(state["grad_norm"], dtype=np.float64)
-        self.scored_epoch = np.array(state["scored_epoch"], dtype=np.int64)
-        self.current_epoch = int(state["current_epoch"])
+        """Restore ``state_dict()``: checked first (dataset size, shapes, dtypes), then set; nothing half-loaded."""
+        kind = "ScoreStore"
+        require(state, ["loss", "grad_norm", "scored_epoch", "current_epoch"], kind)
+        check_version(state, kind, (0, STATE_VERSION), legacy=0)
+        n = len(self)
+        saved_n = state.get("num_samples", len(state["loss"]))
+        if saved_n != n:
+            raise ValueError(f"this ScoreStore state holds {saved_n} samples, this store {n}: it comes from "
+                             "another dataset")
+        loss = read_array(state["loss"], "loss", kind, n)
+        norms = read_array(state["grad_norm"], "grad_norm", kind, n)
+        epochs = read_array(state["scored_epoch"], "scored_epoch", kind, n, integer=True)
+        current = state["current_epoch"]
+        if isinstance(current, bool) or not isinstance(current, int):
+            raise ValueError(f"{kind} state field 'current_epoch' must be an int, got {current!r}")
+        if not np.isfinite(loss[epochs >= 0]).all():
+            raise ValueError(f"{kind} state field 'loss' holds non-finite losses of scored samples")
+        self.loss, self.grad_norm, self.scored_epoch, self.current_epoch = loss, norms, epochs, current
         self.version += 1
 
     def __repr__(self) -> str:

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from . import kernels, ondevice
+from .checkpoint import check_saved_by, check_version, read_array, require
 from .scores import Scores
 
 __all__ = [
@@ -76,6 +77,9 @@ __all__ = [
 ]
 
 Seed = Union[None, int, np.random.Generator]
+
+#: version of the layout of ``Strategy.state_dict()`` (a state without one is read as version 0)
+STATE_VERSION = 1
 
 
 def budget(fraction: float, batch_size: int) -> int:
@@ -273,16 +277,43 @@ class Strategy:
         """Remember a round's losses (a no-op unless ``keeps_history``)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically: the RNG states (NumPy's, and any device generator's)."""
+        """Everything needed to continue identically: the RNG states (NumPy's, and any device generator's).
+
+        Tensors and plain values only: loads with ``torch.load(weights_only=True)``.
+        """
         generators = {**self._generator_states, **{k: g.get_state() for k, g in self._generators.items()}}
-        return {"rng": self.rng.bit_generator.state, "device_rng": generators}
+        return {"version": STATE_VERSION, "strategy": type(self).__name__, "rng": self.rng.bit_generator.state,
+                "device_rng": generators}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` saved."""
-        self.rng.bit_generator.state = state["rng"]
-        self._generators = {}
-        self._generator_states = {k: torch.as_tensor(v, dtype=torch.uint8)
-                                  for k, v in (state.get("device_rng") or {}).items()}
+        """Restore what ``state_dict`` saved; a state of another strategy or a malformed one is refused unchanged."""
+        self._apply_state(self._read_state(state))
+
+    def _read_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Check ``state`` and read it into what ``_apply_state`` sets; changes nothing."""
+        kind = type(self).__name__
+        require(state, ["rng"], kind)
+        check_version(state, kind, (0, STATE_VERSION), legacy=0)
+        check_saved_by(state, "strategy", kind, kind)
+        scratch = type(self.rng.bit_generator)()
+        try:
+            scratch.state = state["rng"]
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"{kind} state field 'rng' is not a {type(scratch).__name__} state: {err}") from err
+        generators = {}
+        for key, value in (state.get("device_rng") or {}).items():
+            t = torch.as_tensor(value)
+            if t.dtype != torch.uint8 or t.dim() != 1:
+                raise ValueError(f"{kind} state field 'device_rng' for {key!r} must be a 1-D uint8 generator state, "
+                                 f"got {t.dtype} of shape {tuple(t.shape)}")
+            generators[str(key)] = t.clone()
+        return {"rng": state["rng"], "_generators": {}, "_generator_states": generators}
+
+    def _apply_state(self, read: dict[str, Any]) -> None:
+        """Set what ``_read_state`` read (cannot fail)."""
+        self.rng.bit_generator.state = read.pop("rng")
+        for name, value in read.items():
+            setattr(self, name, value)
 
     def _params(self) -> str:
         return ""
@@ -464,12 +495,16 @@ class SelectiveBackprop(Strategy):
         return idx, _equal_weights(idx, loss.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        """RNG state and the loss history."""
-        return {**super().state_dict(), "history": self.recent_losses()}
+        """RNG state and the loss history (a float64 CPU tensor)."""
+        return {**super().state_dict(), "history": self._hist.to("cpu", torch.float64).clone()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._hist = torch.as_tensor(np.asarray(state["history"], dtype=np.float64)[-self.history :].copy())
+    def _read_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        read = super()._read_state(state)
+        require(state, ["history"], type(self).__name__)
+        history = read_array(state["history"], "history", type(self).__name__)
+        if not np.isfinite(history).all():
+            raise ValueError(f"{type(self).__name__} state field 'history' holds non-finite losses")
+        return {**read, "_hist": torch.from_numpy(history[-self.history:].copy())}
 
     def _params(self) -> str:
         return f"beta={self.beta}, history={self.history}, mode={self.mode!r}, unbiased={self.unbiased}"

@@ -66,7 +66,7 @@ def main() -> None:
     results = {}
     ckpts = {}
     if mode == "resume":
-        ckpts = torch.load(sys.argv[3], weights_only=False)
+        ckpts = torch.load(sys.argv[3], weights_only=True)
     for j, cfg in enumerate(CONFIGS):
         sampler, model, opt, sel = build(cfg)
         record: list = []

@@ -47,7 +47,7 @@ def roundtrip(state):
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    return torch.load(buf, weights_only=True)
 
 
 @pytest.mark.parametrize("stop", [1, 2])
