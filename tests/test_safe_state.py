@@ -1,4 +1,4 @@
-"""Every state the library saves loads with ``torch.load(weights_only=True)``, resumes exactly, and is checked on load."""
+"""Every state the library saves loads with ``torch.load(weights_only=True)``, resumes exactly, is checked on load."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import sbsampler as sb
 
@@ -199,7 +199,7 @@ def test_sampler_refuses_another_strategy_or_dataset():
     sampler.set_epoch(1)
     list(sampler)
     state = _roundtrip(sampler.state_dict())
-    with pytest.raises(ValueError, match="saved with strategy 'SelectiveBackprop', this SelectiveSampler has 'Uniform'"):
+    with pytest.raises(ValueError, match="strategy 'SelectiveBackprop', this SelectiveSampler has 'Uniform'"):
         sb.SelectiveSampler(store, "uniform", fraction=0.3).load_state_dict(state)
     with pytest.raises(ValueError, match="planned over 50 samples, this sampler's store holds 40"):
         sb.SelectiveSampler(sb.ScoreStore(40), "sb", fraction=0.3).load_state_dict(state)
