@@ -133,6 +133,11 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
+def _non_finite(count: int, positions: list) -> ValueError:
+    return ValueError(f"{count} non-finite loss value(s) at batch positions {positions}; use nan_policy='skip' or "
+                      "'keep' in SelectiveLoader")
+
+
 def _device_key(device: Union[str, torch.device]) -> str:
     """``"cuda:0"`` for ``"cuda"`` (the current device), the device's own name otherwise."""
     device = torch.device(device)
@@ -182,6 +187,17 @@ class Strategy:
             rng: draw from this generator (or seed) instead of the strategy's
                 own; the strategy's RNG is then left untouched.
         """
+        given_count, _ = self._check_arguments(scores, k)
+        loss = None
+        if not given_count:
+            loss = _numpy(scores.loss)
+            bad = ~np.isfinite(loss)
+            if bad.any():
+                raise _non_finite(int(bad.sum()), np.flatnonzero(bad)[:10].tolist())
+        return self._select(scores, loss, int(k), self.rng if rng is None else _rng(rng))
+
+    def _check_arguments(self, scores: Union[Scores, int], k: int) -> tuple[bool, int]:
+        """What ``select`` and ``select_tensors`` both check: ``(given a count, the batch size)``."""
         given_count = isinstance(scores, (int, np.integer)) and not isinstance(scores, bool)
         if given_count and self.needs_scores:
             raise TypeError(f"{self!r} reads the batch's scores: pass Scores, not a count")
@@ -192,18 +208,9 @@ class Strategy:
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         if not 1 <= k <= n:
             raise ValueError(f"k must be in [1, {n}] for a batch of {n} samples, got k={k}")
-        loss = None
-        if not given_count:
-            loss = _numpy(scores.loss)
-            if loss.shape != (n,):
-                raise ValueError(f"scores.loss must have shape ({n},), got {loss.shape}")
-            bad = ~np.isfinite(loss)
-            if bad.any():
-                raise ValueError(
-                    f"{int(bad.sum())} non-finite loss value(s) at batch positions "
-                    f"{np.flatnonzero(bad)[:10].tolist()}; use nan_policy='skip' or 'keep' in SelectiveLoader"
-                )
-        return self._select(scores, loss, int(k), self.rng if rng is None else _rng(rng))
+        if not given_count and tuple(scores.loss.shape) != (n,):
+            raise ValueError(f"scores.loss must have shape ({n},), got {tuple(scores.loss.shape)}")
+        return given_count, n
 
     def _select(self, scores: Any, loss: Optional[np.ndarray], k: int, rng: np.random.Generator) -> Selection:
         raise NotImplementedError
@@ -227,23 +234,12 @@ class Strategy:
         """
         if not self.selects_on_device:
             raise TypeError(f"{self!r} has no on-device rule (selects_on_device is False); use select()")
-        given_count = isinstance(scores, (int, np.integer)) and not isinstance(scores, bool)
-        if given_count and self.needs_scores:
-            raise TypeError(f"{self!r} reads the batch's scores: pass Scores, not a count")
-        n = int(scores) if given_count else len(scores)
-        if n == 0:
-            raise ValueError("cannot select from an empty batch (0 samples)")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-            raise ValueError(f"k must be an int in [1, {n}] for a batch of {n} samples, got {k!r}")
+        given_count, n = self._check_arguments(scores, k)
         if not given_count:
             device = scores.loss.device
-            if scores.loss.shape != (n,):
-                raise ValueError(f"scores.loss must have shape ({n},), got {tuple(scores.loss.shape)}")
-            bad = ~torch.isfinite(scores.loss)
+            bad = ~torch.isfinite(scores.loss.detach())
             if bool(bad.any()):
-                raise ValueError(
-                    f"{int(bad.sum())} non-finite loss value(s) at batch positions "
-                    f"{bad.nonzero().flatten()[:10].tolist()}; use nan_policy='skip' or 'keep' in SelectiveLoader")
+                raise _non_finite(int(bad.sum()), bad.nonzero().flatten()[:10].tolist())
         device = torch.device("cpu" if device is None else device)
         return self._select_tensors(None if given_count else scores, n, int(k), self.device_generator(device, rng))
 
