@@ -167,19 +167,21 @@ def test_loader_on_device_raises_the_batchs_non_finite_losses():
         list(sb.SelectiveLoader(bad, sb.ScoringHook(_model()), "topk", select_on="device"))
 
 
-def test_same_law_through_the_loader_on_both_paths():
+@pytest.mark.parametrize("SEED", [11, 12])
+def test_same_law_through_the_loader_on_both_paths(SEED):
     """Per-sample selection frequencies of a loss-history rule agree between the paths over many epochs."""
     counts = {}
     for select_on in ("host", "device"):
-        loader = sb.SelectiveLoader(_batches(n=2, b=16), sb.ScoringHook(_model()), sb.SelectiveBackprop(beta=2.0),
-                                    fraction=0.25, seed=11, select_on=select_on)
+        loader = sb.SelectiveLoader(_batches(n=2, b=16), sb.ScoringHook(_model()),
+                                    sb.SelectiveBackprop(beta=2.0, seed=SEED), fraction=0.25, select_on=select_on)
         c = np.zeros(32)
-        for _ in range(600):
+        for _ in range(2400):
             for step in loader:
                 c[step.indices.numpy()] += 1
-        counts[select_on] = c / 600
-    np.testing.assert_allclose(counts["device"], counts["host"], atol=0.07)
-    assert np.corrcoef(counts["device"], counts["host"])[0, 1] > 0.9
+        counts[select_on] = c / 2400
+    # standard error of a difference of two frequencies <= 0.0145: 0.06 is 4 of them (seeds 0-3 gave 0.027-0.039)
+    np.testing.assert_allclose(counts["device"], counts["host"], atol=0.06)
+    assert np.corrcoef(counts["device"], counts["host"])[0, 1] > 0.99
 
 
 def test_deferred_checks_read_cpu_flags_at_once():
