@@ -92,6 +92,20 @@ def test_fixed_count_rules_read_nothing_back(name, kwargs, nan_policy):
         torch.testing.assert_close(picked.sub.weights, torch.full((k,), 1 / k))
 
 
+@pytest.mark.parametrize("rebatch", [False, True])
+@pytest.mark.parametrize("name", ["uniform", "topk", "sb", "composer", "full"])
+def test_the_loaders_loop_reads_nothing_back(name, rebatch):
+    """Beyond select_batch: the epoch's queue, rebatching, weights and stats read no value back either."""
+    loader = sb.SelectiveLoader(_batches(n=8), sb.ScoringHook(_model()), name, fraction=0.25, rebatch=rebatch,
+                                seed=0, select_on="device", batch_size=32)
+    steps = iter(loader)
+    next(steps)  # the hook checks its head once
+    with HostReads() as mode:
+        rest = [next(steps) for _ in range(1 if rebatch else 5)]
+    assert mode.reads == []
+    assert all(len(step) == (32 if rebatch or name == "full" else 8) for step in rest)
+
+
 @pytest.mark.parametrize("strategy", [sb.InfoBatch(seed=0), sb.SelectiveBackprop(mode="bernoulli", seed=0)],
                          ids=["infobatch", "sb-bernoulli"])
 def test_variable_count_rules_read_their_count_only(strategy):
