@@ -55,6 +55,10 @@ class Clock:
             self._seconds[stage] += now - self._t
             self._t = now
 
+    def done(self) -> bool:
+        """Whether every stage has run (never waits): always on the host, on CUDA once the last event has passed."""
+        return not self.cuda or len(self._events) < 2 or bool(self._events[-1][1].query())
+
     @property
     def seconds(self) -> dict[str, float]:
         """Seconds per stage (on CUDA this waits for the stages to have run)."""
@@ -113,12 +117,18 @@ class LoaderStats:
         self.__dict__.update(state)
         self._clocks = []
 
-    def _settle(self) -> None:
+    def _settle(self, wait: bool = True) -> list:
+        """Add the GPU clocks' times (``wait=False``: only those done); returns, and drops, those left."""
         clocks, self._clocks = self._clocks, []
+        left = []
         for clock in clocks:
+            if left or not (wait or clock.done()):  # in order: a clock after an unfinished one waits too
+                left.append(clock)
+                continue
             seconds = clock.seconds
             for stage in STAGES:
                 setattr(self, f"time_{stage}", getattr(self, f"time_{stage}") + seconds[stage])
+        return left
 
     def record(self, picked: "Selected", batch_size: int) -> None:
         """Count one ``select_batch`` result on a batch of ``batch_size`` samples (not yet the rows yielded)."""
@@ -156,12 +166,21 @@ class LoaderStats:
         for k, v in asdict(fresh).items():
             setattr(self, k, v)
 
-    def as_dict(self) -> dict[str, Any]:
-        """Counters and derived figures as a plain dict."""
-        d = asdict(self)
+    def as_dict(self, wait: bool = True) -> dict[str, Any]:
+        """Counters and derived figures as a plain dict.
+
+        ``wait=False`` (for logging every step on a GPU): the times count the batches whose
+        GPU work has finished, without waiting for the others, which count at a later read.
+        """
+        left = [] if wait else self._settle(wait=False)
+        try:
+            d = asdict(self)
+            selection = self.time_scoring + self.time_selecting + self.time_gathering
+        finally:
+            self._clocks = left + self._clocks
+        d["selection_time"] = selection
         d.pop("residuals")
         d["backprop_fraction"] = self.backprop_fraction
-        d["selection_time"] = self.selection_time
         d["mean_residual"] = float(np.mean(self.residuals)) if self.residuals else None
         return d
 

@@ -217,3 +217,32 @@ def test_clock_and_stats_add_up_on_the_host():
     assert stats.selection_time == pytest.approx(stats.time_scoring + stats.time_selecting + stats.time_gathering)
     picked = sb.select_batch(hook, "topk", _batches(n=1)[0], 0.25)
     assert set(picked.seconds) == {"scoring", "selecting", "gathering"}
+
+
+class _GpuClockStub:
+    """A stage clock whose GPU work has (``finished``) or has not yet run: ``seconds`` would wait."""
+
+    cuda = True
+
+    def __init__(self, finished: bool, seconds: float) -> None:
+        self.finished, self._s, self.waited = finished, seconds, False
+
+    def done(self) -> bool:
+        return self.finished
+
+    @property
+    def seconds(self) -> dict:
+        self.waited = not self.finished
+        return {"scoring": self._s, "selecting": 0.0, "gathering": 0.0}
+
+
+def test_stats_for_per_step_logging_do_not_wait_for_the_gpu():
+    """``as_dict(wait=False)`` (the Lightning callback's, every step) adds the finished GPU clocks only, in order;
+    a plain read waits for the rest."""
+    stats = sb.LoaderStats()
+    first, second, third = _GpuClockStub(True, 1.0), _GpuClockStub(False, 2.0), _GpuClockStub(True, 4.0)
+    stats._clocks = [first, second, third]
+    d = stats.as_dict(wait=False)
+    assert d["time_scoring"] == 1.0 and d["selection_time"] == 1.0
+    assert not second.waited and stats._clocks == [second, third]  # still pending, in order
+    assert stats.time_scoring == 7.0 and second.waited and stats._clocks == []

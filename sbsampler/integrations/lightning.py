@@ -109,7 +109,7 @@ class SelectiveBackprop(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.log and self.selector is not None:
-            stats = self.selector.stats.as_dict()
+            stats = self.selector.stats.as_dict(wait=False)  # no wait for the GPU each step
             pl_module.log_dict({f"sb/{k}": float(stats[k]) for k in LOGGED}, on_step=True, on_epoch=False,
                                batch_size=len(batch))
 
