@@ -106,6 +106,17 @@ def test_the_loaders_loop_reads_nothing_back(name, rebatch):
     assert all(len(step) == (32 if rebatch or name == "full" else 8) for step in rest)
 
 
+@pytest.mark.parametrize("name", ["uniform", "topk", "sb", "composer"])
+def test_the_framework_selector_reads_nothing_back(name):
+    """``BatchSelector`` (Lightning, HF Trainer): one batch in, its weighted sub-batch out, no value read back."""
+    selector = sb.BatchSelector(sb.ScoringHook(_model()), name, fraction=0.25, seed=0, select_on="device")
+    batches = [sb.parse_batch(b) for b in _batches()]
+    selector(batches[0])
+    with HostReads() as mode:
+        out = [selector(batch) for batch in batches[1:]]
+    assert mode.reads == [] and all(len(sub) == 8 for sub in out)
+
+
 @pytest.mark.parametrize("strategy", [sb.InfoBatch(seed=0), sb.SelectiveBackprop(mode="bernoulli", seed=0)],
                          ids=["infobatch", "sb-bernoulli"])
 def test_variable_count_rules_read_their_count_only(strategy):
