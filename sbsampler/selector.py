@@ -131,6 +131,16 @@ class BatchSelector:
         self.stats.steps += 1
         return out
 
+    def flush_checks(self) -> None:
+        """Wait for the hook's GPU checks still pending (labels, non-finite losses) and raise the first failure.
+
+        On a GPU they are read without stalling it (``sbsampler.deferred``), so a failure
+        surfaces at a later batch's scoring; a framework's epoch end calls this so that
+        none is left unread. Nothing to wait for on the CPU.
+        """
+        if self.hook is not None:
+            self.hook.checks.flush()
+
     def state_dict(self) -> dict[str, Any]:
         """Plain values (``torch.save``-able, ``weights_only``-safe): the strategy's state and the counters."""
         state = {"version": STATE_VERSION, "strategy": self.strategy.state_dict(), "stats": asdict(self.stats)}

@@ -138,3 +138,15 @@ def test_resume_from_a_trainer_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="SelectiveTrainer"):
         (ckpt / STATE_FILE).unlink()
         run(tmp_path / "b", 2, resume=str(ckpt))
+
+
+def test_the_gpu_checks_are_read_at_each_epoch_end(tmp_path, monkeypatch):
+    """The hook's deferred checks (read late on a GPU) are flushed when each training epoch ends."""
+    from sbsampler.deferred import DeferredChecks
+
+    calls = []
+    monkeypatch.setattr(DeferredChecks, "flush", lambda self: calls.append(self))
+    t = SelectiveTrainer(model=bert(), args=args(tmp_path, num_train_epochs=2), train_dataset=dataset("cls"),
+                         strategy="sb", fraction=0.25, seed=0)
+    t.train()
+    assert len(calls) == 2 and all(c is t.selector.hook.checks for c in calls)

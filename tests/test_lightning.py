@@ -137,3 +137,13 @@ def test_ddp_two_ranks_step_together(tmp_path):
         assert r["rows"] == r["yielded"] + r["padded"]
         assert r["seen"] == 200
     assert ranks[0]["weight0"] == pytest.approx(ranks[1]["weight0"], abs=1e-6)  # DDP kept the replicas equal
+
+
+def test_the_gpu_checks_are_read_at_each_epoch_end(monkeypatch):
+    """The hook's deferred checks (read late on a GPU) are flushed when each training epoch ends."""
+    from sbsampler.deferred import DeferredChecks
+
+    calls = []
+    monkeypatch.setattr(DeferredChecks, "flush", lambda self: calls.append(self))
+    model, cb, trainer = fit("sb", 2)
+    assert len(calls) == 2 and all(c is cb.hook.checks for c in calls)

@@ -106,6 +106,10 @@ class SelectiveBackprop(Callback):
                 "takes precedence). Move that hook into the LightningModule, or call the callback's selector "
                 "yourself at its end: `return callback.selector(batch)`")
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.selector is not None:
+            self.selector.flush_checks()  # the GPU checks of the epoch's last batches, read before it ends
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.log and self.selector is not None:

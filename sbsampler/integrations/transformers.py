@@ -84,10 +84,14 @@ def causal_lm(model: torch.nn.Module) -> bool:
 
 
 class _SaveSelector(TrainerCallback):
-    """Writes the selector's state into each checkpoint folder, after the Trainer has written it."""
+    """Writes the selector's state into each checkpoint folder, after the Trainer has written it; reads the
+    selector's GPU checks still pending at each epoch's end."""
 
     def __init__(self, trainer: "SelectiveTrainer") -> None:
         self.trainer = trainer
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.selector.flush_checks()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
