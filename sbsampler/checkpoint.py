@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["safe_state", "check_version", "check_saved_by", "read_array", "require"]
+__all__ = ["safe_state", "check_version", "check_saved_by", "read_array", "require", "is_int"]
 
 
 def _leaf(value: Any) -> Any:
@@ -34,6 +34,11 @@ def _leaf(value: Any) -> Any:
 def safe_state(state: Any) -> Any:
     """``state`` with every NumPy array a CPU tensor and every NumPy scalar a Python number."""
     return pytree.tree_map(_leaf, state)
+
+
+def is_int(value: Any) -> bool:
+    """A saved whole number: a Python ``int``, not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def require(state: Any, keys: Iterable[str], kind: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .batch import BatchKeys, adapt_loader
-from .checkpoint import check_version, read_array, require, safe_state
+from .checkpoint import check_version, is_int, read_array, require, safe_state
 from .wrapped import restore_wrapped, save_wrapped
 from .distributed import LocalSync, RankSync, resolve_sync
 from .epoch import EpochIterator
@@ -369,8 +369,7 @@ class SelectiveLoader:
         strategy = self.strategy._read_state(state["strategy"])
         stats = read_stats(state["stats"], kind)
         batch_size = state["batch_size"]
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
+        if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
             raise ValueError(f"{kind} state field 'batch_size' must be a positive int or None, got {batch_size!r}")
         resume = _read_resume(state, self.batches_per_epoch(), kind) if state["in_epoch"] else None
         self.strategy._apply_state(strategy)
@@ -388,14 +387,16 @@ class SelectiveLoader:
 def _read_resume(state: dict[str, Any], batches: Optional[int], kind: str) -> dict[str, Any]:
     """The mid-epoch part of a loader state, checked: position, draws and every queued entry's arrays."""
     require(state, ["epoch", "position", "queue", "drawn", "carried"], kind)
+    if not is_int(state["epoch"]):
+        raise ValueError(f"{kind} state field 'epoch' must be an int, got {state['epoch']!r}")
     position = state["position"]
-    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+    if not (is_int(position) and position >= 0):
         raise ValueError(f"{kind} state field 'position' must be an int >= 0, got {position!r}")
     if batches is not None and position > batches:
         raise ValueError(f"the {kind} state was saved after {position} batches of its epoch, but the wrapped loader "
                          f"has {batches} an epoch: it comes from another dataset or batch size")
     drawn = state["drawn"]
-    if not (isinstance(drawn, (list, tuple)) and len(drawn) == 2 and all(isinstance(v, int) for v in drawn)):
+    if not (isinstance(drawn, (list, tuple)) and len(drawn) == 2 and all(is_int(v) for v in drawn)):
         raise ValueError(f"{kind} state field 'drawn' must be two ints, got {drawn!r}")
     carried = state["carried"]
     if carried is not None and not isinstance(carried, (int, float)):
@@ -406,12 +407,12 @@ def _read_resume(state: dict[str, Any], batches: Optional[int], kind: str) -> di
         rows = read_array(entry["rows"], f"queue[{j}].rows", kind, integer=True)
         n = rows.shape[0]
         batch = entry["batch"]
-        if isinstance(batch, bool) or not isinstance(batch, int) or not 0 <= batch < position:
+        if not (is_int(batch) and 0 <= batch < position):
             raise ValueError(f"{kind} state field 'queue[{j}].batch' must be a batch before position {position}, "
                              f"got {batch!r}")
         queue.append({"batch": batch, "rows": rows,
                       "indices": read_array(entry["indices"], f"queue[{j}].indices", kind, n, integer=True),
                       "multipliers": read_array(entry["multipliers"], f"queue[{j}].multipliers", kind, n),
                       "per_pick": read_array(entry["per_pick"], f"queue[{j}].per_pick", kind, n)})
-    return {"epoch": int(state["epoch"]), "position": position, "queue": queue, "drawn": list(drawn),
+    return {"epoch": state["epoch"], "position": position, "queue": queue, "drawn": list(drawn),
             "carried": carried, "wrapped": state.get("wrapped")}

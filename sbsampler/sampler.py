@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .batch import BatchKeys, SubBatch, adapt_loader, parse_batch
-from .checkpoint import check_saved_by, check_version, read_array, require
+from .checkpoint import check_saved_by, check_version, is_int, read_array, require
 from .schedule import anneal_start
 from .scores import Scores
 from .store import ScoreStore
@@ -305,7 +305,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
         check_saved_by(state, "strategy", type(self.strategy).__name__, kind)
         epoch, frozen = state["epoch"], state["frozen_epoch"]
         for name, value in (("epoch", epoch), ("frozen_epoch", frozen)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is not None and not is_int(value):
                 raise ValueError(f"{kind} state field {name!r} must be an int or None, got {value!r}")
         plans = {}
         if state["plan"] is not None:

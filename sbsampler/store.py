@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .checkpoint import check_version, read_array, require
+from .checkpoint import check_version, is_int, read_array, require
 
 __all__ = ["ScoreStore"]
 
@@ -150,7 +150,7 @@ class ScoreStore:
         norms = read_array(state["grad_norm"], "grad_norm", kind, n)
         epochs = read_array(state["scored_epoch"], "scored_epoch", kind, n, integer=True)
         current = state["current_epoch"]
-        if isinstance(current, bool) or not isinstance(current, int):
+        if not is_int(current):
             raise ValueError(f"{kind} state field 'current_epoch' must be an int, got {current!r}")
         if not np.isfinite(loss[epochs >= 0]).all():
             raise ValueError(f"{kind} state field 'loss' holds non-finite losses of scored samples")
