@@ -14,13 +14,15 @@ the mismatch; the object is only changed once everything has been read.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["safe_state", "check_version", "check_saved_by", "read_array", "require", "is_int"]
+__all__ = ["safe_state", "check_version", "check_saved_by", "read_array", "read_int", "read_number", "require",
+           "is_int"]
 
 
 def _leaf(value: Any) -> Any:
@@ -39,6 +41,29 @@ def safe_state(state: Any) -> Any:
 def is_int(value: Any) -> bool:
     """A saved whole number: a Python ``int``, not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_int(value: Any, name: str, kind: str, low: Optional[int] = 0, none: bool = False) -> Optional[int]:
+    """A saved whole number ``>= low`` (``low=None``: any), or ``None`` where ``none`` allows it."""
+    if value is None and none:
+        return None
+    if not is_int(value) or (low is not None and value < low):
+        what = "an int" + (f" >= {low}" if low is not None else "") + (" or None" if none else "")
+        raise ValueError(f"{kind} state field {name!r} must be {what}, got {value!r}")
+    return int(value)
+
+
+def read_number(value: Any, name: str, kind: str, low: float = 0.0, positive: bool = False,
+                none: bool = False) -> Optional[float]:
+    """A saved finite real number ``>= low`` (``> low`` where ``positive``), or ``None`` where ``none`` allows it."""
+    if value is None and none:
+        return None
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if positive else value >= low))
+    if not ok:
+        what = f"a finite number {'>' if positive else '>='} {low:g}" + (" or None" if none else "")
+        raise ValueError(f"{kind} state field {name!r} must be {what}, got {value!r}")
+    return float(value)
 
 
 def require(state: Any, keys: Iterable[str], kind: str) -> None:
@@ -68,11 +93,14 @@ def check_saved_by(state: dict, key: str, expected: str, kind: str) -> None:
 
 
 def read_array(value: Any, name: str, kind: str, length: Optional[int] = None, integer: bool = False,
-               dims: int = 1) -> np.ndarray:
+               dims: int = 1, low: Optional[float] = None, high: Optional[float] = None,
+               finite: bool = False) -> np.ndarray:
     """A saved array (tensor, NumPy array or list) as a fresh NumPy array, checked.
 
     ``integer``: int64 values (a float array is refused, never cast); else float64.
     ``length``: the first dimension it must have.
+    ``low``/``high``: every value lies in ``[low, high)`` (NaN, meaning unknown, is let
+    through unless ``finite``). ``finite``: no NaN or infinity.
     """
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
@@ -87,4 +115,12 @@ def read_array(value: Any, name: str, kind: str, length: Optional[int] = None, i
         raise ValueError(f"{kind} state field {name!r} must hold integers, got dtype {arr.dtype}")
     if length is not None and arr.shape[0] != length:
         raise ValueError(f"{kind} state field {name!r} has {arr.shape[0]} entries, expected {length}")
-    return np.array(arr.reshape(-1) if dims == 1 else arr, dtype=np.int64 if integer else np.float64, copy=True)
+    out = np.array(arr.reshape(-1) if dims == 1 else arr, dtype=np.int64 if integer else np.float64, copy=True)
+    if finite and not np.isfinite(out).all():
+        raise ValueError(f"{kind} state field {name!r} holds non-finite values")
+    known = out[~np.isnan(out)] if not integer else out
+    if low is not None and known.size and known.min() < low:
+        raise ValueError(f"{kind} state field {name!r} holds {known.min():g}, below its least value {low:g}")
+    if high is not None and known.size and known.max() >= high:
+        raise ValueError(f"{kind} state field {name!r} holds {known.max():g}: it must be below {high:g}")
+    return out

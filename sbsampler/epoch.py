@@ -23,9 +23,10 @@ Steps shorter than the rank's agreed size are padded with zero-weight repeats
 weights each row by its multiplier relative to its own batch's draw.
 
 ``state_dict()`` between two steps holds what a fresh iterator needs to continue:
-the epoch, the wrapped batches consumed, and the queue as (batch ordinal, rows,
-dataset indices, multipliers, samples per pick); the consumed batches are read
-again, unscored, to rebuild the queue.
+the epoch, the wrapped batches consumed, the queue as (batch ordinal, rows,
+dataset indices, multipliers, samples per pick), the epoch's draws so far
+(candidates, expected picks) and the samples per pick in force (``carried``); the
+consumed batches are read again, unscored, to rebuild the queue.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class EpochIterator:
         self._pad_source: Optional[SubBatch] = None  # the rows a rank with nothing this round repeats
         self._steps: Optional[Iterator[SubBatch]] = None
         self._start_error: Optional[BaseException] = None  # reported in the first round, on every rank
-        self._drawn = [0, 0]  # candidates and picks of this epoch's draws so far (samples per pick, see _per_pick)
-        self._carried: Optional[float] = None  # the previous epoch's samples per pick
+        self._drawn: list = [0, 0.0]  # candidates and expected picks of this epoch's draws (see _per_pick)
+        self._rho: Any = None  # the samples per pick this epoch's variable-count rows are weighted against
         self._stateful = is_stateful(loader.loader)
         self._snapshots: dict[int, dict[str, Any]] = {}  # a stateful loader's state before each batch still queued
 
@@ -106,9 +107,8 @@ class EpochIterator:
         Nothing happens before the first step is asked for, so an ``iter(loader)``
         that is never consumed (tqdm's, say) neither advances nor breaks an epoch.
         """
-        previous = self.loader.current_iterator
-        self._carried = previous.samples_per_pick() if previous is not None else None
         epoch, resume = self.loader.begin_epoch(self)
+        self._rho = self.loader.samples_per_pick()  # the last epoch's (a resumed epoch's own: _fast_forward)
         self.stats = self.loader.stats
         self.epoch = epoch
         self.strategy = self.loader.strategy if self.loader.is_selective(epoch) else _FULL
@@ -204,32 +204,41 @@ class EpochIterator:
             else:
                 if self.loader.batch_size is None:  # neither given nor on the wrapped loader: the first batch's
                     self.loader.batch_size = len(batch)  # type: ignore[arg-type]
-                per_pick = torch.full_like(picked.multipliers, self._per_pick(picked, strategy))
+                per_pick = self._per_pick(picked, strategy, len(batch) - picked.skipped)  # type: ignore[arg-type]
                 self.queue.append(_Queued(picked.sub, self.position - 1, picked.rows, picked.multipliers, per_pick))
         if picked is not None and strategy.needs_scores:
             self._drawn[0] += len(batch) - picked.skipped  # type: ignore[arg-type]
-            self._drawn[1] += picked.rows.numel()
+            self._drawn[1] = self._drawn[1] + picked.expected  # a 0-d tensor on the device path: no host read
         return batch, picked, error, whole
 
-    def _per_pick(self, picked: Selected, strategy: Strategy) -> float:
-        """Samples per pick for this draw's rows in the queue.
+    def _per_pick(self, picked: Selected, strategy: Strategy, candidates: int) -> Tensor:
+        """Samples per pick for each of this draw's rows in the queue (``sbsampler.weights``).
 
-        A step made of one draw uses the draw's own ratio, which keeps the strategy's weights. A
-        rebatched step of a variable-count strategy uses the ratio of the draws before this one (this
-        epoch's, else the last epoch's), not its own: the count a draw keeps is correlated with the
-        losses it keeps, and weighting a draw by its own count biased InfoBatch's rebatched loss
-        estimate by +2% and unbiased Bernoulli SB's by +6%. A fixed-count draw's ratio is fixed in
-        advance, so it keeps its own.
+        A fixed-count draw's own ratio ``n / k`` is fixed before it draws, so its rows keep it
+        (and a step made of one draw keeps the strategy's weights). A variable-count draw's rows in
+        a rebatched epoch are weighted against one ratio for the whole epoch, fixed before the
+        epoch's draws: the last epoch's candidates per *expected* pick (or, in the first epoch that
+        draws, this first draw's own expected ratio). Its own count is correlated with what it kept,
+        and a ratio that changes from batch to batch gives a batch that keeps more rows more of the
+        epoch's update: both biased the rebatched estimate (InfoBatch +5%, Bernoulli SB -6% over
+        batches whose losses differ).
         """
+        m = picked.multipliers
         if not (self.rebatch and strategy.variable_count):
-            return picked.per_pick
-        before = self.samples_per_pick()
-        return before if before is not None else picked.per_pick
+            return torch.full_like(m, picked.per_pick)
+        if self._rho is None:
+            self._rho = candidates / picked.expected
+        if isinstance(self._rho, Tensor):
+            return self._rho.to(m.device, m.dtype).expand(m.shape).clone()
+        return torch.full_like(m, self._rho)
 
-    def samples_per_pick(self) -> Optional[float]:
-        """Candidates per pick over this epoch's draws so far (else the previous epoch's), or ``None``."""
-        candidates, picks = self._drawn
-        return candidates / picks if picks else self._carried
+    def samples_per_pick(self) -> Any:
+        """Candidates per expected pick over this epoch's draws so far, or ``None`` before any draw.
+
+        A number, or a 0-d tensor on the device where a variable-count rule chose on it.
+        """
+        candidates, expected = self._drawn
+        return candidates / expected if candidates else None
 
     def _fail(self, error: Optional[BaseException]) -> None:
         """Every rank raises: this rank's own error, or one naming the rank that failed and why."""
@@ -394,8 +403,8 @@ class EpochIterator:
             "wrapped": self.wrapped_state(),
             "epoch": self.epoch,
             "position": self.position,
-            "drawn": list(self._drawn),
-            "carried": self._carried,
+            "drawn": [int(self._drawn[0]), float(self._drawn[1])],
+            "carried": None if self._rho is None else float(self._rho),
             "queue": [
                 {
                     "batch": q.ordinal,
@@ -434,6 +443,11 @@ class EpochIterator:
             for j in wanted[ordinal]:
                 entry = state["queue"][j]
                 rows = torch.as_tensor(entry["rows"], dtype=torch.int64)
+                if rows.numel() and int(rows.max()) >= len(batch):
+                    raise RuntimeError(
+                        f"cannot resume: the saved queue holds row {int(rows.max())} of batch {ordinal}, which has "
+                        f"{len(batch)} samples; the state comes from another loader or batch size"
+                    )
                 if not torch.equal(batch.indices[rows].cpu(), torch.as_tensor(entry["indices"], dtype=torch.int64)):
                     raise RuntimeError(
                         f"cannot resume: batch {ordinal} of the wrapped loader holds other samples than in the "
@@ -445,5 +459,5 @@ class EpochIterator:
                 pieces[j] = _Queued(batch.take(rows, weights), ordinal, rows, mult, per_pick)
         self.queue = [p for p in pieces if p is not None]
         self.position = int(state["position"])
-        self._drawn = [int(v) for v in state["drawn"]]
-        self._carried = state["carried"]
+        self._drawn = [int(state["drawn"][0]), float(state["drawn"][1])]
+        self._rho = state["carried"]

@@ -16,8 +16,8 @@ from typing import Any, Optional, Union
 import torch
 
 from .batch import BatchKeys, adapt_loader
-from .checkpoint import check_version, is_int, read_array, require, safe_state
-from .wrapped import restore_wrapped, save_wrapped
+from .checkpoint import check_version, is_int, read_array, read_int, read_number, require, safe_state
+from .wrapped import read_wrapped, restore_wrapped, save_wrapped
 from .distributed import LocalSync, RankSync, resolve_sync
 from .epoch import EpochIterator
 from .hook import ScoringHook
@@ -31,8 +31,10 @@ from .strategies import Seed, Strategy, budget, get_strategy
 __all__ = ["SelectiveLoader"]
 
 #: version of the layout of ``SelectiveLoader.state_dict()``
-STATE_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)  # version 2 had no "wrapped" entry; up to 3, NumPy arrays where 4 has tensors
+STATE_VERSION = 5
+# version 2 had no "wrapped" entry; up to 3, NumPy arrays where 4 has tensors; up to 4, "drawn" counted the picks
+# made (5: the picks expected, a float), "carried" was None between epochs and no "dataset_size"/"batches" was saved
+READABLE_VERSIONS = (2, 3, 4, 5)
 
 
 class SelectiveLoader:
@@ -191,6 +193,7 @@ class SelectiveLoader:
         self.stats = LoaderStats()
         self._running: Optional[EpochIterator] = None  # the epoch being iterated (or broken off)
         self._resume: Optional[dict[str, Any]] = None  # a loaded mid-epoch state, until the next iteration
+        self._samples_per_pick: Optional[float] = None  # of the last epoch that drew before _running (or loaded)
 
     # -- configuration ------------------------------------------------------------
     @classmethod
@@ -318,11 +321,23 @@ class SelectiveLoader:
         running = self._running
         if running is not None and not running.finished:
             self.stats.samples_abandoned += running.queued()
+        self._samples_per_pick = self.samples_per_pick()
         resume, self._resume = self._resume, None
         epoch = self.next_epoch if resume is None else int(resume["epoch"])
         self.next_epoch = epoch + 1
         self._running = iterator
         return epoch, resume
+
+    def samples_per_pick(self) -> Any:
+        """Candidates per expected pick of the last epoch that drew (``None`` before any).
+
+        What the next epoch's rebatched rows of a variable-count rule are weighted
+        against (``sbsampler.weights``). A number, or a 0-d tensor on the device where
+        the rule chose on it.
+        """
+        running = self._running
+        ratio = running.samples_per_pick() if running is not None else None
+        return ratio if ratio is not None else self._samples_per_pick
 
     # -- resume ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -338,16 +353,32 @@ class SelectiveLoader:
             return self._saved({**self._resume, "in_epoch": True})
         running = self._running
         in_epoch = running is not None and not running.finished
+        ratio = self.samples_per_pick()
         epoch_state = running.state_dict() if in_epoch else {"epoch": None, "position": 0, "queue": [],
-                                                             "drawn": [0, 0], "carried": None,
+                                                             "drawn": [0, 0.0],
+                                                             "carried": None if ratio is None else float(ratio),
                                                              "wrapped": save_wrapped(self.loader, iterating=False)}
         return self._saved({"in_epoch": in_epoch, **epoch_state})
+
+    def dataset_size(self) -> Optional[int]:
+        """Samples the wrapped loader reads an epoch, as far as it says (its dataset's or sampler's length), else
+        ``None``."""
+        sampler = getattr(self.loader, "sampler", None)
+        for source in (sampler, getattr(self.loader, "dataset", None)):
+            try:
+                return len(source)  # type: ignore[arg-type]
+            except TypeError:
+                continue
+        n = getattr(self.loader, "num_samples", None)
+        return n if is_int(n) else None
 
     def _saved(self, epoch_state: dict[str, Any]) -> dict[str, Any]:
         return safe_state({
             "version": STATE_VERSION,
             "next_epoch": self.next_epoch,
             "batch_size": self.batch_size,
+            "dataset_size": self.dataset_size(),
+            "batches": self.batches_per_epoch(),
             "strategy": self.strategy.state_dict(),
             "stats": asdict(self.stats),
             **epoch_state,
@@ -359,23 +390,87 @@ class SelectiveLoader:
         The wrapped loader's own state is restored too (``sbsampler.wrapped``): a
         stateful loader's position, an FFCV loader's epoch counter.
 
-        Everything is checked before anything changes: the version, the strategy
-        that saved it (``ValueError`` for another), the counters, the position
-        against the wrapped loader's length and every queue entry's arrays.
+        Every field is checked before anything changes (``ValueError`` naming the
+        field): the version, the strategy that saved it, the epoch counters, the
+        counters in ``stats``, the samples per pick, the dataset size and batches per
+        epoch it was saved with (against the wrapped loader's, where both are known),
+        the position, and every queue entry's arrays (rows within a wrapped batch,
+        finite multipliers, positive samples per pick).
         """
         kind = "SelectiveLoader"
         require(state, ["version", "next_epoch", "batch_size", "strategy", "stats", "in_epoch"], kind)
         check_version(state, kind, READABLE_VERSIONS)
         strategy = self.strategy._read_state(state["strategy"])
         stats = read_stats(state["stats"], kind)
-        batch_size = state["batch_size"]
-        if batch_size is not None and not (is_int(batch_size) and batch_size >= 1):
-            raise ValueError(f"{kind} state field 'batch_size' must be a positive int or None, got {batch_size!r}")
-        resume = _read_resume(state, self.batches_per_epoch(), kind) if state["in_epoch"] else None
+        next_epoch = read_int(state["next_epoch"], "next_epoch", kind)
+        batch_size = read_int(state["batch_size"], "batch_size", kind, low=1, none=True)
+        carried = read_number(state.get("carried"), "carried", kind, positive=True, none=True)
+        in_epoch = state["in_epoch"]
+        if not isinstance(in_epoch, bool):
+            raise ValueError(f"{kind} state field 'in_epoch' must be a bool, got {in_epoch!r}")
+        self._check_source(state, kind)
+        resume = self._read_resume(state, kind) if in_epoch else None
+        wrapped = read_wrapped(state.get("wrapped"), kind)
+        restore_wrapped(self.loader, wrapped)  # the wrapped loader's own load may refuse: before anything of ours
         self.strategy._apply_state(strategy)
         self.batch_size, self.stats, self._running, self._resume = batch_size, stats, None, resume
-        self.next_epoch = int(state["epoch"] if resume is not None else state["next_epoch"])
-        restore_wrapped(self.loader, state.get("wrapped"))
+        self._samples_per_pick = carried
+        self.next_epoch = resume["epoch"] if resume is not None else next_epoch
+
+    def _check_source(self, state: dict[str, Any], kind: str) -> None:
+        """The dataset size and batches per epoch the state was saved with match the wrapped loader's (where both
+        are known): a state of another dataset or batch size would resume at the wrong place, or silently."""
+        for key, now in (("dataset_size", self.dataset_size()), ("batches", self.batches_per_epoch())):
+            saved = read_int(state.get(key), key, kind, none=True)
+            if saved is not None and now is not None and saved != now:
+                raise ValueError(f"this {kind} state was saved over a wrapped loader with {key} {saved}, this one has "
+                                 f"{now}: it comes from another dataset, shard or batch size")
+
+    def _read_resume(self, state: dict[str, Any], kind: str) -> dict[str, Any]:
+        """The mid-epoch part of a loader state, checked: position, draws and every queued entry's arrays."""
+        require(state, ["epoch", "position", "queue", "drawn", "carried"], kind)
+        epoch = read_int(state["epoch"], "epoch", kind)
+        position = read_int(state["position"], "position", kind)
+        batches = self.batches_per_epoch()
+        if batches is not None and position > batches:
+            raise ValueError(f"the {kind} state was saved after {position} batches of its epoch, but the wrapped "
+                             f"loader has {batches} an epoch: it comes from another dataset or batch size")
+        drawn = state["drawn"]
+        if not (isinstance(drawn, (list, tuple)) and len(drawn) == 2):
+            raise ValueError(f"{kind} state field 'drawn' must be [candidates, expected picks], got {drawn!r}")
+        candidates = read_int(drawn[0], "drawn[0]", kind)
+        expected = read_number(drawn[1], "drawn[1]", kind, positive=candidates > 0)
+        queue = state["queue"]
+        if not isinstance(queue, (list, tuple)):
+            raise ValueError(f"{kind} state field 'queue' must be a list, got {type(queue).__name__}")
+        rows_below = getattr(self.loader, "batch_size", None)  # a wrapped batch's size, where the loader says
+        rows_below = rows_below if is_int(rows_below) and rows_below > 0 else None
+        low = None if self.strategy.signed_weights else 0.0
+        entries = []
+        for j, entry in enumerate(queue):
+            name = f"queue[{j}]"
+            require(entry, ["batch", "rows", "indices", "multipliers", "per_pick"], f"{kind} queue entry")
+            batch = entry["batch"]
+            if not (is_int(batch) and 0 <= batch < position):
+                raise ValueError(f"{kind} state field '{name}.batch' must be a batch before position {position}, "
+                                 f"got {batch!r}")
+            rows = read_array(entry["rows"], f"{name}.rows", kind, integer=True, low=0, high=rows_below)
+            n = rows.shape[0]
+            entries.append({
+                "batch": batch, "rows": rows,
+                "indices": read_array(entry["indices"], f"{name}.indices", kind, n, integer=True),
+                "multipliers": read_array(entry["multipliers"], f"{name}.multipliers", kind, n, finite=True, low=low),
+                "per_pick": _positive(read_array(entry["per_pick"], f"{name}.per_pick", kind, n, finite=True),
+                                      f"{name}.per_pick", kind)})
+        return {"epoch": epoch, "position": position, "queue": entries, "drawn": [candidates, expected],
+                "carried": read_number(state["carried"], "carried", kind, positive=True, none=True),
+                "wrapped": read_wrapped(state.get("wrapped"), kind)}
+
+
+def _positive(values: Any, name: str, kind: str) -> Any:
+    if values.size and values.min() <= 0:
+        raise ValueError(f"{kind} state field {name!r} holds {values.min():g}: it must be > 0")
+    return values
 
     def __repr__(self) -> str:
         return (
@@ -383,36 +478,3 @@ class SelectiveLoader:
             f"start={self.start}, end={self.end}, epochs={self.epochs}, interrupt={self.interrupt})"
         )
 
-
-def _read_resume(state: dict[str, Any], batches: Optional[int], kind: str) -> dict[str, Any]:
-    """The mid-epoch part of a loader state, checked: position, draws and every queued entry's arrays."""
-    require(state, ["epoch", "position", "queue", "drawn", "carried"], kind)
-    if not is_int(state["epoch"]):
-        raise ValueError(f"{kind} state field 'epoch' must be an int, got {state['epoch']!r}")
-    position = state["position"]
-    if not (is_int(position) and position >= 0):
-        raise ValueError(f"{kind} state field 'position' must be an int >= 0, got {position!r}")
-    if batches is not None and position > batches:
-        raise ValueError(f"the {kind} state was saved after {position} batches of its epoch, but the wrapped loader "
-                         f"has {batches} an epoch: it comes from another dataset or batch size")
-    drawn = state["drawn"]
-    if not (isinstance(drawn, (list, tuple)) and len(drawn) == 2 and all(is_int(v) for v in drawn)):
-        raise ValueError(f"{kind} state field 'drawn' must be two ints, got {drawn!r}")
-    carried = state["carried"]
-    if carried is not None and not isinstance(carried, (int, float)):
-        raise ValueError(f"{kind} state field 'carried' must be a number or None, got {carried!r}")
-    queue = []
-    for j, entry in enumerate(state["queue"]):
-        require(entry, ["batch", "rows", "indices", "multipliers", "per_pick"], f"{kind} queue entry")
-        rows = read_array(entry["rows"], f"queue[{j}].rows", kind, integer=True)
-        n = rows.shape[0]
-        batch = entry["batch"]
-        if not (is_int(batch) and 0 <= batch < position):
-            raise ValueError(f"{kind} state field 'queue[{j}].batch' must be a batch before position {position}, "
-                             f"got {batch!r}")
-        queue.append({"batch": batch, "rows": rows,
-                      "indices": read_array(entry["indices"], f"queue[{j}].indices", kind, n, integer=True),
-                      "multipliers": read_array(entry["multipliers"], f"queue[{j}].multipliers", kind, n),
-                      "per_pick": read_array(entry["per_pick"], f"queue[{j}].per_pick", kind, n)})
-    return {"epoch": state["epoch"], "position": position, "queue": queue, "drawn": list(drawn),
-            "carried": carried, "wrapped": state.get("wrapped")}

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .batch import BatchKeys, SubBatch, adapt_loader, parse_batch
-from .checkpoint import check_saved_by, check_version, is_int, read_array, require
+from .checkpoint import check_saved_by, check_version, read_array, read_int, require
 from .schedule import anneal_start
 from .scores import Scores
 from .store import ScoreStore
@@ -303,18 +303,14 @@ class SelectiveSampler(torch.utils.data.Sampler):
             raise ValueError(f"this SelectiveSampler state planned over {state['num_samples']} samples, this "
                              f"sampler's store holds {n}: it comes from another dataset")
         check_saved_by(state, "strategy", type(self.strategy).__name__, kind)
-        epoch, frozen = state["epoch"], state["frozen_epoch"]
-        for name, value in (("epoch", epoch), ("frozen_epoch", frozen)):
-            if value is not None and not is_int(value):
-                raise ValueError(f"{kind} state field {name!r} must be an int or None, got {value!r}")
+        epoch = read_int(state["epoch"], "epoch", kind)
+        frozen = read_int(state["frozen_epoch"], "frozen_epoch", kind, none=True)
         plans = {}
         if state["plan"] is not None:
             if frozen is None or not isinstance(state["plan"], (list, tuple)) or len(state["plan"]) != 2:
                 raise ValueError(f"{kind} state field 'plan' must be (indices, multipliers) of the frozen epoch")
-            idx = read_array(state["plan"][0], "plan.indices", kind, integer=True)
-            mult = read_array(state["plan"][1], "plan.multipliers", kind, idx.shape[0])
-            if idx.size and (idx.min() < 0 or idx.max() >= n):
-                raise ValueError(f"the saved plan does not fit a store of {n} samples")
+            idx = read_array(state["plan"][0], "plan.indices", kind, integer=True, low=0, high=n)
+            mult = read_array(state["plan"][1], "plan.multipliers", kind, idx.shape[0], finite=True, low=0.0)
             plans[frozen] = Plan(idx, mult, self._per_pick(n, idx.size), n, self.store.version)
         self.set_epoch(epoch)
         self.frozen_epoch = frozen

@@ -65,6 +65,10 @@ class Selected:
         multipliers: (k,) float64 (float32 on MPS), beside ``rows``: how many
             samples of the batch each row stands for (``sbsampler.weights``).
         per_pick: samples per pick of this draw (candidates / picks).
+        expected: picks this draw makes in expectation, given the scores: the
+            count of a fixed-count rule; a variable-count rule's sum of inclusion
+            probabilities (``Selection.expected``; a 0-d tensor when it chose on
+            the device). Rebatching weights by it (``sbsampler.weights``).
         scores: the candidates' scores after the NaN policy; ``None`` when the
             strategy reads no scores (no scoring pass ran).
         candidates: positions of the candidates in the batch (on the
@@ -79,6 +83,7 @@ class Selected:
     rows: Tensor
     multipliers: Optional[Tensor] = None
     per_pick: float = 1.0
+    expected: Any = 0.0
     scores: Optional[Scores] = None
     candidates: Optional[Tensor] = None
     skipped: int = 0
@@ -138,7 +143,7 @@ def select_batch(
     if n == 0:
         return Selected(None, empty)
     if strategy.keeps_all:  # the whole batch as it came, weights 1/B: no scoring, no copy
-        return Selected(batch, torch.arange(n), torch.ones(n, dtype=torch.float64), 1.0, distinct=n)
+        return Selected(batch, torch.arange(n), torch.ones(n, dtype=torch.float64), 1.0, n, distinct=n)
     clock = Clock(batch.weights.device)
     scores, candidates = None, None
     if strategy.needs_scores or score:
@@ -157,7 +162,9 @@ def select_batch(
         return Selected(None, empty, scores=scores, candidates=candidates, skipped=skipped, clock=clock)
     residual = None
     if on_device:  # torch ops where the losses are: nothing read back but a variable count's shape
-        rows, w = strategy._select_tensors(scores, m, min(k, m), strategy.device_generator(device, rng))
+        chosen = strategy._select_tensors(scores, m, min(k, m), strategy.device_generator(device, rng))
+        rows, w = chosen[0], chosen[1]
+        expected = chosen[2] if len(chosen) > 2 else int(rows.shape[0])
         if candidates is not None:
             rows = candidates[rows]
         distinct = int(rows.shape[0])  # no on-device rule repeats a pick
@@ -169,9 +176,10 @@ def select_batch(
             rows = candidates.cpu()[rows]
         distinct = int(torch.unique(rows).numel())
         residual = sel.residual
+        expected = sel.expected if sel.expected is not None else int(rows.shape[0])
         multipliers = torch.from_numpy(sel.weights.astype(np.float64) * m)  # float64: the round trip is exact
     clock.mark("selecting")
-    common = dict(scores=scores, candidates=candidates, skipped=skipped, distinct=distinct,
+    common = dict(expected=expected, scores=scores, candidates=candidates, skipped=skipped, distinct=distinct,
                   residual=residual, clock=clock)
     if distinct == 0:  # a variable-count rule kept nothing: no step from this batch
         return Selected(None, rows, **common)

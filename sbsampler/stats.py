@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .checkpoint import read_int, read_number
+
 if TYPE_CHECKING:
     from .select import Selected
 
@@ -186,19 +188,31 @@ class LoaderStats:
 
 
 def read_stats(state: Any, kind: str) -> LoaderStats:
-    """``LoaderStats`` from ``asdict`` of one, checked: known counters, numbers, a list of residuals."""
+    """``LoaderStats`` from ``asdict`` of one, checked: every counter there, counts whole and >= 0, times finite and
+    >= 0, residuals finite, and the samples that entered accounted for (``seen == selected + not selected +
+    skipped``)."""
     if not isinstance(state, dict):
         raise ValueError(f"{kind} state field 'stats' must be a dict, got {type(state).__name__}")
-    names = {f for f in LoaderStats.__dataclass_fields__}
-    unknown = sorted(set(state) - names)
+    fields = LoaderStats.__dataclass_fields__
+    unknown = sorted(set(state) - set(fields))
     if unknown:
         raise ValueError(f"{kind} state field 'stats' holds unknown counters {unknown}")
-    values = dict(state)
-    for name, value in values.items():
+    missing = sorted(set(fields) - set(state))
+    if missing:
+        raise ValueError(f"{kind} state field 'stats' lacks the counters {missing}: it was not saved by "
+                         f"{kind}.state_dict()")
+    values: dict[str, Any] = {}
+    for name, value in state.items():
         if name == "residuals":
-            if not isinstance(value, (list, tuple)) or not all(isinstance(r, (int, float)) for r in value):
+            if not isinstance(value, (list, tuple)):
                 raise ValueError(f"{kind} state field 'stats.residuals' must be a list of numbers")
-            values[name] = [float(r) for r in value]
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{kind} state field 'stats.{name}' must be a number, got {value!r}")
+            values[name] = [read_number(r, "stats.residuals", kind) for r in value]
+        elif fields[name].type == "int":
+            values[name] = read_int(value, f"stats.{name}", kind)
+        else:
+            values[name] = read_number(value, f"stats.{name}", kind)
+    entered = values["samples_selected"] + values["samples_not_selected"] + values["samples_skipped"]
+    if values["samples_seen"] != entered:
+        raise ValueError(f"{kind} state field 'stats' does not add up: samples_seen {values['samples_seen']} != "
+                         f"selected + not selected + skipped = {entered}")
     return LoaderStats(**values)

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .checkpoint import check_version, is_int, read_array, require
+from .checkpoint import check_version, read_array, read_int, require
 
 __all__ = ["ScoreStore"]
 
@@ -147,13 +147,13 @@ class ScoreStore:
             raise ValueError(f"this ScoreStore state holds {saved_n} samples, this store {n}: it comes from "
                              "another dataset")
         loss = read_array(state["loss"], "loss", kind, n)
-        norms = read_array(state["grad_norm"], "grad_norm", kind, n)
-        epochs = read_array(state["scored_epoch"], "scored_epoch", kind, n, integer=True)
-        current = state["current_epoch"]
-        if not is_int(current):
-            raise ValueError(f"{kind} state field 'current_epoch' must be an int, got {current!r}")
+        norms = read_array(state["grad_norm"], "grad_norm", kind, n, low=0.0)  # NaN: unknown
+        epochs = read_array(state["scored_epoch"], "scored_epoch", kind, n, integer=True, low=-1)
+        current = read_int(state["current_epoch"], "current_epoch", kind)
         if not np.isfinite(loss[epochs >= 0]).all():
             raise ValueError(f"{kind} state field 'loss' holds non-finite losses of scored samples")
+        if np.isinf(norms).any():
+            raise ValueError(f"{kind} state field 'grad_norm' holds infinite norms")
         self.loss, self.grad_norm, self.scored_epoch, self.current_epoch = loss, norms, epochs, current
         self.version += 1
 

@@ -24,6 +24,7 @@ read these facts instead of names:
 ``keeps_all``              every sample passes, ``k`` is ignored (no rebatching)
 ``sampler_scale``          a ``SelectiveSampler``'s default weight scale (``"step"``/``"epoch"``)
 ``selects_on_device``      has a torch-op rule (``sbsampler.ondevice``) that selects on the losses' device
+``signed_weights``         may give a negative weight (a property: GradientMatching with ``nonneg=False``)
 =========================  ==========================================================
 
 Two implementations of each loss-only rule follow the same law: ``select`` (NumPy
@@ -100,16 +101,22 @@ class Selection(tuple):
         weights: float32 (k,) loss weights.
         residual: for GradientMatching, ``|sum_i w_i g_i - g_mean| / |g_mean|``
             over last-layer gradients; ``None`` for the other strategies.
+        expected: a variable-count rule's expected count given the scores (the
+            sum of its inclusion probabilities), which rebatching weights by
+            (``sbsampler.weights``); ``None`` for a fixed count (it is ``k``).
     """
 
     residual: Optional[float]
+    expected: Optional[float]
 
-    def __new__(cls, indices: np.ndarray, weights: np.ndarray, residual: Optional[float] = None):
+    def __new__(cls, indices: np.ndarray, weights: np.ndarray, residual: Optional[float] = None,
+                expected: Optional[float] = None):
         self = super().__new__(
             cls,
             (np.ascontiguousarray(indices, dtype=np.int64), np.ascontiguousarray(weights, dtype=np.float32)),
         )
         self.residual = residual
+        self.expected = None if expected is None else float(expected)
         return self
 
     @property
@@ -171,6 +178,12 @@ class Strategy:
     sampler_scale: ClassVar[str] = "step"
     #: whether ``select_tensors`` can choose with torch ops on the losses' device
     selects_on_device: ClassVar[bool] = False
+
+    @property
+    def signed_weights(self) -> bool:
+        """Whether a weight can be negative (GradientMatching with ``nonneg=False``); a saved negative one is refused
+        otherwise."""
+        return False
 
     def __init__(self, seed: Seed = None) -> None:
         self.rng = _rng(seed)
@@ -241,7 +254,8 @@ class Strategy:
             if bool(bad.any()):
                 raise _non_finite(int(bad.sum()), bad.nonzero().flatten()[:10].tolist())
         device = torch.device("cpu" if device is None else device)
-        return self._select_tensors(None if given_count else scores, n, int(k), self.device_generator(device, rng))
+        picked = self._select_tensors(None if given_count else scores, n, int(k), self.device_generator(device, rng))
+        return picked[0], picked[1]
 
     def device_generator(self, device: Union[str, torch.device], rng: Seed = None) -> torch.Generator:
         """The ``torch.Generator`` that ``select_tensors`` draws from on ``device``.
@@ -264,9 +278,12 @@ class Strategy:
             self._generators[key] = g
         return g
 
-    def _select_tensors(self, scores: Optional[Scores], n: int, k: int,
-                        g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The on-device rule: ``scores`` finite (``None`` when given a count), ``k`` in [1, n]."""
+    def _select_tensors(self, scores: Optional[Scores], n: int, k: int, g: torch.Generator) -> tuple:
+        """The on-device rule: ``scores`` finite (``None`` when given a count), ``k`` in [1, n].
+
+        Returns ``(indices, weights)``; a variable-count rule adds its expected count as a
+        0-d tensor on the device (``Selection.expected``): ``(indices, weights, expected)``.
+        """
         raise NotImplementedError
 
     def observe(self, losses: Union[np.ndarray, torch.Tensor]) -> None:
@@ -525,17 +542,15 @@ class BernoulliSelectiveBackprop(SelectiveBackprop):
         b = loss.shape[0]
         p = self._ranked(loss)
         idx = np.flatnonzero(rng.random(b) < p)
-        if self.unbiased:
-            return Selection(idx, 1.0 / (b * p[idx]))
-        return Selection(idx, _uniform_weights(idx.shape[0]))
+        w = 1.0 / (b * p[idx]) if self.unbiased else _uniform_weights(idx.shape[0])
+        return Selection(idx, w, expected=p.sum())
 
     def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):
         loss = _device_loss(scores)
         p = self._ranked_tensors(loss)
         idx = (torch.rand(n, generator=g, device=loss.device, dtype=loss.dtype) < p).nonzero().flatten()  # the count
-        if self.unbiased:
-            return idx, 1.0 / (n * p[idx])
-        return idx, _equal_weights(idx, loss.dtype)
+        w = 1.0 / (n * p[idx]) if self.unbiased else _equal_weights(idx, loss.dtype)
+        return idx, w, p.sum()
 
 
 class ComposerRule(Strategy):
@@ -678,6 +693,10 @@ class GradientMatching(Strategy):
         order = np.argsort(chosen)
         return Selection(chosen[order], w[order], residual=residual)
 
+    @property
+    def signed_weights(self) -> bool:
+        return not self.nonneg
+
     def _params(self) -> str:
         return f"reg={self.reg}, nonneg={self.nonneg}, normalize={self.normalize}"
 
@@ -776,7 +795,7 @@ class InfoBatch(Strategy):
         drop = low & (rng.random(b) < self.prune)
         idx = np.flatnonzero(~drop)
         w = np.where(low[idx], 1.0 / (1.0 - self.prune), 1.0) / b
-        return Selection(idx, w)
+        return Selection(idx, w, expected=b - self.prune * low.sum())
 
     def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):
         loss = _device_loss(scores)
@@ -784,7 +803,7 @@ class InfoBatch(Strategy):
         drop = low & (torch.rand(n, generator=g, device=loss.device, dtype=loss.dtype) < self.prune)
         idx = (~drop).nonzero().flatten()  # reads the count
         one = torch.ones((), dtype=loss.dtype, device=loss.device)
-        return idx, torch.where(low[idx], one / (1.0 - self.prune), one) / n
+        return idx, torch.where(low[idx], one / (1.0 - self.prune), one) / n, n - self.prune * low.sum(dtype=loss.dtype)
 
     def _params(self) -> str:
         return f"prune={self.prune}"

@@ -24,11 +24,30 @@ own weights; a rebatched step mixes picks of several batches, each weighted
 relative to its own batch; and a ``WeightedBatches`` step over a sampler's plan
 weights each pick by its multiplier relative to the plan's mean.
 
-One refinement keeps rebatching unbiased: a variable-count draw (InfoBatch,
-Bernoulli SB) keeps a random number of picks, correlated with the losses it keeps,
-so its own ``n / k`` would bias the estimate (+2% and +6% measured). Its rows in
-the rebatching queue take the samples per pick of the draws before it (this
-epoch's, else the last epoch's) instead (``sbsampler.epoch``).
+**Rebatching a variable-count rule** (InfoBatch, Bernoulli SB): a draw keeps a
+random number of picks, correlated with the losses it keeps, and batches whose
+losses differ keep different numbers of rows. Weighting each draw by its own
+``n / k`` (or by a ratio that changes from batch to batch) gives a batch that keeps
+more rows more of the epoch's update (InfoBatch +5%, Bernoulli SB -6% over batches
+of different loss levels). So every pick of a rebatched epoch takes **one** samples
+per pick ``rho``, fixed before the epoch's draws: the last epoch's candidates per
+*expected* pick (a draw's expected count given its losses, ``Selection.expected``,
+e.g. ``sum p_i``), or in the first epoch that draws, its first draw's (``sbsampler.epoch``).
+What holds then, for a rebatched epoch of steps ``s`` with ``rows_s`` picks each:
+
+- ``E[sum_s rows_s * sum_i w_i l_i] = (sum of the epoch's losses) / rho``: each
+  batch's picks carry its samples' share of the epoch's update, however many rows
+  it kept, as in full training (a short last step counts by its rows, as full
+  training's short last batch does);
+- when the keep rate is steady (``rho`` equals the epoch's own expected samples per
+  pick), that is ``E[picks] * mean loss``: the rows-weighted mean of the steps'
+  losses estimates the mean loss without bias. A keep rate that drifts from one
+  epoch to the next scales every weight of the epoch by the same factor.
+
+The plain mean over steps (each step counted once, whatever its rows) is not the
+estimand: over a fixed batch order, the short last step holds the last batches'
+rows, for every rule alike. ``tests/test_rebatch_law.py`` checks the two statements,
+and shows the plain mean off for uniform.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .batch import is_ffcv_loader
+from .checkpoint import read_int
 
-__all__ = ["is_stateful", "ffcv_loader", "handoff", "save_wrapped", "restore_wrapped"]
+__all__ = ["is_stateful", "ffcv_loader", "handoff", "save_wrapped", "read_wrapped", "restore_wrapped"]
 
 
 def ffcv_loader(loader: Any) -> Optional[Any]:
@@ -57,6 +58,21 @@ def save_wrapped(loader: Any, iterating: bool) -> Optional[dict[str, Any]]:
     if is_stateful(loader):
         return handoff(loader)
     return None
+
+
+def read_wrapped(wrapped: Any, kind: str) -> Optional[dict[str, Any]]:
+    """A saved ``save_wrapped`` entry, checked: ``None``, an FFCV epoch counter, or a stateful loader's state with
+    the position and samples read at which it was taken."""
+    if wrapped is None:
+        return None
+    if not isinstance(wrapped, dict):
+        raise ValueError(f"{kind} state field 'wrapped' must be a dict or None, got {type(wrapped).__name__}")
+    if "ffcv_epoch" in wrapped:
+        read_int(wrapped["ffcv_epoch"], "wrapped.ffcv_epoch", kind)
+    if "state" in wrapped:
+        for key in ("position", "samples_read"):
+            read_int(wrapped.get(key), f"wrapped.{key}", kind)
+    return wrapped
 
 
 def restore_wrapped(loader: Any, wrapped: Optional[dict[str, Any]]) -> None:

@@ -151,8 +151,8 @@ def test_workers_do_not_change_selections():
 
 
 def test_resume_keeps_a_variable_count_strategys_samples_per_pick():
-    """Rebatched InfoBatch weights rows by the samples per pick of the draws before them (this epoch's and the
-    last epoch's): a fresh loader restored mid-epoch 1 must continue with the same weights."""
+    """Rebatched InfoBatch weights an epoch's rows by one samples per pick, taken from the epoch before (in the first
+    epoch, from its first draw): a fresh loader restored mid-epoch 1 must continue with the same weights."""
     x, y = _data()
 
     def make():

@@ -73,6 +73,30 @@ def test_loader_state_loads_safely_and_resumes_exactly(name, kwargs, rebatch):
     assert done + rest == full
 
 
+@pytest.mark.parametrize("select_on", ["host", "device"])
+@pytest.mark.parametrize("rebatch", [False, True])
+@pytest.mark.parametrize("name,kwargs", STRATEGIES, ids=[n + "".join(f"-{v}" for v in k.values())
+                                                          for n, k in STRATEGIES])
+def test_loader_state_between_epochs_resumes_exactly(name, kwargs, rebatch, select_on):
+    """A state saved between two epochs carried no samples per pick of the epoch before, so a variable-count rule's
+    rebatched weights of the next epoch changed on resume (issue 22, item 5)."""
+    strategy = sb.STRATEGIES[name](**kwargs, seed=4)
+    if select_on == "device" and not strategy.selects_on_device:
+        pytest.skip("chooses on the host only")
+
+    def make():
+        return _loader(sb.STRATEGIES[name](**kwargs, seed=4), rebatch, select_on=select_on)
+
+    full = _steps(make(), epochs=3)
+    first = make()
+    done = _steps(first, epochs=1)
+    state = _roundtrip(first.state_dict())
+    assert state["in_epoch"] is False and state["next_epoch"] == 1
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert done + _steps(resumed, epochs=2) == full
+
+
 def test_loader_state_on_the_device_path_loads_safely():
     loader = _loader("sb", True, select_on="device")
     _steps(loader, stop=3)
@@ -142,13 +166,30 @@ def _mid_epoch_loader_state():
     return _roundtrip(loader.state_dict())
 
 
+DELETE = object()
+
+
+def _first(value):
+    """A change that sets the first entry of a saved array to ``value``."""
+    def change(t):
+        t = t.clone()
+        t[0] = value
+        return t
+    return change
+
+
 def _corrupt(state, path, value):
     state = _roundtrip(state)
     *parents, last = path
     target = state
     for key in parents:
         target = target[key]
-    target[last] = value
+    if value is DELETE:
+        del target[last]
+    elif callable(value):  # a change of the saved value
+        target[last] = value(target[last])
+    else:
+        target[last] = value
     return state
 
 
@@ -161,7 +202,27 @@ def _corrupt(state, path, value):
     (("queue", 0, "multipliers"), torch.ones(1), r"'queue\[0\].multipliers' has 1 entries"),
     (("queue", 0, "rows"), torch.ones(3), r"'queue\[0\].rows' must hold integers"),
     (("stats", "samples_sen"), 3, r"unknown counters \['samples_sen'\]"),
-    (("batch_size",), 0, "'batch_size' must be a positive int"),
+    (("batch_size",), 0, "'batch_size' must be an int >= 1"),
+    # issue 22: each of these loaded, half-loaded, or failed later deep in a resume
+    (("next_epoch",), "abc", "'next_epoch' must be an int >= 0"),
+    (("next_epoch",), 2.7, "'next_epoch' must be an int >= 0"),
+    (("next_epoch",), -3, "'next_epoch' must be an int >= 0"),
+    (("epoch",), None, "'epoch' must be an int >= 0"),
+    (("in_epoch",), "yes", "'in_epoch' must be a bool"),
+    (("queue", 0, "multipliers"), _first(float("nan")), "non-finite"),
+    (("queue", 0, "multipliers"), _first(-1.0), "below its least value 0"),
+    (("queue", 0, "per_pick"), _first(0.0), "must be > 0"),
+    (("queue", 0, "rows"), _first(-1), "below its least value 0"),
+    (("queue",), "abc", "'queue' must be a list"),
+    (("stats", "samples_seen"), DELETE, r"lacks the counters \['samples_seen'\]"),
+    (("stats", "steps"), -1, "'stats.steps' must be an int >= 0"),
+    (("stats", "time_scoring"), float("nan"), "'stats.time_scoring' must be a finite number"),
+    (("stats", "samples_seen"), 1000, "does not add up"),
+    (("carried",), -2.0, "'carried' must be a finite number > 0"),
+    (("drawn",), [3, "x"], r"'drawn\[1\]' must be a finite number"),
+    (("drawn",), [3, 0.0], r"'drawn\[1\]' must be a finite number > 0"),
+    (("batches",), 9, "with batches 9, this one has 8"),
+    (("wrapped",), {"ffcv_epoch": -1}, "'wrapped.ffcv_epoch' must be an int >= 0"),
 ])
 def test_loader_refuses_a_mismatched_state_and_changes_nothing(path, value, match):
     state = _mid_epoch_loader_state()
@@ -173,6 +234,90 @@ def test_loader_refuses_a_mismatched_state_and_changes_nothing(path, value, matc
     with pytest.raises(ValueError, match=match):
         loader.load_state_dict(bad)
     assert _same_state(loader.state_dict(), before)
+
+
+def _indexed_loader(n, strategy="sb", rebatch=True):
+    x, y = _data(n)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    dl = torch.utils.data.DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=20)
+    return sb.SelectiveLoader(dl, sb.ScoringHook(model), strategy, fraction=0.3, rebatch=rebatch, batch_size=B,
+                              seed=4)
+
+
+def test_a_mid_epoch_state_of_another_dataset_size_is_refused():
+    """160 and 150 samples both make 8 batches of 20: the position fit, so the state loaded (issue 22)."""
+    loader = _indexed_loader(160)
+    _steps(loader, stop=2)
+    state = _roundtrip(loader.state_dict())
+    other = _indexed_loader(150)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match="with dataset_size 160, this one has 150: it comes from another dataset"):
+        other.load_state_dict(state)
+    assert _same_state(other.state_dict(), before)
+    _indexed_loader(160).load_state_dict(state)  # the same size loads
+
+
+def test_queued_rows_beyond_the_batch_are_refused_on_load_or_named_on_resume():
+    """Rows past the wrapped batch loaded and failed later with an IndexError deep in the resume (issue 22)."""
+    loader = _indexed_loader(160)
+    _steps(loader, stop=2)
+    bad = _corrupt(loader.state_dict(), ("queue", 0, "rows"), _first(25))
+    with pytest.raises(ValueError, match=r"'queue\[0\].rows' holds 25: it must be below 20"):
+        _indexed_loader(160).load_state_dict(bad)
+    listed = _loader("sb", True)  # a list of batches says no batch size: the resume names the row
+    _steps(listed, stop=2)
+    bad = _corrupt(listed.state_dict(), ("queue", 0, "rows"), _first(25))
+    fresh = _loader("sb", True)
+    fresh.load_state_dict(bad)
+    with pytest.raises(RuntimeError, match=r"cannot resume: the saved queue holds row 25 of batch \d, which has 20"):
+        next(iter(fresh))
+
+
+def test_store_refuses_tampered_norms_and_epochs_unchanged():
+    store = sb.ScoreStore(10)
+    store.update(np.arange(10), np.linspace(0.1, 1, 10), np.linspace(1, 2, 10), epoch=0)
+    state = _roundtrip(store.state_dict())
+    other = sb.ScoreStore(10)
+    before = other.state_dict()
+    norms = state["grad_norm"].clone()
+    norms[3] = -1.0
+    with pytest.raises(ValueError, match="'grad_norm' holds -1, below its least value 0"):
+        other.load_state_dict({**state, "grad_norm": norms})
+    norms[3] = float("inf")
+    with pytest.raises(ValueError, match="'grad_norm' holds infinite norms"):
+        other.load_state_dict({**state, "grad_norm": norms})
+    epochs = state["scored_epoch"].clone()
+    epochs[0] = -5
+    with pytest.raises(ValueError, match="'scored_epoch' holds -5, below its least value -1"):
+        other.load_state_dict({**state, "scored_epoch": epochs})
+    with pytest.raises(ValueError, match="'current_epoch' must be an int >= 0"):
+        other.load_state_dict({**state, "current_epoch": None})
+    assert _same_state(other.state_dict(), before)
+    unknown = state["grad_norm"].clone()
+    unknown[:] = float("nan")  # NaN: norms never measured, as a store updated with losses alone holds
+    other.load_state_dict({**state, "grad_norm": unknown})
+
+
+def test_sampler_refuses_tampered_plans_and_epochs_unchanged():
+    store = sb.ScoreStore(50)
+    store.update(np.arange(50), np.random.default_rng(0).exponential(size=50), epoch=0)
+    sampler = sb.SelectiveSampler(store, "sb", fraction=0.3, seed=2)
+    sampler.set_epoch(1)
+    list(sampler)
+    state = _roundtrip(sampler.state_dict())
+    other = sb.SelectiveSampler(store, "sb", fraction=0.3, seed=2)
+    before = other.state_dict()
+    mult = state["plan"][1].clone()
+    mult[0] = -2.0
+    for bad, match in [({**state, "plan": (state["plan"][0], mult)}, "'plan.multipliers' holds -2"),
+                       ({**state, "epoch": None}, "'epoch' must be an int >= 0"),
+                       ({**state, "epoch": 1.5}, "'epoch' must be an int >= 0"),
+                       ({**state, "frozen_epoch": "1"}, "'frozen_epoch' must be an int >= 0 or None"),
+                       ({**state, "plan": (state["plan"][0] + 50, state["plan"][1])}, "it must be below 50")]:
+        with pytest.raises(ValueError, match=match):
+            other.load_state_dict(bad)
+        assert _same_state(other.state_dict(), before)
 
 
 def test_store_refuses_another_dataset_and_bad_arrays_unchanged():
