@@ -150,3 +150,26 @@ def test_the_gpu_checks_are_read_at_each_epoch_end(tmp_path, monkeypatch):
                          strategy="sb", fraction=0.25, seed=0)
     t.train()
     assert len(calls) == 2 and all(c is t.selector.hook.checks for c in calls)
+
+
+def test_labels_under_another_key_are_selected_by(tmp_path):
+    """TrainingArguments(label_names=["target"]): every batch went through the plain Trainer's loss and the
+    selector saw nothing (issue 22, item 4). The targets are read from the one label name."""
+    data = [{"input_ids": d["input_ids"], "attention_mask": d["attention_mask"], "target": d["labels"]}
+            for d in dataset("cls")]
+    t = Recording(model=bert(), args=args(tmp_path, label_names=["target"]), train_dataset=data, strategy="sb",
+                  fraction=0.25, seed=0)
+    t.train()
+    assert t.selector.stats.samples_seen == N and t.rows == t.selector.stats.samples_yielded == N // 4
+
+
+def test_a_training_batch_without_its_labels_or_with_two_label_names_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"selects by one targets field, got label_names=\['start_positions', "
+                                         r"'end_positions'\]"):
+        SelectiveTrainer(model=bert(), args=args(tmp_path, label_names=["start_positions", "end_positions"]),
+                         train_dataset=dataset("cls"))
+    t = SelectiveTrainer(model=bert(), args=args(tmp_path), train_dataset=dataset("cls"), strategy="sb")
+    model = t.model.train()
+    batch = {k: torch.stack([d[k] for d in dataset("cls")[:8]]) for k in ("input_ids", "attention_mask")}
+    with pytest.raises(KeyError, match="the training batch has no 'labels'"):
+        t.compute_loss(model, batch)

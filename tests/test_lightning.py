@@ -147,3 +147,43 @@ def test_the_gpu_checks_are_read_at_each_epoch_end(monkeypatch):
     monkeypatch.setattr(DeferredChecks, "flush", lambda self: calls.append(self))
     model, cb, trainer = fit("sb", 2)
     assert len(calls) == 2 and all(c is cb.hook.checks for c in calls)
+
+
+def _first_step_inputs(model, cb):
+    grabbed = []
+    original = type(model).training_step
+
+    def step(self, batch, i):
+        grabbed.append(batch.inputs.clone())
+        return original(self, batch, i)
+
+    model.training_step = step.__get__(model)
+    L.Trainer(max_steps=1, callbacks=[cb], enable_checkpointing=False, **TRAINER).fit(
+        model, DataLoader(data(), batch_size=16))
+    return grabbed[0]
+
+
+def test_a_callback_reused_for_another_module_scores_that_module():
+    """A callbacks list reused across a sweep: the second fit scored the first module (issue 22, item 3)."""
+    cb = SelectiveBackprop("topk", fraction=0.25, seed=0, log=False)
+    torch.manual_seed(0)
+    _first_step_inputs(Net(), cb)
+    torch.manual_seed(1)
+    second = Net()
+    x, y = data().tensors
+    with torch.no_grad():
+        expected = x[:16][F.cross_entropy(second(x[:16]), y[:16], reduction="none").topk(4).indices.sort().values]
+    got = _first_step_inputs(second, cb)
+    assert cb.hook.model is second
+    torch.testing.assert_close(got, expected)  # the top 4 of the second module's losses
+    assert cb.selector.stats.samples_seen == 16  # a new fit starts its own counters
+
+
+def test_a_hook_on_another_module_is_refused():
+    cb = SelectiveBackprop("topk", hook=sb.ScoringHook(Net()), log=False)
+    trainer = L.Trainer(max_steps=1, callbacks=[cb], enable_checkpointing=False, **TRAINER)
+    with pytest.raises(ValueError, match="scores a model that is not the LightningModule being fit"):
+        trainer.fit(Net(), DataLoader(data(), batch_size=16))
+    torch.manual_seed(0)
+    module = Net()
+    _first_step_inputs(module, SelectiveBackprop("topk", hook=sb.ScoringHook(module.net), log=False))  # a submodule

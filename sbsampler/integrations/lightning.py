@@ -25,6 +25,7 @@ The selector's state (strategy RNG and history, counters) is the callback's
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional, Union
 
 try:
@@ -48,9 +49,12 @@ class SelectiveBackprop(Callback):
     Args:
         strategy: a ``Strategy`` or registered name.
         fraction: share of each batch to back-propagate.
-        hook: the ``ScoringHook`` to score with; default one on the
-            ``LightningModule`` itself (``ScoringHook(module, **hook_kwargs)``),
-            made at ``fit``'s setup.
+        hook: the ``ScoringHook`` to score with, on the ``LightningModule`` or
+            one of its submodules (another model is refused at ``fit``); default
+            one on the module itself (``ScoringHook(module, **hook_kwargs)``),
+            made at ``fit``'s setup. A callback reused to fit another module (a
+            sweep) makes a new hook and selector for it: fresh counters, and the
+            strategy as first given (a copy of a ``Strategy`` object).
         hook_kwargs: passed to that default ``ScoringHook`` (``loss=``, ``head=``, ...).
         log: log the counters (``sb/backprop_fraction``, ...) every step.
         **selector_kwargs: passed to ``BatchSelector`` (``seed``, ``nan_policy``,
@@ -60,7 +64,10 @@ class SelectiveBackprop(Callback):
     def __init__(self, strategy: Union[None, str, Strategy] = "uniform", fraction: float = 0.25, *,
                  hook: Optional[ScoringHook] = None, hook_kwargs: Optional[dict] = None, log: bool = True,
                  **selector_kwargs: Any) -> None:
+        # a Strategy object is kept as given for the first fit; a fit on another module starts from a copy of it
         self._args = (strategy, fraction, selector_kwargs)
+        self._pristine = copy.deepcopy(strategy) if isinstance(strategy, Strategy) else strategy
+        self._own_hook = hook is None
         self.hook = hook
         self.hook_kwargs = dict(hook_kwargs or {})
         self.log = log
@@ -80,6 +87,16 @@ class SelectiveBackprop(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if not self._own_hook and not any(m is self.hook.model for m in pl_module.modules()):  # type: ignore[union-attr]
+            raise ValueError(
+                "SelectiveBackprop(hook=...) scores a model that is not the LightningModule being fit, nor one of its "
+                f"submodules ({type(self.hook.model).__name__}): it would select by another model's losses. "  # type: ignore[union-attr]
+                "Make the hook on this module, or leave hook=None to have one made on each module fit")
+        if self._own_hook and self.hook is not None and self.hook.model is not pl_module:
+            # A callback reused for a new module (a sweep): score that module, with a fresh selector.
+            strategy, fraction, kwargs = self._args
+            self._args = (copy.deepcopy(self._pristine), fraction, kwargs)
+            self.selector = None
         if self.selector is None:
             self.hook = ScoringHook(pl_module, **self.hook_kwargs)
             self._make_selector(self.hook)

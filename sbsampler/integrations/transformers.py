@@ -1,7 +1,8 @@
 """HuggingFace ``Trainer``: selection inside ``compute_loss``.
 
 ``SelectiveTrainer`` is a ``Trainer`` whose ``compute_loss`` scores each training
-micro-batch (a dict of tensors on the device, ``labels`` among them) with one
+micro-batch (a dict of tensors on the device, its targets under ``labels``, or
+under the one key named in ``TrainingArguments(label_names=[...])``) with one
 no-graph forward, keeps a weighted share of its rows (``BatchSelector``) and
 back-propagates ``sum_i w_i l_i`` through a forward of those rows alone. The
 Trainer's loader, sampler, length, ``max_steps``, LR schedule and gradient
@@ -53,7 +54,6 @@ from ..strategies import Strategy
 __all__ = ["SelectiveTrainer", "per_sample_loss", "causal_lm", "STATE_FILE"]
 
 STATE_FILE = "sbsampler_selector.pt"
-HF_KEYS = BatchKeys(inputs=None, targets="labels")
 
 
 def per_sample_loss(logits: Tensor, labels: Tensor, shift: bool = False) -> Tensor:
@@ -128,16 +128,28 @@ class SelectiveTrainer(Trainer):
         self.per_sample_loss = loss
         if hook is None:
             hook = ScoringHook(self.model, loss=loss)
+        names = list(self.label_names or ["labels"])
+        if len(names) != 1:
+            raise ValueError(
+                f"SelectiveTrainer selects by one targets field, got label_names={names}: the per-sample loss takes "
+                "one labels tensor. Collate the targets into one field and name it in TrainingArguments(label_names=)")
+        self.label_key = names[0]
+        keys = BatchKeys(inputs=None, targets=self.label_key)
         self.selector = BatchSelector(hook, strategy, fraction, seed=seed, nan_policy=nan_policy,
-                                      sync_history=sync_history, batch_keys=HF_KEYS, select_on=select_on)
+                                      sync_history=sync_history, batch_keys=keys, select_on=select_on)
         self.add_callback(_SaveSelector(self))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Union[None, int, Tensor] = None) -> Any:
-        if not model.training or "labels" not in inputs:  # evaluation: the Trainer's own loss
+        if not model.training:  # evaluation: the Trainer's own loss
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        batch = len(inputs["labels"])
+        if self.label_key not in inputs:
+            raise KeyError(
+                f"SelectiveTrainer: the training batch has no {self.label_key!r} (its keys: {sorted(inputs)}), so "
+                "nothing can be scored or selected. Name the key that holds the targets in "
+                "TrainingArguments(label_names=[...])")
+        batch = len(inputs[self.label_key])
         sub = self.selector(inputs)
         outputs = model(**sub.inputs)
         logits = self.selector.hook.logits(outputs)  # the hook's selector: a ScoringHook(logits=...) applies here too
