@@ -384,16 +384,27 @@ def with_indices(dataset: Any) -> IndexedDataset:
     return IndexedDataset(dataset)
 
 
-def weighted_loss(losses: Tensor, weights: Tensor) -> Tensor:
+def weighted_loss(losses: Tensor, weights: Tensor, indices: Optional[Tensor] = None) -> Tensor:
     """``sum_i w_i * l_i``: the step's loss, an estimate of the mean loss of the samples it stands for.
 
     Args:
         losses: (k,) per-sample losses (``reduction="none"``).
         weights: (k,) weights from ``SubBatch.weights``; moved to the losses'
             device and dtype.
+        indices: (k,) the step's dataset indices (``SubBatch.indices``); given,
+            a non-finite loss raises ``ValueError`` naming its samples. The check
+            for a strategy that runs no scoring pass (``Uniform``, ``Full``),
+            which no ``nan_policy`` sees; it reads one flag back per step (on a
+            GPU, a wait for the forward).
     """
     if losses.dim() != 1:
         raise ValueError(f"losses must be per-sample, shape (k,); got {tuple(losses.shape)} (use reduction='none')")
     if weights.shape != losses.shape:
         raise ValueError(f"weights {tuple(weights.shape)} and losses {tuple(losses.shape)} must have the same shape")
+    if indices is not None:
+        finite = torch.isfinite(losses.detach())
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().cpu()
+            raise ValueError(f"non-finite loss for dataset indices {indices.cpu()[bad][:10].tolist()} "
+                             f"({bad.numel()} of the step's {losses.shape[0]} samples)")
     return (losses * weights.to(device=losses.device, dtype=losses.dtype)).sum()

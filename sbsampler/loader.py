@@ -22,7 +22,7 @@ from .distributed import LocalSync, RankSync, resolve_sync
 from .epoch import EpochIterator
 from .hook import ScoringHook
 from .schedule import in_window
-from .scores import NAN_POLICIES
+from .scores import NAN_POLICIES, check_nan_policy
 from .select import SELECT_ON
 from .stats import LoaderStats, read_stats
 from .store import ScoreStore
@@ -77,7 +77,11 @@ class SelectiveLoader:
         nan_policy: non-finite losses: ``"raise"`` (``ValueError``),
             ``"skip"`` (left out of the step, counted in ``stats.samples_skipped``)
             or ``"keep"`` (stay candidates, scored as the batch's largest
-            finite loss with zero gradient information).
+            finite loss with zero gradient information). A strategy that runs
+            no scoring pass (``"uniform"`` without a ``store``; ``"full"`` and the
+            window's full batches) shows it no loss: nothing is checked there,
+            ``"skip"`` is refused, and the step's own loss can be checked with
+            ``weighted_loss(losses, batch.weights, indices=batch.indices)``.
         batch_size: rebatching size; default the wrapped loader's
             ``batch_size``, else the first batch's size.
         drop_last: with ``rebatch``, drop the incomplete last batch of an epoch
@@ -149,7 +153,7 @@ class SelectiveLoader:
         if (start, end) != (0.0, 1.0) and not (isinstance(epochs, int) and epochs >= 1):
             raise ValueError(f"start/end are fractions of the training epochs: pass epochs= (got {epochs!r})")
         if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be 'raise', 'skip' or 'keep', got {nan_policy!r}")
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         if select_on not in SELECT_ON:
             raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
         if isinstance(interrupt, bool) or not isinstance(interrupt, int) or interrupt < 0:
@@ -167,6 +171,7 @@ class SelectiveLoader:
         self.loader = adapt_loader(loader)
         self.hook = hook
         self.strategy = get_strategy(strategy, seed=seed)
+        check_nan_policy(nan_policy, self.strategy, scored=store is not None)
         self.fraction = float(fraction)
         self.rebatch = bool(rebatch)
         self.start, self.end = float(start), float(end)

@@ -16,7 +16,7 @@ not finite: ``"raise"`` names them, ``"skip"`` drops them from the candidates,
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Optional
+from typing import Any, TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .deferred import DeferredChecks
 
-__all__ = ["Scores", "apply_nan_policy", "NAN_POLICIES"]
+__all__ = ["Scores", "apply_nan_policy", "check_nan_policy", "NAN_POLICIES"]
 
 NAN_POLICIES = ("raise", "skip", "keep")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -136,6 +136,25 @@ class Scores:
         e, h, g = (None if t is None else torch.where(finite[:, None], t, torch.zeros_like(t))
                    for t in (self.logit_grad, self.features, self.grads))
         return Scores(loss=loss, logit_grad=e, features=h, targets=self.targets, bias=self.bias, grads=g)
+
+
+def check_nan_policy(policy: str, strategy: Any, scored: bool = False) -> None:
+    """``policy`` is a NaN policy that can act with ``strategy``.
+
+    A strategy that reads no scores (``Uniform``) runs no scoring pass unless
+    ``scored`` (a ``ScoreStore`` keeps the losses), so no loss is seen before the
+    step: ``"raise"`` and ``"keep"`` then check nothing (documented), and ``"skip"``,
+    a promise it cannot keep, is refused. ``Full`` passes whole batches (the
+    window's edges): nothing is checked there either.
+    """
+    if policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {policy!r}")
+    if policy == "skip" and not (strategy.needs_scores or strategy.keeps_all or scored):
+        raise ValueError(
+            f"nan_policy='skip' cannot act with {strategy!r}: it runs no scoring pass, so no loss is seen before the "
+            "step. Use a strategy that scores, attach a ScoreStore (then it scores), or keep nan_policy='raise' and "
+            "check the step's own loss: sb.weighted_loss(losses, batch.weights, indices=batch.indices) raises on a "
+            "non-finite one")
 
 
 def apply_nan_policy(scores: Scores, policy: str, indices: Tensor,

@@ -40,7 +40,7 @@ from .batch import SubBatch, parse_batch
 from .hook import ScoringHook
 from .distributed import LocalSync
 from .ondevice import work_dtype
-from .scores import NAN_POLICIES, Scores, apply_nan_policy
+from .scores import Scores, apply_nan_policy, check_nan_policy
 from .stats import Clock
 from .strategies import Seed, budget, get_strategy
 from .weights import step_weights
@@ -131,8 +131,7 @@ def select_batch(
         select_on: ``"auto"``, ``"host"`` or ``"device"`` (``SELECT_ON``, the module docstring).
     """
     strategy = get_strategy(strategy)
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    check_nan_policy(nan_policy, strategy, score)
     if select_on not in SELECT_ON:
         raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
     if not isinstance(batch, SubBatch):

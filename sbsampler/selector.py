@@ -35,7 +35,7 @@ from .batch import BatchKeys, SubBatch, parse_batch
 from .checkpoint import check_version, require, safe_state
 from .distributed import LocalSync, RankSync, resolve_sync
 from .hook import ScoringHook
-from .scores import NAN_POLICIES
+from .scores import check_nan_policy
 from .select import SELECT_ON, observe_round, select_batch
 from .stats import LoaderStats, read_stats
 from .strategies import Seed, Strategy, budget, get_strategy
@@ -83,8 +83,7 @@ class BatchSelector:
             raise TypeError(f"{self.strategy!r} reads scores: pass the ScoringHook on the model, "
                             f"got {type(hook).__name__}")
         budget(fraction, 1)
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        check_nan_policy(nan_policy, self.strategy)
         if select_on not in SELECT_ON:
             raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
         if not isinstance(batch_keys, BatchKeys):

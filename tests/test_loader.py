@@ -354,3 +354,29 @@ def test_composer_preset():
     sizes = [[len(b) for b in loader] for _ in range(4)]
     assert sizes[0] == sizes[1] == [30] * 5  # before start
     assert sizes[2] == [15, 30, 15, 30, 15]  # selective, interrupted every 2nd batch
+
+
+def test_uniform_has_no_losses_for_the_nan_policy_but_the_step_can_check():
+    """Uniform runs no scoring pass, so nan_policy sees no loss: a non-finite input trains silently under the default
+    'raise' (issue 22, item 6). The step's own loss can be checked (weighted_loss(indices=)); 'skip', a promise it
+    cannot keep, is refused."""
+    ds, loader = nan_loader("raise", strategy="uniform")
+    net = loader.hook.model
+    with pytest.raises(ValueError, match=r"non-finite loss for dataset indices \[\d+"):
+        for b in loader:
+            sb.weighted_loss(F.cross_entropy(net(b.inputs), b.targets, reduction="none"), b.weights, indices=b.indices)
+    for name in ("uniform", sb.Uniform(seed=0)):
+        with pytest.raises(ValueError, match="nan_policy='skip' cannot act with Uniform"):
+            nan_loader("skip", strategy=name)
+        with pytest.raises(ValueError, match="nan_policy='skip' cannot act with Uniform"):
+            sb.BatchSelector(None, name, nan_policy="skip")
+    x, y = ds.tensors[0][:8], ds.tensors[1][:8]
+    with pytest.raises(ValueError, match="nan_policy='skip' cannot act with Uniform"):
+        sb.select_batch(None, "uniform", (x, y), 0.5, nan_policy="skip")
+    store = sb.ScoreStore(len(ds))  # with a store, uniform scores: the policy acts
+    dl = DataLoader(sb.with_indices(ds), batch_size=50)
+    skipping = sb.SelectiveLoader(dl, sb.ScoringHook(NaNOn()), "uniform", fraction=0.5, nan_policy="skip", store=store)
+    assert not set(torch.cat([b.indices for b in skipping]).tolist()) & set(
+        (ds.tensors[0][:, 0] > 1.5).nonzero().flatten().tolist())
+    finite = torch.tensor([0.5, 1.0])
+    assert float(sb.weighted_loss(finite, torch.tensor([0.5, 0.5]), indices=torch.tensor([3, 4]))) == 0.75
