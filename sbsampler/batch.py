@@ -42,7 +42,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BatchKeys:
-    """Where a dict batch keeps its parts.
+    """Where a dict batch (or a namedtuple's fields) keeps its parts.
+
+    A namedtuple batch whose fields include ``inputs`` and ``targets`` (these names, or
+    the ones given here) is read by name; any other by position, unless its field
+    names say that would swap inputs and targets (``Batch(label, image)``: refused).
 
     ``inputs=None`` makes every key other than the targets and indices part of
     the inputs, as a dict (a HuggingFace batch: ``BatchKeys(inputs=None,
@@ -257,8 +261,37 @@ def _check_extras(extras: dict, n: int, batch_level: frozenset) -> None:
             )
 
 
+_TARGET_NAMES = {"y", "label", "labels", "target", "targets", "class", "classes", "cls"}
+_INPUT_NAMES = {"x", "input", "inputs", "image", "images", "img", "imgs", "data", "features", "input_ids",
+                "pixel_values"}
+
+
+def _namedtuple_fields(batch: Any, keys: BatchKeys) -> Optional[dict]:
+    """A namedtuple batch as a dict when it names the ``keys``' inputs and targets, else ``None`` (read by position);
+    a ``TypeError`` when its field names say that reading it by position would swap inputs and targets."""
+    fields = getattr(batch, "_fields", None)
+    if not isinstance(batch, tuple) or not isinstance(fields, tuple) or len(fields) < 2:
+        return None
+    if keys.targets in fields and (keys.inputs is None or keys.inputs in fields):
+        return batch._asdict()
+    lowered = [str(f).lower() for f in fields]
+    if lowered[0] in _TARGET_NAMES or lowered[1] in _INPUT_NAMES:
+        inputs = next((f for f, low in zip(fields, lowered) if low in _INPUT_NAMES), fields[1])
+        targets = next((f for f, low in zip(fields, lowered) if low in _TARGET_NAMES), fields[0])
+        which = (f"its first field {fields[0]!r} looks like the targets" if lowered[0] in _TARGET_NAMES
+                 else f"its second field {fields[1]!r} looks like the inputs")
+        raise TypeError(
+            f"a namedtuple {type(batch).__name__}({', '.join(fields)}) is read by position as (inputs, targets[, "
+            f"indices]), but {which}: pass batch_keys=BatchKeys(inputs={inputs!r}, targets={targets!r}) to read it by "
+            "name, or put the inputs first")
+    return None
+
+
 def _split(batch: Any, keys: BatchKeys) -> tuple[Any, Any, Any, dict]:
     """``(inputs, targets, indices or None, extras)`` of one batch of the wrapped loader."""
+    named = _namedtuple_fields(batch, keys)
+    if named is not None:
+        return keys.split(named)
     if isinstance(batch, Mapping):
         return keys.split(batch)
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:

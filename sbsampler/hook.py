@@ -77,6 +77,29 @@ def _first_tensor(tree: Any) -> Tensor:
     raise TypeError(f"the inputs hold no tensor (got {type(tree).__name__})")
 
 
+def _describe(tree: Any) -> str:
+    """What a batch's inputs are, for an error message: ``a Tensor float32 of shape (8, 6)``, ``a dict with keys``."""
+    if isinstance(tree, Tensor):
+        return f"a Tensor {str(tree.dtype).replace('torch.', '')} of shape {tuple(tree.shape)}"
+    if isinstance(tree, dict):
+        return f"a dict with keys {sorted(map(str, tree))}"
+    return f"a {type(tree).__name__}"
+
+
+def _check_not_meta(first: Tensor, model: nn.Module) -> None:
+    """Neither the inputs nor the model's parameters are meta tensors (shapes without data)."""
+    if first.device.type == "meta":
+        raise ValueError(
+            "the batch's inputs are on the meta device: they hold shapes but no data, so they cannot be scored or "
+            "trained on. Load real tensors (a meta tensor comes from torch.device('meta') or torch.empty(..., "
+            "device='meta')), or move them with SelectiveLoader(device=...)")
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "meta":
+        raise ValueError(
+            "the model's parameters are on the meta device (built under torch.device('meta') and not "
+            "materialised): call model.to_empty(device=...) and load or initialise the weights before training")
+
+
 def find_head(model: nn.Module) -> Optional[nn.Linear]:
     """The last ``nn.Linear`` registered in ``model`` (its classifier head, usually), or ``None``.
 
@@ -446,8 +469,18 @@ class ScoringHook:
             Without a head: losses only. With a per-token head: ``Scores.grads``.
         """
         self.checks.poll()  # an earlier batch's labels, checked on the GPU meanwhile
-        batch = int(_first_tensor(inputs).shape[0])
-        h, z = self._forward(inputs)  # first: a wrong head would make the label check misleading
+        first = _first_tensor(inputs)
+        _check_not_meta(first, self.model)
+        batch = int(first.shape[0])
+        try:
+            h, z = self._forward(inputs)  # first: a wrong head would make the label check misleading
+        except (RuntimeError, TypeError) as err:
+            if hasattr(err, "add_note"):  # Python 3.11+
+                err.add_note(
+                    f"sbsampler: scoring the batch's inputs ({_describe(inputs)}) with the model failed. Batches are "
+                    "read as (inputs, targets[, indices, *extras]) by position, or by name from dicts and namedtuples "
+                    "(sbsampler.BatchKeys): check that what is read as the inputs is what the model takes")
+            raise
         z = z.detach()
         if z.dtype in (torch.float16, torch.bfloat16):  # AMP activations are scored in float32
             z = z.float()

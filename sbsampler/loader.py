@@ -344,6 +344,24 @@ class SelectiveLoader:
         ratio = running.samples_per_pick() if running is not None else None
         return ratio if ratio is not None else self._samples_per_pick
 
+    # -- copies ---------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``pickle`` and ``copy.deepcopy`` copy: everything but the running epoch's generator.
+
+        The copy goes on as the original would: its next epoch reads the samples per pick
+        of the one before; a copy made in the middle of an epoch finishes that epoch from
+        where it stands at its next iteration, as a loaded ``state_dict()`` does.
+        """
+        state = self.__dict__.copy()
+        running = state["_running"]
+        state["_running"] = None
+        ratio = self.samples_per_pick()
+        state["_samples_per_pick"] = float(ratio) if ratio is not None else None
+        if running is not None and not running.finished and running.epoch is not None:
+            resume = self._read_resume(safe_state(running.state_dict()), "SelectiveLoader")
+            state.update(_resume=resume, next_epoch=resume["epoch"], _samples_per_pick=resume["carried"])
+        return state
+
     # -- resume ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue where the last yielded step left off.
