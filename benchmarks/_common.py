@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: where results files go: ``benchmarks/results``, or ``$SBSAMPLER_RESULTS_DIR`` (the tests' temporary folder)
+RESULTS = Path(os.environ.get("SBSAMPLER_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def single_thread() -> None:

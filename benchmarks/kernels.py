@@ -202,8 +202,9 @@ def main(argv=None) -> int:
     failed = [msg for msg, ok in checks if not ok]
     for msg, ok in checks:
         print(("PASS " if ok else "MISS ") + msg)
-    path = write_results("kernels", {"quick": args.quick, "rows": rows, "compile": compile_info,
-                                     "targets": [{"check": m, "met": ok} for m, ok in checks]})
+    name = "kernels_quick" if args.quick else "kernels"  # a smoke run never overwrites the full table
+    path = write_results(name, {"quick": args.quick, "rows": rows, "compile": compile_info,
+                                "targets": [{"check": m, "met": ok} for m, ok in checks]})
     print(f"wrote {path}")
     return 1 if failed else 0
 

@@ -153,9 +153,10 @@ def main(argv=None) -> int:
     print(table(acc_rows, [("dataset", "data", "s"), ("mode", "mode", "s"), ("acc_mean", "acc mean", ".4f"),
                            ("acc_std", "std", ".4f"), ("backprop", "back-propagated", ".0f"),
                            ("wall_s", "wall s", ".1f")]))
-    path = write_results("sampler", {"quick": args.quick, "epochs": epochs, "seeds": seeds, "fraction": FRACTION,
-                                     "beton_per_epoch": per_epoch, "beton_summary": summary,
-                                     "accuracy": acc_rows, "runs": runs})
+    name = "sampler_quick" if args.quick else "sampler"  # a smoke run never overwrites the full table
+    path = write_results(name, {"quick": args.quick, "epochs": epochs, "seeds": seeds, "fraction": FRACTION,
+                                "beton_per_epoch": per_epoch, "beton_summary": summary,
+                                "accuracy": acc_rows, "runs": runs})
     print(f"wrote {path}")
     return 0
 

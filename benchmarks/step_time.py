@@ -1,7 +1,7 @@
 """Does selection save time? Selective vs full training steps against the cost model.
 
     python benchmarks/step_time.py              # ResNet-18, 32x32, batch 128 (256 on GPU)
-    python benchmarks/step_time.py --quick      # 2 interleaved rounds, no loader section
+    python benchmarks/step_time.py --quick      # a smoke run: 2 rounds, batch 32 on CPU, no loader section
 
 Measures, in one run and interleaved (round-robin over every configuration, medians
 over rounds):
@@ -68,12 +68,13 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 rounds, skip the DataLoader section")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 2 rounds, batch 32 on CPU, no DataLoader section")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch = args.batch or (256 if device.type == "cuda" else 128)
+    batch = args.batch or (256 if device.type == "cuda" else 32 if args.quick else 128)
     rounds = args.rounds or (2 if args.quick else 3)
     torch.manual_seed(0)
     model, model_name = resnet18()
@@ -166,7 +167,8 @@ def main(argv=None) -> int:
     for msg, ok in checks:
         print(("PASS " if ok else "MISS ") + msg)
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    path = write_results("step_time" if device.type == "cpu" else "step_time_gpu", {
+    name = ("step_time" if device.type == "cpu" else "step_time_gpu") + ("_quick" if args.quick else "")
+    path = write_results(name, {
         "device": device_name, "model": model_name, "batch": batch, "rounds": rounds, "quick": args.quick,
         "torch_threads": torch.get_num_threads(), "rows": rows, "loader": loader_rows,
         "raw_median_s": med, "targets": [{"check": m, "met": ok} for m, ok in checks]})

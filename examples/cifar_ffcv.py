@@ -2,7 +2,7 @@
 
     python examples/cifar_ffcv.py --train cifar_train.beton --val cifar_test.beton --strategy gradmatch
     python examples/cifar_ffcv.py --synthetic 512 --epochs 1      # generated images, runs anywhere
-    python examples/cifar_ffcv.py --synthetic 512 --epochs 4 --mode sampler --strategy infobatch
+    python examples/cifar_ffcv.py --synthetic 512 --epochs 4 --batch-size 64 --mode sampler --strategy infobatch
 
 ``.beton`` files need an ``index`` field: write them with
 ``sbsampler.ffcv.write_beton(dataset, path)`` (any indexable ``(image, label)``
@@ -87,7 +87,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=0.5)
-    parser.add_argument("--lr-peak-epoch", type=float, default=5)
+    parser.add_argument("--lr-peak-epoch", type=float, default=None,
+                        help="epoch of the LR peak (default 5/24 of --epochs: the reference's 5 of 24)")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--mode", default="batch", choices=["batch", "sampler"],
@@ -105,6 +106,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.lr_peak_epoch is None:
+        args.lr_peak_epoch = args.epochs * 5 / 24
     tmp = None
     if args.synthetic:
         tmp = tempfile.TemporaryDirectory()

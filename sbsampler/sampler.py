@@ -392,5 +392,11 @@ class WeightedBatches:
                     batch.weights.device)
                 self._yielded += 1
                 yield batch
+            planned = len(self.sampler.plan()[0])
+            if self._yielded == 0 and planned:
+                raise RuntimeError(
+                    f"epoch {self.sampler.epoch}'s plan holds {planned} samples, but the loader made no batch of them "
+                    "(fewer than one batch, with drop_last=True?): the epoch would train on nothing. Use a smaller "
+                    "batch size, drop_last=False, or a larger fraction")
         finally:
             self._epoch_len = None

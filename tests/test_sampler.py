@@ -330,3 +330,20 @@ def test_infobatch_follows_the_official_rule_by_default():
     np.testing.assert_allclose(step.plan()[1].mean(), 1.0, rtol=0.05)
     with pytest.raises(ValueError, match="scale"):
         sb.SelectiveSampler(store, "infobatch", scale="batch")
+
+
+def test_an_epoch_whose_plan_fills_no_batch_is_an_error():
+    """A plan of 30 samples under batches of 64 with drop_last=True gave an epoch of no step, silently (the README's
+    CIFAR command trained on nothing after its first epoch; issue 22)."""
+    n = 100
+    store = _store(n)
+    sampler = sb.SelectiveSampler(store, "uniform", fraction=0.3, seed=0)
+    sampler.set_epoch(1)
+    x, y = torch.randn(n, 4), torch.randint(0, 3, (n,))
+    batches = sb.WeightedBatches(DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=64, sampler=sampler,
+                                            drop_last=True), sampler)
+    with pytest.raises(RuntimeError, match=r"epoch 1's plan holds 30 samples, but the loader made no batch of them"):
+        list(batches)
+    ok = sb.WeightedBatches(DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=16, sampler=sampler,
+                                       drop_last=True), sampler)
+    assert len(list(ok)) == 1
