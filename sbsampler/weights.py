@@ -44,6 +44,9 @@ What holds then, for a rebatched epoch of steps ``s`` with ``rows_s`` picks each
   losses estimates the mean loss without bias. A keep rate that drifts from one
   epoch to the next scales every weight of the epoch by the same factor.
 
+Under DDP each rank keeps its own ``rho`` (its shard's keep rate; random shards
+of one dataset keep about the same).
+
 The plain mean over steps (each step counted once, whatever its rows) is not the
 estimand: over a fixed batch order, the short last step holds the last batches'
 rows, for every rule alike. ``tests/test_rebatch_law.py`` checks the two statements,

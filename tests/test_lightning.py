@@ -79,21 +79,26 @@ def test_rows_and_weights_reach_training_step(strategy):
     assert "sb/backprop_fraction" in trainer.callback_metrics
 
 
-def test_weights_are_the_selectors():
-    """The loss Lightning back-propagates is sum w_i l_i with the selector's weights (importance: unequal)."""
-    torch.manual_seed(0)
-    model = Net()
-    cb = SelectiveBackprop("importance", fraction=0.5, seed=0, log=False)
+def _grab(model, cb, field, steps):
+    """``field`` of the SubBatch that training_step gets, for each of ``steps`` steps of a fit with ``cb``."""
     grabbed = []
-    original = Net.training_step
+    original = type(model).training_step
 
     def step(self, batch, i):
-        grabbed.append(batch.weights.clone())
+        grabbed.append(getattr(batch, field).clone())
         return original(self, batch, i)
 
     model.training_step = step.__get__(model)
-    L.Trainer(max_steps=3, callbacks=[cb], enable_checkpointing=False, **TRAINER).fit(
+    L.Trainer(max_steps=steps, callbacks=[cb], enable_checkpointing=False, **TRAINER).fit(
         model, DataLoader(data(), batch_size=16))
+    return grabbed
+
+
+def test_weights_are_the_selectors():
+    """The loss Lightning back-propagates is sum w_i l_i with the selector's weights (importance: unequal)."""
+    torch.manual_seed(0)
+    cb = SelectiveBackprop("importance", fraction=0.5, seed=0, log=False)
+    grabbed = _grab(Net(), cb, "weights", steps=3)
     assert len(grabbed) == 3 and all(len(w) == 8 for w in grabbed)
     assert any(float(w.std()) > 0 for w in grabbed)  # importance weights differ across rows
     for w in grabbed:
@@ -150,17 +155,7 @@ def test_the_gpu_checks_are_read_at_each_epoch_end(monkeypatch):
 
 
 def _first_step_inputs(model, cb):
-    grabbed = []
-    original = type(model).training_step
-
-    def step(self, batch, i):
-        grabbed.append(batch.inputs.clone())
-        return original(self, batch, i)
-
-    model.training_step = step.__get__(model)
-    L.Trainer(max_steps=1, callbacks=[cb], enable_checkpointing=False, **TRAINER).fit(
-        model, DataLoader(data(), batch_size=16))
-    return grabbed[0]
+    return _grab(model, cb, "inputs", steps=1)[0]
 
 
 def test_a_callback_reused_for_another_module_scores_that_module():

@@ -121,7 +121,10 @@ def _run(command: str, tmp_path: Path, timeout: int) -> subprocess.CompletedProc
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if kind(c) == "run"])
+RUN = [c for c in COMMANDS if kind(c) == "run"]
+
+
+@pytest.mark.parametrize("command", RUN, ids=[re.sub(r"[^\w.]+", "-", c[7:]) for c in RUN])
 def test_command_runs_as_written(command, tmp_path):
     res = _run(command, tmp_path, timeout=900)
     out = res.stdout + res.stderr

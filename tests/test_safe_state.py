@@ -299,13 +299,18 @@ def test_store_refuses_tampered_norms_and_epochs_unchanged():
     other.load_state_dict({**state, "grad_norm": unknown})
 
 
-def test_sampler_refuses_tampered_plans_and_epochs_unchanged():
+def _sampler_state():
+    """A store of 50 scored samples and the state of an SB sampler in the middle of epoch 1."""
     store = sb.ScoreStore(50)
     store.update(np.arange(50), np.random.default_rng(0).exponential(size=50), epoch=0)
     sampler = sb.SelectiveSampler(store, "sb", fraction=0.3, seed=2)
     sampler.set_epoch(1)
     list(sampler)
-    state = _roundtrip(sampler.state_dict())
+    return store, _roundtrip(sampler.state_dict())
+
+
+def test_sampler_refuses_tampered_plans_and_epochs_unchanged():
+    store, state = _sampler_state()
     other = sb.SelectiveSampler(store, "sb", fraction=0.3, seed=2)
     before = other.state_dict()
     mult = state["plan"][1].clone()
@@ -338,12 +343,7 @@ def test_store_refuses_another_dataset_and_bad_arrays_unchanged():
 
 
 def test_sampler_refuses_another_strategy_or_dataset():
-    store = sb.ScoreStore(50)
-    store.update(np.arange(50), np.random.default_rng(0).exponential(size=50), epoch=0)
-    sampler = sb.SelectiveSampler(store, "sb", fraction=0.3, seed=2)
-    sampler.set_epoch(1)
-    list(sampler)
-    state = _roundtrip(sampler.state_dict())
+    store, state = _sampler_state()
     with pytest.raises(ValueError, match="strategy 'SelectiveBackprop', this SelectiveSampler has 'Uniform'"):
         sb.SelectiveSampler(store, "uniform", fraction=0.3).load_state_dict(state)
     with pytest.raises(ValueError, match="planned over 50 samples, this sampler's store holds 40"):
