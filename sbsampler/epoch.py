@@ -32,6 +32,7 @@ consumed batches are read again, unscored, to rebuild the queue.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from .batch import SubBatch, parse_batch
 from .distributed import LocalSync
+from .lookahead import Steps
 from .select import Selected, observe_round, select_batch
 from .strategies import Full, Strategy
 from .weights import step_weights
@@ -75,6 +77,27 @@ class _Queued:
         return _Queued(self.sub.take(pos), self.ordinal, self.rows[pos], self.multipliers[pos], self.per_pick[pos])
 
 
+def _join(parts: list[_Queued]) -> SubBatch:
+    """The queued rows ``parts`` as one step, each weighted against its own draw (``sbsampler.weights``)."""
+    out = SubBatch.concat([p.sub for p in parts], same_batch=len({p.ordinal for p in parts}) == 1)
+    device = parts[-1].multipliers.device  # rows restored on the CPU may meet rows picked on a GPU
+    weights = step_weights(torch.cat([p.multipliers.to(device) for p in parts]),
+                           torch.cat([p.per_pick.to(device) for p in parts]))
+    out.weights = weights.to(out.weights.device, torch.float32)
+    return out
+
+
+def _entry(q: _Queued) -> dict[str, Any]:
+    """A queued piece as a saved entry: the batch it came from, its rows there, their dataset indices, weights."""
+    return {
+        "batch": q.ordinal,
+        "rows": q.rows.to("cpu", torch.int64, copy=True),
+        "indices": q.sub.indices.to("cpu", torch.int64, copy=True),
+        "multipliers": q.multipliers.to("cpu", torch.float64, copy=True),
+        "per_pick": q.per_pick.to("cpu", torch.float64, copy=True),
+    }
+
+
 class EpochIterator:
     """The state and steps of one epoch of a ``SelectiveLoader`` (see the module docstring).
 
@@ -94,7 +117,10 @@ class EpochIterator:
         self.queue: list[_Queued] = []
         self.finished = False
         self._pad_source: Optional[SubBatch] = None  # the rows a rank with nothing this round repeats
-        self._steps: Optional[Iterator[SubBatch]] = None
+        self._steps: Optional[Iterator[tuple]] = None  # (step, record) pairs; a lookahead.Steps with look-ahead
+        self._last_parts: list = []  # where the rows of the step just made came from (_recorded)
+        self._ready: deque = deque()  # steps a resumed epoch yields first, without look-ahead
+        self.consumed_position = 0  # wrapped batches consumed by the steps taken so far (what progress reads)
         self._start_error: Optional[BaseException] = None  # reported in the first round, on every rank
         self._drawn: list = [0, 0.0]  # candidates and expected picks of this epoch's draws (see _per_pick)
         self._rho: Any = None  # the samples per pick this epoch's variable-count rows are weighted against
@@ -114,13 +140,34 @@ class EpochIterator:
         self.strategy = self.loader.strategy if self.loader.is_selective(epoch) else _FULL
         self.rebatch = self.loader.rebatch and not self.strategy.keeps_all
         self._batches = self.loader.batches_per_epoch()
+        depth = self.loader.lookahead
+        scored = self.loader.strategy.needs_scores or self.loader.store is not None
+        replica = self.loader.replica() if depth and scored else None  # refreshed: version 0 of this epoch
+        self.hook = replica.hook if replica is not None else self.loader.hook
+        ready: list = []
         try:
             self._source = iter(self.loader.loader)
             if resume is not None:
-                self._fast_forward(resume)
+                ready = self._fast_forward(resume)
         except Exception as err:  # noqa: BLE001 - raised in the first round, on every rank at once
             self._start_error = err
-        return self._rebatched() if self.rebatch else self._direct()
+        produce = self._recorded(self._rebatched() if self.rebatch else self._direct())
+        if depth:
+            return Steps(produce, replica, self._device(), depth, ready)
+        self._ready.extend(ready)
+        return produce
+
+    def _device(self) -> Optional[torch.device]:
+        """Where the steps are made: the loader's device, else the model's."""
+        if self.loader.device is not None:
+            return self.loader.device
+        first = next(self.loader.hook.model.parameters(), None)
+        return first.device if first is not None else None
+
+    def _recorded(self, steps: Iterator[SubBatch]) -> Iterator[tuple]:
+        """Each step with its record: where its rows came from, and the wrapped batches consumed by then."""
+        for step in steps:
+            yield step, (self._last_parts, self.position)
 
     def __iter__(self) -> "EpochIterator":
         return self
@@ -137,14 +184,26 @@ class EpochIterator:
                 "Finish or break out of one epoch before starting the next; use two loaders to iterate twice at once"
             )
         try:
-            return next(self._steps)
+            step, record = self._ready.popleft() if self._ready else next(self._steps)
         except StopIteration:
             self.finished = True
             raise
+        self.consumed_position = record[1]
+        return step
 
     def queued(self) -> int:
         """Rows waiting in the rebatching queue."""
         return sum(len(q.sub) for q in self.queue)
+
+    def close(self) -> None:
+        """Stop a look-ahead thread (after the step it is producing); steps it made and nobody took are counted
+        as abandoned, not yielded. Called when another epoch starts while this one was broken off."""
+        if isinstance(self._steps, Steps):
+            self._steps.close()
+            for step, _ in self._steps.pending():
+                self.stats.samples_yielded -= len(step)
+                self.stats.samples_abandoned += len(step)
+                self.stats.steps -= 1
 
     # -- a round ---------------------------------------------------------------------
     def _read(self) -> Optional[SubBatch]:
@@ -191,7 +250,7 @@ class EpochIterator:
             try:
                 batch = self._next_batch()
                 if batch is None:  # this rank's input has run out: wait for its GPU checks still pending
-                    self.loader.hook.checks.flush()  # (labels, non-finite losses; an error reaches every rank)
+                    self.hook.checks.flush()  # (labels, non-finite losses; an error reaches every rank)
                 picked = None if batch is None else self._select(batch, strategy)
             except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
                 batch, picked, error = None, None, err
@@ -267,7 +326,7 @@ class EpochIterator:
 
     def _select(self, batch: SubBatch, strategy: Strategy) -> Selected:
         loader, stats = self.loader, self.stats
-        picked = select_batch(loader.hook, strategy, batch, loader.fraction, nan_policy=loader.nan_policy,
+        picked = select_batch(self.hook, strategy, batch, loader.fraction, nan_policy=loader.nan_policy,
                               score=loader.store is not None and not strategy.keeps_all,  # the store keeps scores
                               select_on=loader.select_on)
         stats.record(picked, len(batch))
@@ -312,7 +371,7 @@ class EpochIterator:
             if mx[3]:  # a full batch (outside the window, or an interrupt): one step of its own on every rank
                 if not mn[4]:
                     self._fail_unmatched(bool(self._can_pad()) or whole is not None)
-                yield self._emit(whole, mx[3])
+                yield self._emit(self._whole(whole), mx[3])
             for _ in range(mn[0]):
                 yield self._emit(self._take(size), size)
             if not mx[1]:
@@ -347,12 +406,14 @@ class EpochIterator:
                 front, self.queue[0] = head.split(count)
                 parts.append(front)
                 count = 0
-        out = SubBatch.concat([p.sub for p in parts], same_batch=len({p.ordinal for p in parts}) == 1)
-        device = parts[-1].multipliers.device  # rows restored on the CPU may meet rows picked on a GPU
-        weights = step_weights(torch.cat([p.multipliers.to(device) for p in parts]),
-                               torch.cat([p.per_pick.to(device) for p in parts]))
-        out.weights = weights.to(out.weights.device, torch.float32)
-        return out
+        self._last_parts = parts
+        return _join(parts)
+
+    def _whole(self, sub: SubBatch) -> SubBatch:
+        """A whole batch as its own step (weights ``1/B``), recorded as one part."""
+        ones = torch.ones(len(sub), dtype=torch.float64)
+        self._last_parts = [_Queued(sub, self.position - 1, torch.arange(len(sub)), ones, ones)]
+        return sub
 
     def _drop(self, count: int) -> None:
         self.stats.samples_dropped += count
@@ -397,32 +458,40 @@ class EpochIterator:
             return self._handoff()
         return save_wrapped(self.loader.loader, iterating=True)
 
+    def pending(self) -> list[tuple]:
+        """``(step, record)`` of the steps made and not yet taken: a look-ahead's, or a resumed epoch's."""
+        if isinstance(self._steps, Steps):
+            self._steps.settle()  # the thread at its gate: the epoch's state is that of the steps made
+            return self._steps.pending()
+        return list(self._ready)
+
     def state_dict(self) -> dict[str, Any]:
-        """The epoch, the wrapped batches consumed and the queue: plain values and CPU tensors."""
+        """The epoch, the wrapped batches consumed, the queue and the steps made but not taken (look-ahead):
+        plain values and CPU tensors."""
+        pending = self.pending()
+        if pending and self._stateful:
+            raise NotImplementedError(
+                "a mid-epoch state of a look-ahead over a stateful wrapped loader (StatefulDataLoader) is not "
+                "supported yet: save between epochs, or use lookahead=0")
         return {
             "wrapped": self.wrapped_state(),
             "epoch": self.epoch,
             "position": self.position,
             "drawn": [int(self._drawn[0]), float(self._drawn[1])],
             "carried": None if self._rho is None else float(self._rho),
-            "queue": [
-                {
-                    "batch": q.ordinal,
-                    "rows": q.rows.to("cpu", torch.int64, copy=True),
-                    "indices": q.sub.indices.to("cpu", torch.int64, copy=True),
-                    "multipliers": q.multipliers.to("cpu", torch.float64, copy=True),
-                    "per_pick": q.per_pick.to("cpu", torch.float64, copy=True),
-                }
-                for q in self.queue
-            ],
+            "queue": [_entry(q) for q in self.queue],
+            "pending": [{"position": int(position), "parts": [_entry(q) for q in parts]}
+                        for _, (parts, position) in pending],
         }
 
-    def _fast_forward(self, state: dict[str, Any]) -> None:
-        """Read the batches the saved run had consumed (unscored); rebuild its queue from them."""
+    def _fast_forward(self, state: dict[str, Any]) -> list[tuple]:
+        """Read the batches the saved run had consumed (unscored); rebuild its queue and the steps it had made
+        but not yielded (a look-ahead's), which are returned as ``(step, record)`` to yield first."""
+        entries = list(state["queue"]) + [e for step in state.get("pending", []) for e in step["parts"]]
         wanted: dict[int, list[int]] = {}
-        for j, entry in enumerate(state["queue"]):
+        for j, entry in enumerate(entries):
             wanted.setdefault(int(entry["batch"]), []).append(j)
-        pieces: list[Optional[_Queued]] = [None] * len(state["queue"])
+        pieces: list[Optional[_Queued]] = [None] * len(entries)
         first = 0
         handoff = state.get("wrapped")
         if self._stateful and handoff is not None and "state" in handoff:  # the loader resumes itself from there
@@ -441,7 +510,7 @@ class EpochIterator:
                 continue
             batch = batch.to(self.loader.device)
             for j in wanted[ordinal]:
-                entry = state["queue"][j]
+                entry = entries[j]
                 rows = torch.as_tensor(entry["rows"], dtype=torch.int64)
                 if rows.numel() and int(rows.max()) >= len(batch):
                     raise RuntimeError(
@@ -457,7 +526,12 @@ class EpochIterator:
                 per_pick = torch.as_tensor(entry["per_pick"], dtype=torch.float64)
                 weights = step_weights(mult, per_pick).to(batch.weights.device, torch.float32)
                 pieces[j] = _Queued(batch.take(rows, weights), ordinal, rows, mult, per_pick)
-        self.queue = [p for p in pieces if p is not None]
+        self.queue = [p for p in pieces[:len(state["queue"])] if p is not None]
+        rest, ready = pieces[len(state["queue"]):], []
+        for step in state.get("pending", []):
+            parts, rest = rest[:len(step["parts"])], rest[len(step["parts"]):]
+            ready.append((_join(parts), (parts, int(step["position"]))))  # type: ignore[arg-type]
         self.position = int(state["position"])
         self._drawn = [int(state["drawn"][0]), float(state["drawn"][1])]
         self._rho = state["carried"]
+        return ready

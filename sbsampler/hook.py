@@ -251,6 +251,28 @@ class ScoringHook:
         if self._handle is not None:
             self._handle.remove()
 
+    def replicate(self, model: nn.Module) -> "ScoringHook":
+        """The same hook on ``model``, a copy of this hook's model (``copy.deepcopy``): same settings, the head at
+        the same place (``sbsampler.lookahead`` scores such a replica beside the training step).
+
+        Raises:
+            ValueError: with a ``forward=`` callable, which calls the original model, not the copy.
+        """
+        if self.forward is not None:
+            raise ValueError("a ScoringHook(forward=...) callable runs the model it closes over, so a copy of the "
+                             "model cannot be scored through it: drop forward= (the default calls model(inputs), or "
+                             "model(**inputs) for a dict), or use lookahead=0")
+        head: Union[bool, nn.Module] = False
+        if self.head is not None:
+            name = {m: n for n, m in self.model.named_modules()}[self.head]
+            head = dict(model.named_modules())[name]
+        twin = ScoringHook(model, head=head, loss=self.loss, label_smoothing=self.label_smoothing,
+                           train_mode=self.train_mode, amp_dtype=self.amp_dtype, logits=self.logits,
+                           exact_limit=self.exact_limit, sketch_dim=self.sketch_dim, seed=self.seed,
+                           scale_factor=self.scale_factor)
+        twin._auto_head, twin._head_checked = self._auto_head, self._head_checked
+        return twin
+
     def validate_targets(self, targets: Any, batch_size: int, classes: Optional[int] = None) -> None:
         """For the built-in cross-entropy: (B,) integer labels in [0, C), or (B, C) target distributions."""
         classes = self.num_classes if classes is None else classes

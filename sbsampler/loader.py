@@ -17,6 +17,7 @@ import torch
 
 from .batch import BatchKeys, adapt_loader
 from .checkpoint import check_version, is_int, read_array, read_int, read_number, require, safe_state
+from .lookahead import Replica
 from .wrapped import read_wrapped, restore_wrapped, save_wrapped
 from .distributed import LocalSync, RankSync, resolve_sync
 from .epoch import EpochIterator
@@ -110,6 +111,12 @@ class SelectiveLoader:
             different random streams (``sbsampler.select``). On a GPU, a
             ``nan_policy="raise"`` or label error is then raised a batch or two
             after the batch it names, at the latest when the epoch ends.
+        lookahead: prepare up to this many steps ahead of the training loop, in
+            a background thread (on CUDA, a side stream): step ``p`` is scored
+            by a copy of the model holding the parameters after ``max(0, p -
+            lookahead)`` steps of the epoch, one version per batch, whatever the
+            timing (``sbsampler.lookahead``). ``0`` (default): in series, with
+            the parameters as they are. Not under DDP yet.
 
     Epochs: ``next_epoch`` is the epoch the next ``iter(loader)`` runs; it
     advances by one when an epoch starts, and ``set_epoch`` sets it.
@@ -144,6 +151,7 @@ class SelectiveLoader:
         interrupt: int = 0,
         batch_keys: BatchKeys = BatchKeys(),
         select_on: str = "auto",
+        lookahead: int = 0,
     ) -> None:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"hook must be a ScoringHook, got {type(hook).__name__}")
@@ -160,6 +168,8 @@ class SelectiveLoader:
             raise ValueError(f"interrupt must be an int >= 0 (0: never), got {interrupt!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not is_int(lookahead) or lookahead < 0:
+            raise ValueError(f"lookahead must be an int >= 0 (0: in series), got {lookahead!r}")
         if isinstance(loader, Iterator):
             raise TypeError(
                 f"the wrapped loader is a one-shot iterator ({type(loader).__name__}): it would be empty after the "
@@ -189,6 +199,14 @@ class SelectiveLoader:
                 raise ValueError("sync_history=True needs a distributed job (torch.distributed initialised, 2+ ranks)")
             if not self.strategy.keeps_history:
                 raise ValueError(f"sync_history=True needs a strategy with a loss history, got {self.strategy!r}")
+        if lookahead and self.sync.world_size > 1:
+            raise ValueError(
+                "lookahead is not supported under DDP yet: the ranks' agreement would run collectives from the "
+                "look-ahead thread beside DDP's own. Use lookahead=0")
+        if lookahead and hook.forward is not None:
+            hook.replicate(hook.model)  # raises: a forward= callable runs the live model
+        self.lookahead = lookahead
+        self._replica: Optional[Replica] = None  # the look-ahead's copy of the model, made at its first epoch
         self.store = store
         self.batch_fields = frozenset(batch_fields)
         if not isinstance(batch_keys, BatchKeys):
@@ -269,7 +287,7 @@ class SelectiveLoader:
         n = self.batches_per_epoch()
         if not n:
             raise TypeError("progress within an epoch needs the wrapped loader's len(); it has none")
-        return running.epoch + running.position / n
+        return running.epoch + running.consumed_position / n
 
     @property
     def current_iterator(self) -> Optional[EpochIterator]:
@@ -325,6 +343,7 @@ class SelectiveLoader:
         """
         running = self._running
         if running is not None and not running.finished:
+            running.close()  # a look-ahead thread stops (its steps not taken count as abandoned)
             self.stats.samples_abandoned += running.queued()
         self._samples_per_pick = self.samples_per_pick()
         resume, self._resume = self._resume, None
@@ -332,6 +351,13 @@ class SelectiveLoader:
         self.next_epoch = epoch + 1
         self._running = iterator
         return epoch, resume
+
+    def replica(self) -> Replica:
+        """The look-ahead's copy of the model, made at first use, refreshed from the live model now."""
+        if self._replica is None:
+            self._replica = Replica(self.hook)
+        self._replica.refresh()
+        return self._replica
 
     def samples_per_pick(self) -> Any:
         """Candidates per expected pick of the last epoch that drew (``None`` before any).
@@ -354,7 +380,7 @@ class SelectiveLoader:
         """
         state = self.__dict__.copy()
         running = state["_running"]
-        state["_running"] = None
+        state["_running"] = state["_replica"] = None  # the replica is made again from the copy's model
         ratio = self.samples_per_pick()
         state["_samples_per_pick"] = float(ratio) if ratio is not None else None
         if running is not None and not running.finished and running.epoch is not None:
@@ -378,7 +404,7 @@ class SelectiveLoader:
         in_epoch = running is not None and not running.finished
         ratio = self.samples_per_pick()
         epoch_state = running.state_dict() if in_epoch else {"epoch": None, "position": 0, "queue": [],
-                                                             "drawn": [0, 0.0],
+                                                             "pending": [], "drawn": [0, 0.0],
                                                              "carried": None if ratio is None else float(ratio),
                                                              "wrapped": save_wrapped(self.loader, iterating=False)}
         return self._saved({"in_epoch": in_epoch, **epoch_state})
@@ -450,7 +476,8 @@ class SelectiveLoader:
                                  f"{now}: it comes from another dataset, shard or batch size")
 
     def _read_resume(self, state: dict[str, Any], kind: str) -> dict[str, Any]:
-        """The mid-epoch part of a loader state, checked: position, draws and every queued entry's arrays."""
+        """The mid-epoch part of a loader state, checked: position, draws, every queued entry's arrays and the
+        steps made but not taken (a look-ahead's)."""
         require(state, ["epoch", "position", "queue", "drawn", "carried"], kind)
         epoch = read_int(state["epoch"], "epoch", kind)
         position = read_int(state["position"], "position", kind)
@@ -463,41 +490,61 @@ class SelectiveLoader:
             raise ValueError(f"{kind} state field 'drawn' must be [candidates, expected picks], got {drawn!r}")
         candidates = read_int(drawn[0], "drawn[0]", kind)
         expected = read_number(drawn[1], "drawn[1]", kind, positive=candidates > 0)
-        queue = state["queue"]
-        if not isinstance(queue, (list, tuple)):
-            raise ValueError(f"{kind} state field 'queue' must be a list, got {type(queue).__name__}")
+        pending = []
+        for i, step in enumerate(_read_list(state.get("pending", []), "pending", kind)):
+            require(step, ["position", "parts"], f"{kind} pending step")
+            at = read_int(step["position"], f"pending[{i}].position", kind)
+            if at > position:
+                raise ValueError(f"{kind} state field 'pending[{i}].position' is {at}, past the position {position}")
+            pending.append({"position": at, "parts": self._read_entries(step["parts"], f"pending[{i}].parts",
+                                                                        position, kind)})
+            if not pending[-1]["parts"]:
+                raise ValueError(f"{kind} state field 'pending[{i}].parts' is empty: a step has rows")
+        return {"epoch": epoch, "position": position, "drawn": [candidates, expected],
+                "queue": self._read_entries(state["queue"], "queue", position, kind), "pending": pending,
+                "carried": read_number(state["carried"], "carried", kind, positive=True, none=True),
+                "wrapped": read_wrapped(state.get("wrapped"), kind)}
+
+    def _read_entries(self, entries: Any, name: str, position: int, kind: str) -> list[dict[str, Any]]:
+        """Saved rows of wrapped batches (the queue's, or a step's parts), checked: their batch before
+        ``position``, rows inside a wrapped batch, dataset indices, finite multipliers, positive samples per pick."""
         rows_below = getattr(self.loader, "batch_size", None)  # a wrapped batch's size, where the loader says
         rows_below = rows_below if is_int(rows_below) and rows_below > 0 else None
         low = None if self.strategy.signed_weights else 0.0
-        entries = []
-        for j, entry in enumerate(queue):
-            name = f"queue[{j}]"
-            require(entry, ["batch", "rows", "indices", "multipliers", "per_pick"], f"{kind} queue entry")
+        out = []
+        for j, entry in enumerate(_read_list(entries, name, kind)):
+            field = f"{name}[{j}]"
+            require(entry, ["batch", "rows", "indices", "multipliers", "per_pick"], f"{kind} {name} entry")
             batch = entry["batch"]
             if not (is_int(batch) and 0 <= batch < position):
-                raise ValueError(f"{kind} state field '{name}.batch' must be a batch before position {position}, "
+                raise ValueError(f"{kind} state field '{field}.batch' must be a batch before position {position}, "
                                  f"got {batch!r}")
-            rows = read_array(entry["rows"], f"{name}.rows", kind, integer=True, low=0, high=rows_below)
+            rows = read_array(entry["rows"], f"{field}.rows", kind, integer=True, low=0, high=rows_below)
             n = rows.shape[0]
-            entries.append({
+            out.append({
                 "batch": batch, "rows": rows,
-                "indices": read_array(entry["indices"], f"{name}.indices", kind, n, integer=True),
-                "multipliers": read_array(entry["multipliers"], f"{name}.multipliers", kind, n, finite=True, low=low),
-                "per_pick": _positive(read_array(entry["per_pick"], f"{name}.per_pick", kind, n, finite=True),
-                                      f"{name}.per_pick", kind)})
-        return {"epoch": epoch, "position": position, "queue": entries, "drawn": [candidates, expected],
-                "carried": read_number(state["carried"], "carried", kind, positive=True, none=True),
-                "wrapped": read_wrapped(state.get("wrapped"), kind)}
+                "indices": read_array(entry["indices"], f"{field}.indices", kind, n, integer=True),
+                "multipliers": read_array(entry["multipliers"], f"{field}.multipliers", kind, n, finite=True,
+                                          low=low),
+                "per_pick": _positive(read_array(entry["per_pick"], f"{field}.per_pick", kind, n, finite=True),
+                                      f"{field}.per_pick", kind)})
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"SelectiveLoader(strategy={self.strategy!r}, fraction={self.fraction}, rebatch={self.rebatch}, "
+            f"start={self.start}, end={self.end}, epochs={self.epochs}, interrupt={self.interrupt}, "
+            f"lookahead={self.lookahead})"
+        )
+
+
+def _read_list(value: Any, name: str, kind: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{kind} state field {name!r} must be a list, got {type(value).__name__}")
+    return list(value)
 
 
 def _positive(values: Any, name: str, kind: str) -> Any:
     if values.size and values.min() <= 0:
         raise ValueError(f"{kind} state field {name!r} holds {values.min():g}: it must be > 0")
     return values
-
-    def __repr__(self) -> str:
-        return (
-            f"SelectiveLoader(strategy={self.strategy!r}, fraction={self.fraction}, rebatch={self.rebatch}, "
-            f"start={self.start}, end={self.end}, epochs={self.epochs}, interrupt={self.interrupt})"
-        )
-

@@ -285,3 +285,45 @@ def test_gpu_selection_follows_the_host_law(name, kwargs):
         f_host[host.select(scores, 4).indices] += 1
         f_dev[dev.select_tensors(gpu, 4)[0].cpu().numpy()] += 1
     np.testing.assert_allclose(f_dev / 4000, f_host / 4000, atol=0.04)
+
+
+@pytest.mark.parametrize("rebatch", [False, True])
+def test_lookahead_on_a_side_stream_scores_one_version_n_steps_old(rebatch):
+    """The look-ahead thread's work goes to a side stream: each batch of step p is still scored by the parameters
+    after max(0, p - 1) steps (sbsampler.lookahead), and the steps are those of the same run in series when the
+    model does not change."""
+    import copy
+
+    torch.manual_seed(0)
+    model = SmallCNN().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = data(256)
+    store = sb.ScoreStore(256)
+    dl = DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=32, pin_memory=True)
+    loader = sb.SelectiveLoader(dl, sb.ScoringHook(model), "sb", fraction=0.25, rebatch=rebatch, batch_size=16,
+                                seed=0, device="cuda", store=store, lookahead=1)
+    versions = [copy.deepcopy(model.state_dict())]
+    for b in loader:
+        loss = sb.weighted_loss(F.cross_entropy(model(b.inputs), b.targets, reduction="none"), b.weights)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        versions.append(copy.deepcopy(model.state_dict()))
+    per_step = 2 if rebatch else 1
+    fresh = SmallCNN().cuda().eval()
+    for j in range(8):
+        p = j // per_step
+        fresh.load_state_dict(versions[max(0, p - 1)])
+        with torch.no_grad():
+            want = F.cross_entropy(fresh(x[32 * j:32 * (j + 1)].cuda()), y[32 * j:32 * (j + 1)].cuda(),
+                                   reduction="none").double().cpu()
+        torch.testing.assert_close(torch.from_numpy(store.loss[32 * j:32 * (j + 1)]), want, rtol=1e-5, atol=1e-6)
+    still = []
+    for depth in (0, 2):
+        torch.manual_seed(0)
+        frozen = SmallCNN().cuda()
+        ld = sb.SelectiveLoader(DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=32), sb.ScoringHook(frozen),
+                                "sb", fraction=0.25, rebatch=rebatch, batch_size=16, seed=0, device="cuda",
+                                lookahead=depth, select_on="host")
+        still.append([(b.indices.tolist(), b.weights.tolist()) for b in ld])
+    assert still[0] == still[1]
