@@ -16,6 +16,12 @@ Prints measured speedup (full / selective), the ideal speedup from the separatel
 measured terms (full / (score + select + step(k))), their ratio (target >= 0.9) and
 the selection share of the selective step (target <= 5% for GradientMatching), then
 samples/second through ``SelectiveLoader`` over a ``DataLoader`` with 2 workers.
+
+Look-ahead rows (``SelectiveLoader(lookahead=1)``, ``sbsampler.lookahead``): a loop of
+steps through the loader in series and with the look-ahead thread (on CUDA a side
+stream), per step, against the in-series ideal ``score + select + step(k)`` and the
+overlapped one ``max(score + select, step(k)) + refresh`` (the replica's copy of the
+parameters, on the loop's path). Measured, not asserted.
 Writes ``benchmarks/results/step_time.json`` (the device is recorded). Non-zero exit
 when a target is missed.
 """
@@ -44,6 +50,8 @@ import sbsampler as sb  # noqa: E402
 from sbsampler.strategies import budget  # noqa: E402
 
 FRACTIONS = [0.1, 0.25, 0.5]
+AHEAD = ("uniform", "sb", "gradmatch")  # look-ahead rows: the baseline, a loss rule, the gradient rule
+AHEAD_STEPS = 6  # steps per timed loop (3 with --quick); the first of each loop cannot overlap
 TARGET_EFFICIENCY = 0.9
 TARGET_GM_SHARE = 0.05
 
@@ -96,6 +104,21 @@ def main(argv=None) -> int:
 
     scores_cache = hook.score(x, y)
     configs: dict[str, Callable[[], None]] = {"full": lambda: step(x, y), "score": lambda: hook.score(x, y)}
+    n_ahead = 3 if args.quick else AHEAD_STEPS
+    batches = [(x.roll(j, 0), y.roll(j, 0)) for j in range(n_ahead)]
+    loaders = {(name, f, depth): sb.SelectiveLoader(batches, hook, sb.get_strategy(name, seed=0), fraction=f,
+                                                    lookahead=depth)
+               for name in AHEAD for f in FRACTIONS for depth in (0, 1)}
+
+    def loop(name: str, f: float, depth: int) -> None:
+        for b in loaders[name, f, depth]:
+            step(b.inputs, b.targets, b.weights)
+
+    for (name, f, depth) in loaders:
+        configs[f"loop{depth}_{name}_{f}"] = lambda n=name, f=f, d=depth: loop(n, f, d)
+    loop("sb", FRACTIONS[0], 1)  # the replica exists before its refresh is timed
+    replica = loaders["sb", FRACTIONS[0], 1]._replica
+    configs["refresh"] = replica.refresh
     for f, k in ks.items():
         configs[f"step_k{k}"] = lambda k=k: step(x[:k], y[:k], torch.full((k,), 1.0 / k, device=device))
         for name in strategies:
@@ -126,6 +149,19 @@ def main(argv=None) -> int:
                          "speedup": full / measured, "ideal_speedup": full / ideal,
                          "efficiency": ideal / measured,
                          "select_share": med[f"select_{name}_{f}"] / measured})
+    ahead_rows = []
+    for f, k in ks.items():
+        for name in AHEAD:
+            scoring = med["score"] if strategies[name].needs_scores else 0.0
+            prepare = scoring + med[f"select_{name}_{f}"]
+            series, ahead = (med[f"loop{d}_{name}_{f}"] / n_ahead for d in (0, 1))
+            overlapped = max(prepare, med[f"step_k{k}"]) + med["refresh"]
+            ahead_rows.append({"strategy": name, "fraction": f, "k": k, "full_ms": 1e3 * full,
+                               "series_ms": 1e3 * series, "ahead_ms": 1e3 * ahead,
+                               "series_ideal_ms": 1e3 * (prepare + med[f"step_k{k}"]),
+                               "overlapped_ideal_ms": 1e3 * overlapped, "refresh_ms": 1e3 * med["refresh"],
+                               "ahead_vs_series": series / ahead, "ahead_vs_full": full / ahead,
+                               "ahead_efficiency": overlapped / ahead})
     print(f"device: {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}), "
           f"model: {model_name}, batch {batch}, {rounds} interleaved rounds, torch threads {torch.get_num_threads()}")
     print(table(rows, [("strategy", "strategy", "s"), ("fraction", "fraction", ".2f"), ("k", "k", "d"),
@@ -134,6 +170,14 @@ def main(argv=None) -> int:
                        ("step_k_ms", "step(k) ms", ".0f"), ("speedup", "speedup", ".2f"),
                        ("ideal_speedup", "ideal", ".2f"), ("efficiency", "measured/ideal", ".2f"),
                        ("select_share", "select share", ".3f")]))
+
+    print(f"\nlook-ahead (lookahead=1) against in series, through SelectiveLoader, {n_ahead}-step loops")
+    print(table(ahead_rows, [("strategy", "strategy", "s"), ("fraction", "fraction", ".2f"), ("k", "k", "d"),
+                             ("full_ms", "full ms", ".0f"), ("series_ms", "in series ms", ".0f"),
+                             ("ahead_ms", "look-ahead ms", ".0f"), ("series_ideal_ms", "series ideal", ".0f"),
+                             ("overlapped_ideal_ms", "overlapped ideal", ".0f"), ("refresh_ms", "refresh ms", ".1f"),
+                             ("ahead_vs_series", "x series", ".2f"), ("ahead_vs_full", "x full", ".2f"),
+                             ("ahead_efficiency", "overlapped ideal/measured", ".2f")]))
 
     loader_rows = []
     if not args.quick:
@@ -170,7 +214,7 @@ def main(argv=None) -> int:
     name = ("step_time" if device.type == "cpu" else "step_time_gpu") + ("_quick" if args.quick else "")
     path = write_results(name, {
         "device": device_name, "model": model_name, "batch": batch, "rounds": rounds, "quick": args.quick,
-        "torch_threads": torch.get_num_threads(), "rows": rows, "loader": loader_rows,
+        "torch_threads": torch.get_num_threads(), "rows": rows, "lookahead": ahead_rows, "loader": loader_rows,
         "raw_median_s": med, "targets": [{"check": m, "met": ok} for m, ok in checks]})
     print(f"wrote {path}")
     return 0 if all(ok for _, ok in checks) else 1

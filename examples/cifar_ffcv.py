@@ -97,6 +97,8 @@ def main(argv=None) -> dict:
                         help=f"--mode sampler takes {', '.join(SAMPLER_STRATEGIES)}")
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--rebatch", action="store_true", help="--mode batch: refill full batches")
+    parser.add_argument("--lookahead", type=int, default=0,
+                        help="--mode batch: steps prepared ahead of the training step (sbsampler.lookahead)")
     parser.add_argument("--max-staleness", type=int, default=0,
                         help="--mode sampler: reload a sample at least every N epochs (0: never forced)")
     parser.add_argument("--anneal", type=float, default=0.0,
@@ -128,7 +130,7 @@ def main(argv=None) -> dict:
         loader = sb.WeightedBatches(train, sampler)
     else:
         loader = selective_loader(train, model, args.strategy, args.fraction, args.rebatch, args.start, args.end,
-                                  args.epochs, args.label_smoothing, amp_dtype, args.seed)
+                                  args.epochs, args.label_smoothing, amp_dtype, args.seed, args.lookahead)
     opt = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     print(f"model {name} on {device}; {loader!r}")

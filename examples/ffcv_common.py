@@ -118,11 +118,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def selective_loader(ffcv_loader, model: nn.Module, strategy: str, fraction: float, rebatch: bool,
                      start: float, end: float, epochs: int, label_smoothing: float,
-                     amp_dtype: Optional[torch.dtype], seed: int) -> sb.SelectiveLoader:
-    """Wrap an FFCV loader; ``strategy="full"`` passes every batch through (no scoring)."""
+                     amp_dtype: Optional[torch.dtype], seed: int, lookahead: int = 0) -> sb.SelectiveLoader:
+    """Wrap an FFCV loader; ``strategy="full"`` passes every batch through (no scoring); ``lookahead``: steps
+    prepared ahead of the training step (``sbsampler.lookahead``)."""
     hook = sb.ScoringHook(model, label_smoothing=label_smoothing, amp_dtype=amp_dtype)
     return sb.SelectiveLoader(ffcv_loader, hook, strategy=strategy, fraction=fraction, rebatch=rebatch,
-                              start=start, end=end, epochs=epochs, seed=seed)
+                              start=start, end=end, epochs=epochs, seed=seed, lookahead=lookahead)
 
 
 def score_sampler(beton: Union[str, Path], strategy: str, fraction: float, max_staleness: Optional[int],

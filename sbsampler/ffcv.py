@@ -86,6 +86,7 @@ def write_beton(
     write_mode: str = "raw",
     max_resolution: Optional[int] = None,
     jpeg_quality: int = 90,
+    compress_probability: Optional[float] = None,
     num_workers: int = 1,
     chunk_size: int = 100,
     image_field: str = "image",
@@ -104,7 +105,9 @@ def write_beton(
         write_mode: ``"raw"`` (lossless) or ``"jpg"`` (FFCV's ``RGBImageField``
             modes; ``"smart"`` and ``"proportion"`` work too).
         max_resolution: resize so the longer side is at most this (FFCV's option).
-        jpeg_quality: JPEG quality for ``"jpg"``.
+        jpeg_quality: JPEG quality for ``"jpg"`` (and the JPEG share of ``"proportion"``).
+        compress_probability: with ``"proportion"``, the share of images stored as JPEG
+            (ffcv-imagenet writes ImageNet with ``"proportion"``, 0.5, quality 90, max 500 px).
         num_workers: FFCV writer processes.
         chunk_size: samples per writer chunk.
 
@@ -116,6 +119,8 @@ def write_beton(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_kw: dict[str, Any] = {"write_mode": write_mode, "jpeg_quality": jpeg_quality}
+    if compress_probability is not None:
+        image_kw["compress_probability"] = compress_probability
     if max_resolution is not None:
         image_kw["max_resolution"] = max_resolution
     fields = {image_field: RGBImageField(**image_kw), label_field: IntField(), INDEX_FIELD: IntField()}

@@ -126,6 +126,8 @@ Section("selection", "Selective Backprop").params(
     end=Param(float, "batch mode: selective window end, fraction of the epochs", default=1.0),
     max_staleness=Param(int, "sampler mode: reload an image at least every N epochs (0: never forced)", default=0),
     anneal=Param(float, "sampler mode: share of the final epochs that load the full data", default=0.0),
+    lookahead=Param(int, "batch mode: steps prepared ahead of the training step, in a thread on a side stream "
+                         "(0: in series; one process only)", default=0),
 )
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
@@ -271,7 +273,8 @@ def train(rank: int, cfg) -> dict:
     else:  # SelectiveLoader agrees on the steps with the other ranks (torch.distributed is up)
         loader = selective_loader(train_loader, model, cfg["selection.strategy"], cfg["selection.fraction"],
                                   bool(cfg["selection.rebatch"]), cfg["selection.start"], cfg["selection.end"],
-                                  epochs, cfg["training.label_smoothing"], amp_dtype, cfg["training.seed"])
+                                  epochs, cfg["training.label_smoothing"], amp_dtype, cfg["training.seed"],
+                                  cfg["selection.lookahead"])
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     lr_at = lr_schedule(cfg)
     folder = Path(cfg["logging.folder"])
