@@ -66,6 +66,9 @@ ANCHOR = {"rn18": 1281167 * 16 / (35.0 * 60), "rn50": 1281167 * 16 / (14.9 * 60)
 PER_BATCH = [(name, f, ahead) for name in ("uniform", "sb", "gradmatch") for f in (0.25, 0.5) for ahead in (0, 1)]
 SAMPLER = [("uniform", 0.25), ("infobatch", 0.5)]
 AIM_EFFICIENCY, AIM_SPEEDUP = 0.9, 1.5
+# FFCV loaders live until the process ends: collected earlier, their compiled Numba code's finalizers print
+# "Exception ignored ... KeyError" (harmless, but noise that reads like a failure)
+_LOADERS: list = []
 
 
 class ImageNetLike:
@@ -136,7 +139,8 @@ def run_config(arch: str, beton: Path, args, device: torch.device) -> dict[str, 
     opt = torch.optim.SGD(reference_param_groups(model, cfg["training.weight_decay"]), lr=0.01, momentum=0.9)
     opt_init = copy.deepcopy(opt.state_dict())
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    train, _, decoder = ti.make_loaders(cfg, device)
+    train, val, decoder = ti.make_loaders(cfg, device)
+    _LOADERS.extend((train, val))
     decoder.output_size = (res, res)
     steps = args.steps
     print(f"{arch}: {model_name} ({blurred} BlurPool convolutions), batch {batch}, {res} px, {steps} steps a mode, "
@@ -234,7 +238,8 @@ def run_config(arch: str, beton: Path, args, device: torch.device) -> dict[str, 
         store.update(np.arange(len(store)), np.random.default_rng(0).exponential(size=len(store)), epoch=0)
         sampler.set_epoch(1)  # as after a first epoch that scored everything: this one prunes
         plan = len(sampler.plan()[0])
-        samp_train, _, samp_decoder = ti.make_loaders(cfg, device, sampler)
+        samp_train, samp_val, samp_decoder = ti.make_loaders(cfg, device, sampler)
+        _LOADERS.extend((samp_train, samp_val))
         samp_decoder.output_size = (res, res)
         wall, row = epoch(sb.WeightedBatches(samp_train, sampler), store=store)
         covered = row["steps"] * batch * len(store) / max(plan, 1)  # the images the plan's steps stand for

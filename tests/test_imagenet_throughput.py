@@ -13,8 +13,13 @@ import pytest
 if os.environ.get("SBSAMPLER_REQUIRE_FFCV") != "1":
     pytest.importorskip("ffcv")
 
+# benchmarks/ (and the examples the benchmark puts there) stay on sys.path only while it is imported (test_demo.py)
+_saved = list(sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import imagenet_throughput as it  # noqa: E402
+try:
+    import imagenet_throughput as it  # noqa: E402
+finally:
+    sys.path[:] = _saved
 
 
 def test_the_synthetic_beton_is_written_as_ffcv_imagenet_writes_imagenet(tmp_path):

@@ -22,7 +22,7 @@ def test_time_to_accuracy_smoke(monkeypatch, tmp_path):
     assert code in (0, 1)  # 1: the 0.6x target missed, reported, not a crash
     out = json.loads((tmp_path / "tta_test.json").read_text())
     modes = {r["mode"] for r in out["rows"]}
-    assert len(modes) == 14 and "full" in modes and "sampler infobatch 0.5" in modes
+    assert len(modes) == 18 and {"full", "sampler infobatch 0.5", "sb 0.25 ahead"} <= modes
     full = next(r for r in out["rows"] if r["mode"] == "full")
     assert full["x_full_minus_half_pt"] == 1.0 and full["samples_backprop"] == 2 * 1438  # 1797 digits, 359 held out
     assert (tmp_path / "tta_test.png").stat().st_size > 0
