@@ -29,13 +29,13 @@ epoch iterator (``sbsampler.epoch``) has one code path for one rank and for many
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankSync", "LocalSync", "resolve_sync"]
+__all__ = ["RankSync", "LocalSync", "resolve_sync", "is_sharded"]
 
 
 class RankSync:
@@ -95,6 +95,18 @@ class LocalSync:
 
 
 Sync = Union[RankSync, LocalSync]
+
+
+def is_sharded(model: Any) -> bool:
+    """Whether ``model``'s forward gathers sharded parameters from the other ranks: it holds an FSDP2
+    (``fully_shard``) or FSDP1 module, or DeepSpeed ZeRO-3 parameters (``ds_id``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without FSDP
+        return False
+    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
+        return True
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def resolve_sync(distributed: Union[None, bool, RankSync, LocalSync]) -> Sync:

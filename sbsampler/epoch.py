@@ -117,6 +117,7 @@ class EpochIterator:
         self.queue: list[_Queued] = []
         self.finished = False
         self._pad_source: Optional[SubBatch] = None  # the rows a rank with nothing this round repeats
+        self._stand_in: Optional[SubBatch] = None  # a sharded model's forward input for a rank with no batch
         self._steps: Optional[Iterator[tuple]] = None  # (step, record) pairs; a lookahead.Steps with look-ahead
         self._last_parts: list = []  # where the rows of the step just made came from (_recorded)
         self._ready: deque = deque()  # steps a resumed epoch yields first, without look-ahead
@@ -251,7 +252,15 @@ class EpochIterator:
                 batch = self._next_batch()
                 if batch is None:  # this rank's input has run out: wait for its GPU checks still pending
                     self.hook.checks.flush()  # (labels, non-finite losses; an error reaches every rank)
-                picked = None if batch is None else self._select(batch, strategy)
+            except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
+                batch, error = None, err
+        scoring = strategy.needs_scores or self.loader.store is not None
+        go = True
+        if self.loader.sharded:  # every rank runs each scoring forward: its collectives must match up
+            go, error = self._score_in_step(batch, error, scoring)
+        if error is None and batch is not None and go:
+            try:
+                picked = self._select(batch, strategy)
             except Exception as err:  # noqa: BLE001 - reported to every rank, then re-raised
                 batch, picked, error = None, None, err
         if strategy.keeps_history:  # every rank, every such round: the all-gather must match up
@@ -269,6 +278,33 @@ class EpochIterator:
             self._drawn[0] += len(batch) - picked.skipped  # type: ignore[arg-type]
             self._drawn[1] = self._drawn[1] + picked.expected  # a 0-d tensor on the device path: no host read
         return batch, picked, error, whole
+
+    def _score_in_step(self, batch: Optional[SubBatch], error: Optional[BaseException],
+                       scoring: bool) -> tuple[bool, Optional[BaseException]]:
+        """Under a sharded model (FSDP), every rank runs the round's scoring forward, or none does.
+
+        A sharded model's forward gathers its parameters from every rank, so a rank that skipped a
+        scoring forward (its shard ran out, its loader failed, its batch is outside the window) would
+        leave the others waiting inside theirs. The ranks first agree (one all-reduce): if any rank
+        failed, nobody scores and every rank raises at the round's agreement; if any rank scores, a rank
+        with nothing of its own to score runs the forward on a stand-in (its last batch), whose scores
+        are thrown away. Returns ``(whether this rank goes on to select from its own batch, its error)``.
+        """
+        own = batch is not None and scoring
+        stand_in = batch if batch is not None else self._stand_in
+        mn, mx = self.sync.min_max([int(own), int(error is not None), int(stand_in is not None)])
+        if mx[1]:
+            return False, error
+        if mx[0] and not mn[2]:  # some rank has nothing to run a forward on: nobody scores, every rank stops
+            return False, error or RuntimeError(
+                f"rank {self.sync.rank} has no batch to run the scoring forward on beside the other ranks (its "
+                "shard is empty): a sharded model (FSDP) needs every rank in every scoring forward; give every "
+                "rank at least one batch")
+        if mx[0] and not own:
+            self.hook.score(stand_in.inputs, stand_in.targets)  # type: ignore[union-attr] - thrown away
+        if batch is not None:
+            self._stand_in = batch
+        return True, error
 
     def _per_pick(self, picked: Selected, strategy: Strategy, candidates: int) -> Tensor:
         """Samples per pick for each of this draw's rows in the queue (``sbsampler.weights``).

@@ -19,7 +19,7 @@ from .batch import BatchKeys, adapt_loader
 from .checkpoint import check_version, is_int, read_array, read_int, read_number, require, safe_state
 from .lookahead import Replica
 from .wrapped import read_wrapped, restore_wrapped, save_wrapped
-from .distributed import LocalSync, RankSync, resolve_sync
+from .distributed import LocalSync, RankSync, is_sharded, resolve_sync
 from .epoch import EpochIterator
 from .hook import ScoringHook
 from .schedule import in_window
@@ -117,6 +117,12 @@ class SelectiveLoader:
             lookahead)`` steps of the epoch, one version per batch, whatever the
             timing (``sbsampler.lookahead``). ``0`` (default): in series, with
             the parameters as they are. Not under DDP yet.
+        sharded: the model's forward runs collectives (FSDP2 ``fully_shard``,
+            FSDP1, DeepSpeed ZeRO-3 gather parameters in it), so under
+            ``distributed`` every rank runs each round's scoring forward or none
+            does (a rank with nothing to score scores a stand-in, thrown away;
+            one more all-reduce of three integers a round). ``None`` (default):
+            detected from FSDP modules and DeepSpeed parameters in the hooked model.
 
     Epochs: ``next_epoch`` is the epoch the next ``iter(loader)`` runs; it
     advances by one when an epoch starts, and ``set_epoch`` sets it.
@@ -152,6 +158,7 @@ class SelectiveLoader:
         batch_keys: BatchKeys = BatchKeys(),
         select_on: str = "auto",
         lookahead: int = 0,
+        sharded: Optional[bool] = None,
     ) -> None:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"hook must be a ScoringHook, got {type(hook).__name__}")
@@ -206,6 +213,9 @@ class SelectiveLoader:
         if lookahead and hook.forward is not None:
             hook.replicate(hook.model)  # raises: a forward= callable runs the live model
         self.lookahead = lookahead
+        if sharded is not None and not isinstance(sharded, bool):
+            raise TypeError(f"sharded must be None or a bool, got {type(sharded).__name__}")
+        self.sharded = self.sync.world_size > 1 and (is_sharded(hook.model) if sharded is None else sharded)
         self._replica: Optional[Replica] = None  # the look-ahead's copy of the model, made at its first epoch
         self.store = store
         self.batch_fields = frozenset(batch_fields)
