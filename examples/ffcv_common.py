@@ -127,8 +127,12 @@ def selective_loader(ffcv_loader, model: nn.Module, strategy: str, fraction: flo
 
 
 def score_sampler(beton: Union[str, Path], strategy: str, fraction: float, max_staleness: Optional[int],
-                  anneal: float, epochs: int, seed: int) -> tuple[sb.ScoreStore, sb.SelectiveSampler]:
+                  anneal: float, epochs: int, seed: int, num_replicas: int = 1,
+                  rank: int = 0) -> tuple[sb.ScoreStore, sb.SelectiveSampler]:
     """A ``ScoreStore`` over the samples of the ``beton`` file and the ``SelectiveSampler`` that plans from it.
+
+    Under DDP (``num_replicas`` ranks) every rank draws the same plan from its own store and loads its
+    shard of it: merge the stores at each epoch's end (``store.merge(RankSync())``) so they stay equal.
 
     Only strategies that work from stored losses: ``SAMPLER_STRATEGIES``. (ImportanceSampling
     also needs gradient norms, which the training step here does not compute, and
@@ -141,7 +145,7 @@ def score_sampler(beton: Union[str, Path], strategy: str, fraction: float, max_s
 
     store = sb.ScoreStore(Reader(str(beton)).num_samples)
     sampler = sb.SelectiveSampler(store, strategy, fraction=fraction, max_staleness=max_staleness or None,
-                                  anneal=anneal, epochs=epochs, seed=seed)
+                                  anneal=anneal, epochs=epochs, seed=seed, num_replicas=num_replicas, rank=rank)
     return store, sampler
 
 

@@ -108,6 +108,27 @@ class ScoreStore:
         self.scored_epoch[idx] = self.current_epoch if epoch is None else int(epoch)
         self.version += 1
 
+    def update_all(self, sync: Any, indices: ArrayLike, losses: ArrayLike, grad_norms: Optional[ArrayLike] = None,
+                   epoch: Optional[int] = None) -> None:
+        """``update`` with every rank's samples of this step: one all-gather of (index, loss[, norm]) rows.
+
+        Call it on every rank at the same step (``sync`` a ``sbsampler.distributed.RankSync``):
+        every rank's store then holds every rank's scores as they are written, so every rank
+        draws the same ``SelectiveSampler`` plan. The alternative, ``merge`` once an epoch,
+        moves the whole store instead (``benchmarks/sampler_ddp.py`` measures both).
+        """
+        idx = _indices(indices).astype(np.float64)
+        loss = _array(losses, np.float64)
+        if loss.shape != idx.shape:
+            raise ValueError(f"got {loss.shape[0]} losses for {idx.shape[0]} indices")
+        has_norms = grad_norms is not None
+        _, (any_norms,) = sync.min_max([int(has_norms)])
+        if any_norms and not has_norms:
+            raise ValueError("every rank must pass grad_norms to update_all, or none")
+        cols = [idx, loss] + ([_array(grad_norms, np.float64)] if has_norms else [])
+        rows = sync.all_gather_1d(np.stack(cols, axis=1).ravel()).reshape(-1, len(cols))
+        self.update(rows[:, 0].astype(np.int64), rows[:, 1], rows[:, 2] if has_norms else None, epoch=epoch)
+
     def scored(self) -> np.ndarray:
         """Boolean (N,) mask of the samples with a stored loss."""
         return self.scored_epoch >= 0

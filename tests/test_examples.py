@@ -112,6 +112,42 @@ def test_imagenet_example_distributed_keeps_ranks_in_step(tiny_betons):
     assert log["loader_stats"]["samples_seen"] == 2 * 128
 
 
+def test_imagenet_example_sampler_mode_under_ddp(tiny_betons):
+    """Sampler-level selection across 2 gloo processes (issue 24): every rank merges its store with the other's at
+    each epoch's end, draws the same plan and loads its half of it: equal steps, identical parameters."""
+    log_dir = tiny_betons[2] / "log_ddp_sampler"
+    res = run_imagenet(tiny_betons, log_dir, "--training.batch_size=16", "--training.epochs=3",
+                       "--training.distributed=1", "--dist.world_size=2", "--dist.port=29543",
+                       "--data.num_workers=1", "--validation.batch_size=32", "--selection.mode=sampler",
+                       "--selection.strategy=uniform", "--selection.fraction=0.5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((log_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    # epoch 0 loads everything (nothing scored yet): 128 a rank, 8 batches of 16; then half of it
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [8, 4, 4]
+    assert ranks[0]["params_sha1"] == ranks[1]["params_sha1"]
+
+
+def test_imagenet_example_under_torchrun(tiny_betons):
+    """Launched by torchrun (env:// rendezvous, 2 CPU processes standing for 2 machines' ranks): the example
+    trains each rank once, in step (issue 24)."""
+    train, val, folder = tiny_betons
+    log_dir = folder / "log_torchrun"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "examples/ffcv_imagenet/train_imagenet.py", "-C", "examples/ffcv_imagenet/rn18_configs/rn18_16_epochs.yaml",
+        f"--data.train_dataset={train}", f"--data.val_dataset={val}", "--data.num_workers=1",
+        "--data.num_classes=10", "--resolution.min_res=32", "--resolution.max_res=32", "--validation.resolution=32",
+        "--validation.batch_size=32", f"--logging.folder={log_dir}", "--training.batch_size=32",
+        "--training.epochs=1", "--training.distributed=1", "--selection.strategy=sb"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((log_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [4]
+    assert ranks[0]["params_sha1"] == ranks[1]["params_sha1"]
+    assert json.loads((log_dir / "log.json").read_text())["world_size"] == 2
+
+
 def test_sampler_mode_refuses_strategies_that_need_current_gradients():
     res = run(["examples/cifar_ffcv.py", "--synthetic", "64", "--mode", "sampler", "--strategy", "gradmatch"])
     assert res.returncode != 0 and "--mode batch" in res.stderr

@@ -18,7 +18,11 @@ channels-last; AMP (float16) on GPU; QUASI_RANDOM order on one process, RANDOM u
 Distributed, as the reference: ``--training.distributed=1 --dist.world_size=N`` spawns
 one process per GPU (``torch.multiprocessing.spawn``; NCCL on GPUs, gloo on CPU),
 FFCV's ``distributed=True`` loaders, DDP, and ``SelectiveLoader``'s step agreement.
-``training.batch_size`` is per process. The LR is ``lr.lr`` scaled linearly by the
+Across machines, launch with ``torchrun`` instead (``--training.distributed=1``; it sets
+RANK, WORLD_SIZE and LOCAL_RANK, the rendezvous is ``env://``, ``dist.world_size`` is
+taken from it); every rank reads the same ``.beton`` paths and seed. Sampler mode under
+DDP: every rank draws the same plan and loads its shard, the stores merged at each
+epoch's end. ``training.batch_size`` is per process. The LR is ``lr.lr`` scaled linearly by the
 global batch over ``lr.lr_batch_size`` (the global batch the configs' LR was tuned
 at: rn18 1 x 1024, rn50 8 x 512), so one process running an rn50 config gets 1/8 of
 the LR per sample... that is, the reference's LR per sample.
@@ -219,13 +223,18 @@ def main() -> Optional[dict]:
                   "(or FFCV's write_imagenet.py plus an IntField named 'index'), then pass\n"
                   "  --data.train_dataset=/path/to/train.beton --data.val_dataset=/path/to/val.beton")
             raise SystemExit(2)
-    if cfg["training.distributed"] and cfg["selection.mode"] == "sampler":
-        raise SystemExit("--selection.mode=sampler is not supported with --training.distributed=1 yet: the "
-                         "SelectiveSampler's FFCV order plans for one process; use --selection.mode=batch")
     if not cfg["training.distributed"]:
         return train(0, cfg)
+    if _torchrun():  # one process per GPU already, on every machine: this one is rank $RANK
+        cfg.collect({"dist.world_size": int(os.environ["WORLD_SIZE"])})
+        return train(int(os.environ["RANK"]), cfg)
     torch.multiprocessing.spawn(_spawned, nprocs=cfg["dist.world_size"], join=True)
     return None
+
+
+def _torchrun() -> bool:
+    """Whether ``torchrun`` (``torch.distributed.run``) started this process: it sets RANK, WORLD_SIZE, LOCAL_RANK."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 def _spawned(rank: int) -> None:
@@ -246,12 +255,16 @@ def train(rank: int, cfg) -> dict:
     distributed = bool(cfg["training.distributed"])
     world = cfg["dist.world_size"] if distributed else 1
     cuda = torch.cuda.is_available()
+    local = int(os.environ["LOCAL_RANK"]) if _torchrun() else rank  # this machine's GPU
     if distributed:
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = cfg["dist.address"], cfg["dist.port"]
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+        if _torchrun():  # env:// rendezvous: torchrun set MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE
+            dist.init_process_group("nccl" if cuda else "gloo")
+        else:
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = cfg["dist.address"], cfg["dist.port"]
+            dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
         if cuda:
-            torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+            torch.cuda.set_device(local)
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
     torch.manual_seed(cfg["training.seed"])  # the same initial weights on every rank (DDP broadcasts rank 0's too)
     amp_dtype = torch.float16 if device.type == "cuda" else None
     model, model_name = resnet(cfg["model.arch"], num_classes=cfg["data.num_classes"])
@@ -260,13 +273,13 @@ def train(rank: int, cfg) -> dict:
     opt = torch.optim.SGD(reference_param_groups(model, cfg["training.weight_decay"]), lr=peak_lr(cfg),
                           momentum=cfg["training.momentum"])
     if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
     epochs = cfg["training.epochs"]
     store = sampler = None
     if cfg["selection.mode"] == "sampler":
         store, sampler = score_sampler(cfg["data.train_dataset"], cfg["selection.strategy"], cfg["selection.fraction"],
                                        cfg["selection.max_staleness"], cfg["selection.anneal"], epochs,
-                                       cfg["training.seed"])
+                                       cfg["training.seed"], num_replicas=world, rank=rank)
     train_loader, val, decoder = make_loaders(cfg, device, sampler)
     if sampler is not None:
         loader = sb.WeightedBatches(train_loader, sampler)
@@ -312,6 +325,8 @@ def train(rank: int, cfg) -> dict:
                           channels_last=True, max_steps=cfg["training.max_steps"] or None, store=store,
                           lr_before_step=True)
         row["resolution"] = res
+        if store is not None and distributed:  # every rank's scores in every rank's store: the same next plan
+            store.merge(sb.distributed.RankSync())
         log.append(row)
         if lead:
             print(json.dumps(row))
