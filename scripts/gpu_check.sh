@@ -6,9 +6,9 @@
 #
 # Writes at most 8 files into OUT_DIR (what the device tool brings back): gpu.txt (the card), test_cuda.log
 # (tests/test_cuda.py: the hook, the loader, AMP scoring, selection on the GPU with the sync debug mode, the
-# look-ahead on a side stream), step_time_gpu.json (benchmarks/step_time.py, look-ahead rows included) and, where
+# look-ahead on a side stream, fully_shard scoring), step_time_gpu.json (benchmarks/step_time.py, look-ahead rows included) and, where
 # FFCV imports (it is not on the lent machine's image: carry it, or the FFCV steps are skipped and say so),
-# imagenet_smoke.log (the ImageNet example's smoke test) and imagenet_throughput_gpu.{json,png}; each step's log.
+# imagenet_smoke.log (the ImageNet example's smoke test, and its DDP path under torchrun on NCCL) and imagenet_throughput_gpu.{json,png}; each step's log.
 # Runs from the repository root with the machine's own torch (no install: sbsampler is put on PYTHONPATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,8 @@ run() {  # run NAME SECONDS COMMAND...: its output to OUT_DIR/NAME, its failure 
 cat "$out/gpu.txt"
 run test_cuda.log 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 if "$PY" -c "import ffcv" 2>/dev/null; then
-  run imagenet_smoke.log 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_examples.py -k imagenet_example_smoke
+  run imagenet_smoke.log 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_examples.py \
+    -k "imagenet_example_smoke or ddp_path_on_one_gpu"
   run imagenet_throughput.log 150 "$PY" benchmarks/imagenet_throughput.py
 else
   echo "== FFCV does not import here: the ImageNet smoke test and imagenet_throughput.py are skipped" | tee "$out/ffcv_skipped.txt"

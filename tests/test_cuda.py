@@ -327,3 +327,39 @@ def test_lookahead_on_a_side_stream_scores_one_version_n_steps_old(rebatch):
                                 lookahead=depth, select_on="host")
         still.append([(b.indices.tolist(), b.weights.tolist()) for b in ld])
     assert still[0] == still[1]
+
+
+def test_fully_shard_scoring_on_one_gpu_matches_the_unsharded_model():
+    """FSDP2 on the GPU (NCCL, one process): scoring through the sharded root equals the unsharded model's, and a
+    few selective steps train (issue 24; the two-rank agreement itself is tested on CPU in tests/test_fsdp.py)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = SmallCNN().cuda()
+        torch.manual_seed(0)
+        model = SmallCNN().cuda()
+        fully_shard(model.fc)
+        fully_shard(model)
+        x, y = (t.cuda() for t in data(128))
+        want, got = sb.ScoringHook(plain).score(x, y), sb.ScoringHook(model).score(x, y)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.as_tensor(got.gram()), torch.as_tensor(want.gram()), rtol=1e-4, atol=1e-5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        loader = sb.SelectiveLoader([(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)], sb.ScoringHook(model),
+                                    "sb", fraction=0.25, seed=0, sharded=True)
+        for b in loader:
+            loss = sb.weighted_loss(F.cross_entropy(model(b.inputs), b.targets, reduction="none"), b.weights)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loader.stats.steps == 4
+    finally:
+        dist.destroy_process_group()

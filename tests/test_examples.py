@@ -148,6 +148,24 @@ def test_imagenet_example_under_torchrun(tiny_betons):
     assert json.loads((log_dir / "log.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_imagenet_example_ddp_path_on_one_gpu(tiny_betons):
+    """The example's distributed path on a GPU: torchrun, NCCL, world size 1, ToDevice, float16 AMP (issue 24)."""
+    train, val, folder = tiny_betons
+    log_dir = folder / "log_one_gpu"
+    res = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+        "examples/ffcv_imagenet/train_imagenet.py", "-C", "examples/ffcv_imagenet/rn18_configs/rn18_16_epochs.yaml",
+        f"--data.train_dataset={train}", f"--data.val_dataset={val}", "--data.num_workers=2",
+        "--data.num_classes=10", "--resolution.min_res=64", "--resolution.max_res=64", "--validation.resolution=64",
+        "--validation.batch_size=64", f"--logging.folder={log_dir}", "--training.batch_size=64",
+        "--training.epochs=1", "--training.distributed=1", "--selection.strategy=gradmatch"],
+        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = json.loads((log_dir / "log.json").read_text())
+    assert log["world_size"] == 1 and log["device"].startswith("cuda") and log["epochs"][0]["steps"] == 4
+
+
 def test_sampler_mode_refuses_strategies_that_need_current_gradients():
     res = run(["examples/cifar_ffcv.py", "--synthetic", "64", "--mode", "sampler", "--strategy", "gradmatch"])
     assert res.returncode != 0 and "--mode batch" in res.stderr
