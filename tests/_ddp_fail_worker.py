@@ -10,14 +10,11 @@ and message) or its step sizes, stats and a parameter checksum.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dist import finish, join, step
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -47,11 +44,7 @@ def run(rank: int, scenario: str, rebatch: bool) -> dict:
     sizes = []
     try:
         for b in loader:
-            loss = sb.weighted_loss(nn.functional.cross_entropy(model(b.inputs), b.targets, reduction="none"),
-                                    b.weights)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            step(model, opt, b)
             sizes.append(len(b))
     except Exception as err:  # noqa: BLE001 - what each rank raised is the result
         return {"error": type(err).__name__, "message": str(err), "sizes": sizes}
@@ -62,18 +55,9 @@ def run(rank: int, scenario: str, rebatch: bool) -> dict:
 
 
 def worker(rank: int, out_dir: str, port: str, scenario: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = port
-    torch.set_num_threads(1)
-    # A short timeout: a rank left waiting in a collective fails the test in seconds, not in 30 minutes.
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    join(rank, port, timeout=30)  # a rank left waiting in a collective fails the test in seconds, not in 30 minutes
     results = {str(rebatch): run(rank, scenario, rebatch) for rebatch in (False, True)}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    # Leave without tearing gloo down: its teardown after a caught error aborted ~1 run in 40 here
-    # ("terminate called without an active exception"); the results are already written.
-    os._exit(0)
+    finish(out_dir, rank, results, teardown=False)  # no gloo teardown after a caught error
 
 
 if __name__ == "__main__":

@@ -10,15 +10,13 @@ parameters equal rank 0's, and the SelectiveBackprop history.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from sklearn.datasets import load_digits
+from _dist import digits, finish, join, train_epochs
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -59,17 +57,7 @@ def run_config(cfg: dict, rank: int, data) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sel = sb.SelectiveLoader(loader, sb.ScoringHook(model), strategy_for(cfg["strategy"], rank), fraction=0.3,
                              rebatch=cfg["rebatch"], sync_history=cfg["sync_history"], drop_last=cfg["drop_last"])
-    sizes = []
-    for _ in range(2):
-        ep = []
-        for batch in sel:
-            out = model(batch.inputs)
-            loss = sb.weighted_loss(nn.functional.cross_entropy(out, batch.targets, reduction="none"), batch.weights)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            ep.append(len(batch))
-        sizes.append(ep)
+    sizes = train_epochs(sel, model, opt)
     # Parameters only: BatchNorm running stats are per-rank between DDP buffer broadcasts.
     flat = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
     ref = flat.clone()
@@ -80,12 +68,8 @@ def run_config(cfg: dict, rank: int, data) -> dict:
 
 
 def worker(rank: int, out_dir: str, port: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = port
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    x, y = load_digits(return_X_y=True)
-    data = (torch.tensor(x[:640] / 16.0, dtype=torch.float32), torch.tensor(y[:640]))
+    join(rank, port)
+    data = digits(640)
     results = [run_config(cfg, rank, data) for cfg in CONFIGS]
     # ScoreStore.merge: rank 0 scored samples 0-5 at epoch 1, rank 1 samples 4-9 at epoch 2.
     store = sb.ScoreStore(10)
@@ -95,10 +79,7 @@ def worker(rank: int, out_dir: str, port: str) -> None:
         store.update(np.arange(4, 10), np.full(6, 2.0), np.full(6, 20.0), epoch=2)
     store.merge(sb.distributed.RankSync())
     merged = {"loss": store.loss.tolist(), "grad_norm": store.grad_norm.tolist(), "seen": store.scored_epoch.tolist()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"configs": CONFIGS, "results": results, "merged_store": merged}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(out_dir, rank, {"configs": CONFIGS, "results": results, "merged_store": merged})
 
 
 if __name__ == "__main__":

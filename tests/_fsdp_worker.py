@@ -11,14 +11,12 @@ raised.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from sklearn.datasets import load_digits
+from _dist import digits, finish, join, step, train_epochs
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -80,17 +78,7 @@ def run_config(cfg: dict, rank: int, data) -> dict:
     sel = sb.SelectiveLoader(loader_for(cfg, rank, data), sb.ScoringHook(model), strategy_for(cfg["strategy"], rank),
                              fraction=0.3, rebatch=cfg["rebatch"], **window)
     assert sel.sharded
-    sizes = []
-    for _ in range(2):
-        ep = []
-        for batch in sel:
-            loss = sb.weighted_loss(nn.functional.cross_entropy(model(batch.inputs), batch.targets, reduction="none"),
-                                    batch.weights)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            ep.append(len(batch))
-        sizes.append(ep)
+    sizes = train_epochs(sel, model, opt)
     flat = full_params(model)
     ref = flat.clone()
     dist.broadcast(ref, 0)
@@ -120,11 +108,7 @@ def failure(scenario: str, rank: int, data) -> dict:
     steps = 0
     try:
         for batch in sel:
-            loss = sb.weighted_loss(nn.functional.cross_entropy(model(batch.inputs), batch.targets, reduction="none"),
-                                    batch.weights)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            step(model, opt, batch)
             steps += 1
     except Exception as err:  # noqa: BLE001 - what each rank raised is the result
         return {"error": type(err).__name__, "message": str(err), "steps": steps}
@@ -132,19 +116,12 @@ def failure(scenario: str, rank: int, data) -> dict:
 
 
 def worker(rank: int, out_dir: str, port: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = port
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    x, y = load_digits(return_X_y=True)
-    data = (torch.tensor(x[:640] / 16.0, dtype=torch.float32), torch.tensor(y[:640]))
+    join(rank, port, timeout=60)  # a hang inside a forward becomes an error in a minute
+    data = digits(640)
     results = [run_config(cfg, rank, data) for cfg in CONFIGS]
     out = {"configs": CONFIGS, "results": results, "score_diff": scores_match_the_unsharded_model(data),
            "failures": {s: failure(s, rank, data) for s in ("loader", "nan")}}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(out, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(out_dir, rank, out, teardown=False)  # no gloo teardown after the caught errors
 
 
 if __name__ == "__main__":

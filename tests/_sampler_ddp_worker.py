@@ -13,15 +13,13 @@ saved, restored into fresh objects and finished, against the straight run.
 from __future__ import annotations
 
 import io
-import json
-import os
 import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from sklearn.datasets import load_digits
+from _dist import digits, finish, join, step
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
@@ -34,8 +32,7 @@ CONFIGS = [{"strategy": s, "share": share} for s in ("uniform", "sb", "infobatch
 
 
 def data():
-    x, y = load_digits(return_X_y=True)
-    return TensorDataset(torch.tensor(x[:N] / 16.0, dtype=torch.float32), torch.tensor(y[:N]))
+    return TensorDataset(*digits(N))
 
 
 def make(cfg: dict, rank: int):
@@ -48,19 +45,21 @@ def make(cfg: dict, rank: int):
     return model, opt, store, sampler, batches
 
 
+def train_and_record(cfg: dict, model, opt, store: sb.ScoreStore, batch: sb.SubBatch) -> None:
+    """One step, its losses written to this rank's store (and, with update_all, to every rank's)."""
+    per = step(model, opt, batch)
+    if cfg["share"] == "update_all":
+        store.update_all(RankSync(), batch.indices, per)
+    else:
+        store.update(batch.indices, per)
+
+
 def epoch(cfg, model, opt, store, sampler, batches, e: int, stop=None) -> int:
     """Train epoch ``e`` (up to ``stop`` steps); returns the steps taken."""
     steps = 0
     sampler.set_epoch(e)
     for b in batches:
-        per = nn.functional.cross_entropy(model(b.inputs), b.targets, reduction="none")
-        if cfg["share"] == "update_all":
-            store.update_all(RankSync(), b.indices, per.detach())
-        else:
-            store.update(b.indices, per.detach())
-        opt.zero_grad()
-        sb.weighted_loss(per, b.weights).backward()
-        opt.step()
+        train_and_record(cfg, model, opt, store, b)
         steps += 1
         if stop is not None and steps == stop:
             return steps
@@ -114,14 +113,7 @@ def resumed(cfg: dict, rank: int, stop_epoch: int = 1, stop_step: int = 3) -> di
         if skip:  # the steps already taken (a DataLoader over the sampler replays the shard from its start)
             skip -= 1
             continue
-        per = nn.functional.cross_entropy(model(b.inputs), b.targets, reduction="none")
-        if cfg["share"] == "update_all":
-            store.update_all(RankSync(), b.indices, per.detach())
-        else:
-            store.update(b.indices, per.detach())
-        opt.zero_grad()
-        sb.weighted_loss(per, b.weights).backward()
-        opt.step()
+        train_and_record(cfg, model, opt, store, b)
         rest += 1
     if cfg["share"] == "merge":
         store.merge(RankSync())
@@ -131,16 +123,10 @@ def resumed(cfg: dict, rank: int, stop_epoch: int = 1, stop_step: int = 3) -> di
 
 
 def worker(rank: int, out_dir: str, port: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = port
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join(rank, port)
     results = [run_config(cfg, rank) for cfg in CONFIGS]
     resumes = [resumed(cfg, rank) for cfg in CONFIGS]
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"configs": CONFIGS, "results": results, "resumed": resumes}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(out_dir, rank, {"configs": CONFIGS, "results": results, "resumed": resumes})
 
 
 if __name__ == "__main__":

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,27 +9,17 @@ import torch.distributed as dist
 from torch import nn
 
 import sbsampler as sb
+from conftest import run_ranks  # noqa: E402
 from sbsampler.distributed import LocalSync
 
-WORKER = Path(__file__).with_name("_ddp_worker.py")
 _MERGED: dict = {}
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    # The timeout turns a deadlock (ranks taking different step counts) into a failure.
-    subprocess.run([sys.executable, str(WORKER), str(out), _free_port()], check=True, timeout=240)
-    r0 = json.loads((out / "rank0.json").read_text())
-    r1 = json.loads((out / "rank1.json").read_text())
+    r0, r1 = run_ranks("_ddp_worker.py", tmp_path_factory.mktemp("ddp"), timeout=240)
     _MERGED["stores"] = (r0["merged_store"], r1["merged_store"])
     return r0["configs"], r0["results"], r1["results"]
 
@@ -126,9 +110,7 @@ def test_the_tail_pads_to_the_longest_ranks_rows_not_to_a_full_batch():
 
 
 def _failure_run(tmp_path, scenario):
-    fail_worker = Path(__file__).with_name("_ddp_fail_worker.py")
-    subprocess.run([sys.executable, str(fail_worker), str(tmp_path), _free_port(), scenario], check=True, timeout=120)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_ranks("_ddp_fail_worker.py", tmp_path, scenario, timeout=120)
 
 
 def test_an_error_on_one_rank_stops_every_rank_at_once(tmp_path):

@@ -127,20 +127,25 @@ def test_imagenet_example_sampler_mode_under_ddp(tiny_betons):
     assert ranks[0]["params_sha1"] == ranks[1]["params_sha1"]
 
 
-def test_imagenet_example_under_torchrun(tiny_betons):
-    """Launched by torchrun (env:// rendezvous, 2 CPU processes standing for 2 machines' ranks): the example
-    trains each rank once, in step (issue 24)."""
-    train, val, folder = tiny_betons
-    log_dir = folder / "log_torchrun"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun_imagenet(tiny_betons, log_dir, nproc, res, *overrides):
+    """The ImageNet example launched by torchrun (env:// rendezvous) on the tiny .betons, ``nproc`` processes."""
+    train, val, _ = tiny_betons
+    return subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "examples/ffcv_imagenet/train_imagenet.py", "-C", "examples/ffcv_imagenet/rn18_configs/rn18_16_epochs.yaml",
-        f"--data.train_dataset={train}", f"--data.val_dataset={val}", "--data.num_workers=1",
-        "--data.num_classes=10", "--resolution.min_res=32", "--resolution.max_res=32", "--validation.resolution=32",
-        "--validation.batch_size=32", f"--logging.folder={log_dir}", "--training.batch_size=32",
-        "--training.epochs=1", "--training.distributed=1", "--selection.strategy=sb"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        f"--data.train_dataset={train}", f"--data.val_dataset={val}", "--data.num_classes=10",
+        f"--resolution.min_res={res}", f"--resolution.max_res={res}", f"--validation.resolution={res}",
+        f"--logging.folder={log_dir}", "--training.epochs=1", "--training.distributed=1", *overrides],
+        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=400)
+
+
+def test_imagenet_example_under_torchrun(tiny_betons):
+    """Launched by torchrun (2 CPU processes standing for 2 machines' ranks): the example trains each rank once, in
+    step (issue 24)."""
+    log_dir = tiny_betons[2] / "log_torchrun"
+    res = torchrun_imagenet(tiny_betons, log_dir, 2, 32, "--data.num_workers=1", "--validation.batch_size=32",
+                            "--training.batch_size=32", "--selection.strategy=sb")
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((log_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == [4]
@@ -151,16 +156,9 @@ def test_imagenet_example_under_torchrun(tiny_betons):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_imagenet_example_ddp_path_on_one_gpu(tiny_betons):
     """The example's distributed path on a GPU: torchrun, NCCL, world size 1, ToDevice, float16 AMP (issue 24)."""
-    train, val, folder = tiny_betons
-    log_dir = folder / "log_one_gpu"
-    res = subprocess.run([
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-        "examples/ffcv_imagenet/train_imagenet.py", "-C", "examples/ffcv_imagenet/rn18_configs/rn18_16_epochs.yaml",
-        f"--data.train_dataset={train}", f"--data.val_dataset={val}", "--data.num_workers=2",
-        "--data.num_classes=10", "--resolution.min_res=64", "--resolution.max_res=64", "--validation.resolution=64",
-        "--validation.batch_size=64", f"--logging.folder={log_dir}", "--training.batch_size=64",
-        "--training.epochs=1", "--training.distributed=1", "--selection.strategy=gradmatch"],
-        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=300)
+    log_dir = tiny_betons[2] / "log_one_gpu"
+    res = torchrun_imagenet(tiny_betons, log_dir, 1, 64, "--data.num_workers=2", "--validation.batch_size=64",
+                            "--training.batch_size=64", "--selection.strategy=gradmatch")
     assert res.returncode == 0, res.stderr[-3000:]
     log = json.loads((log_dir / "log.json").read_text())
     assert log["world_size"] == 1 and log["device"].startswith("cuda") and log["epochs"][0]["steps"] == 4

@@ -7,33 +7,18 @@ timeout, which turns such a hang into a failure.
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch.distributed as dist
 
-from conftest import need  # noqa: E402
+from conftest import need, run_ranks  # noqa: E402
 
 need("sklearn")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-WORKER = Path(__file__).with_name("_fsdp_worker.py")
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    subprocess.run([sys.executable, str(WORKER), str(out), _free_port()], check=True, timeout=420)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_ranks("_fsdp_worker.py", tmp_path_factory.mktemp("fsdp"), timeout=420)
 
 
 def test_ranks_take_the_same_steps_and_stay_identical(fsdp):
