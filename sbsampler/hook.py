@@ -160,6 +160,16 @@ class ScoringHook:
             full-size inputs. Every score (losses, ``E``, ``H``) is then the
             smaller input's: cheaper and approximate. The model must accept the
             smaller size (global pooling before its head, say).
+        channels_last: hand 4-D image inputs to the scoring forward in
+            channels-last memory format (what a channels-last model is fastest
+            on, on a GPU); the values are the same.
+        compile: compile the scoring forward once with ``torch.compile``:
+            ``True`` (its default mode) or a mode name, ``"reduce-overhead"``
+            capturing it as a CUDA graph for a fixed batch shape. The first
+            scored batch pays the compile (seconds); the head's hook is traced
+            with it, so the scores are the eager ones to float round-off
+            (``benchmarks/cheap_scoring.py`` measures what each option costs and
+            whether the picks change). Not with a ``forward=`` callable.
 
     Example:
         >>> hook = ScoringHook(model)                # doctest: +SKIP
@@ -181,6 +191,8 @@ class ScoringHook:
         sketch_dim: int = 32,
         seed: int = 0,
         scale_factor: float = 1.0,
+        channels_last: bool = False,
+        compile: Union[bool, str, None] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -215,8 +227,15 @@ class ScoringHook:
         if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) or \
                 not 0.0 < float(scale_factor) <= 1.0:
             raise ValueError(f"scale_factor must be a number in (0, 1], got {scale_factor!r}")
+        if compile is not None and not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be None, a bool or a torch.compile mode name, got {compile!r}")
+        if compile and forward is not None:
+            raise ValueError("compile= compiles the model's own forward; with a forward= callable, compile inside it")
         self.model = model
         self.scale_factor = float(scale_factor)
+        self.channels_last = bool(channels_last)
+        self.compile = compile or None
+        self._compiled: Optional[Callable[..., Any]] = None
         self.head: Optional[nn.Linear] = head
         self.loss = loss
         self.label_smoothing = float(label_smoothing)
@@ -269,7 +288,7 @@ class ScoringHook:
         twin = ScoringHook(model, head=head, loss=self.loss, label_smoothing=self.label_smoothing,
                            train_mode=self.train_mode, amp_dtype=self.amp_dtype, logits=self.logits,
                            exact_limit=self.exact_limit, sketch_dim=self.sketch_dim, seed=self.seed,
-                           scale_factor=self.scale_factor)
+                           scale_factor=self.scale_factor, channels_last=self.channels_last, compile=self.compile)
         twin._auto_head, twin._head_checked = self._auto_head, self._head_checked
         return twin
 
@@ -335,9 +354,13 @@ class ScoringHook:
             model.eval()
         try:
             amp = self.amp_dtype is not None
+            if self.channels_last and isinstance(inputs, Tensor) and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.no_grad(), torch.autocast(device_type=_first_tensor(inputs).device.type,
                                                  dtype=self.amp_dtype or torch.float16, enabled=amp):
-                return self.forward(inputs) if self.forward is not None else _default_forward(model, inputs)
+                if self.forward is not None:
+                    return self.forward(inputs)
+                return _default_forward(self._compiled_model() if self.compile else model, inputs)
         finally:
             for module, training in modes:
                 if module.training != training:
@@ -346,6 +369,16 @@ class ScoringHook:
                 with torch.no_grad():
                     for b, s in zip(model.buffers(), saved):
                         b.copy_(s)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles: the compiled forward is made again at first use
+        return {**self.__dict__, "_compiled": None}
+
+    def _compiled_model(self) -> Callable[..., Any]:
+        """``torch.compile`` of the model (made at first use; the live model's parameters, the head's hook traced)."""
+        if self._compiled is None:
+            mode = self.compile if isinstance(self.compile, str) else None
+            self._compiled = torch.compile(self.model, mode=mode)
+        return self._compiled
 
     def _forward(self, inputs: Any) -> tuple[Optional[Tensor], Tensor]:
         """``(head input H or None without a head, the logits)`` of one scoring forward."""

@@ -314,3 +314,24 @@ def test_logits_changed_after_the_head_are_refused():
 def test_a_head_that_runs_twice_is_refused():
     with pytest.raises(RuntimeError, match="ran 2 times"):
         sb.ScoringHook(TwoViews()).score(torch.randn(8, 6), torch.randint(0, 4, (8,)))
+
+
+def test_cheap_scoring_options_keep_the_scores():
+    """channels_last and compile (issue 23): the same losses, gradients and Gram to float round-off; compile= with a
+    forward= callable is refused, and a copy of a compiled hook compiles again."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5))
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))
+    ref = sb.ScoringHook(model).score(x, y)
+    for hook in (sb.ScoringHook(model, channels_last=True), sb.ScoringHook(model, compile=True)):
+        got = hook.score(x, y)
+        torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.as_tensor(got.gram()), torch.as_tensor(ref.gram()), rtol=1e-4, atol=1e-6)
+    assert hook._compiled is not None and copy.deepcopy(hook)._compiled is None
+    with pytest.raises(ValueError, match="with a forward= callable, compile inside it"):
+        sb.ScoringHook(model, forward=lambda t: model(t), compile=True)
+    with pytest.raises(TypeError, match="compile must be None, a bool or a torch.compile mode name"):
+        sb.ScoringHook(model, compile=3)
