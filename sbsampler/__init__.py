@@ -21,7 +21,8 @@ Where things are (one room per concern):
 - ``select``: ``select_batch``, one batch in, one weighted sub-batch out;
 - ``weights``: the weights rule (multipliers to step weights), in one function;
 - ``loader`` and ``epoch``: ``SelectiveLoader`` (configuration, resume) and its
-  per-epoch ``EpochIterator`` (pull, select, rebatch, pad, tail);
+  per-epoch ``EpochIterator`` (pull, select, rebatch, pad, tail); ``lookahead``:
+  its steps prepared in a thread, scoring a replica of the model;
 - ``selector``: ``BatchSelector``, per-batch selection for a loop that owns its
   loader (the framework integrations in ``sbsampler.integrations``);
 - ``checkpoint``: state dicts that load with ``torch.load(weights_only=True)``;
@@ -30,6 +31,8 @@ Where things are (one room per concern):
   follow the loaders' ``progress`` in epochs (``progress_lr``);
 - ``wrapped``: the wrapped loader's own state (stateful loaders, FFCV's epoch);
 - ``store`` and ``sampler``: per-sample memory and sampler-level selection;
+- ``reference``: reference (irreducible) losses for ``RhoLoss``, from a model
+  trained on held-out data;
 - ``ffcv``: ``.beton`` files with indices, FFCV batches, the selective order
   (imported on first use; needs FFCV);
 - ``stats``: the loader's counters, and the stage ``Clock`` (CUDA events on a GPU).
@@ -40,7 +43,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import distributed, kernels, schedule, strategies
+from . import distributed, kernels, reference, schedule, strategies
 from .batch import BatchKeys, IndexedDataset, SubBatch, parse_batch, weighted_loss, with_indices
 from .epoch import EpochIterator
 from .hook import ScoringHook, find_head
@@ -59,6 +62,7 @@ from .strategies import (
     GradientMatching,
     ImportanceSampling,
     InfoBatch,
+    RhoLoss,
     Selection,
     SelectiveBackprop,
     Strategy,
@@ -97,6 +101,7 @@ __all__ = [
     "GradientMatching",
     "ImportanceSampling",
     "InfoBatch",
+    "RhoLoss",
     "Full",
     "ScoreStore",
     "SelectiveSampler",
@@ -106,6 +111,7 @@ __all__ = [
     "get_strategy",
     "distributed",
     "kernels",
+    "reference",
     "schedule",
     "strategies",
 ]

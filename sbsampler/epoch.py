@@ -214,7 +214,8 @@ class EpochIterator:
         except StopIteration:
             return None
         # Stream positions stand in for missing indices, except where a ScoreStore needs dataset indices.
-        batch = parse_batch(raw, None if self.loader.store is not None else self.samples_read, self.loader.batch_fields,
+        indexed = self.loader.store is not None or self.loader.strategy.needs_reference  # dataset indices needed
+        batch = parse_batch(raw, None if indexed else self.samples_read, self.loader.batch_fields,
                             self.loader.batch_keys)
         self.samples_read += len(batch)
         return batch

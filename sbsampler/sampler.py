@@ -240,6 +240,8 @@ class SelectiveSampler(torch.utils.data.Sampler):
                 )
             norms = torch.from_numpy(norms)
         scores = Scores.from_stored(torch.from_numpy(self.store.loss[fresh]), norms)
+        if self.strategy.needs_reference:  # RhoLoss: the stored loss against each sample's reference loss
+            scores = scores.with_reference(self.strategy.reference_for(fresh))
         rng = np.random.default_rng([self.seed, e, 1])
         sel = self.strategy.select(scores, budget(self.fraction, fresh.size), rng=rng)
         w = np.zeros(fresh.size)

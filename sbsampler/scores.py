@@ -44,6 +44,8 @@ class Scores:
             one outer product (a head applied per token: ``sum_t e_it (x) [h_it, 1]``,
             exact or a Kronecker sketch, see ``ScoringHook``); ``gram()`` and
             ``grad_norms()`` read it instead of ``logit_grad`` and ``features``.
+        reference: (B,) each sample's reference (irreducible) loss, for a strategy
+            that declares ``needs_reference`` (``RhoLoss``): looked up by dataset index.
     """
 
     loss: Tensor
@@ -52,6 +54,7 @@ class Scores:
     targets: Optional[Tensor] = None
     bias: bool = True
     grads: Optional[Tensor] = None
+    reference: Optional[Tensor] = None
     # grad_norms() computed once, or given by from_stored()
     _grad_norms: Optional[Tensor] = field(default=None, init=False, repr=False, compare=False)
 
@@ -64,6 +67,15 @@ class Scores:
 
     def __len__(self) -> int:
         return int(self.loss.shape[0])
+
+    def with_reference(self, reference: Tensor) -> "Scores":
+        """These scores with each sample's reference loss (``reference``, (B,), moved to the losses' device)."""
+        if tuple(reference.shape) != (len(self),):
+            raise ValueError(f"got {tuple(reference.shape)} reference losses for {len(self)} samples")
+        out = Scores(loss=self.loss, logit_grad=self.logit_grad, features=self.features, targets=self.targets,
+                     bias=self.bias, grads=self.grads, reference=reference.to(self.loss.device, self.loss.dtype))
+        out._grad_norms = self._grad_norms
+        return out
 
     def _require_grads(self) -> tuple[Tensor, Tensor]:
         if self.logit_grad is None or self.features is None:
@@ -135,7 +147,8 @@ class Scores:
         loss = torch.where(finite, self.loss, top)
         e, h, g = (None if t is None else torch.where(finite[:, None], t, torch.zeros_like(t))
                    for t in (self.logit_grad, self.features, self.grads))
-        return Scores(loss=loss, logit_grad=e, features=h, targets=self.targets, bias=self.bias, grads=g)
+        return Scores(loss=loss, logit_grad=e, features=h, targets=self.targets, bias=self.bias, grads=g,
+                      reference=self.reference)
 
 
 def check_nan_policy(policy: str, strategy: Any, scored: bool = False) -> None:

@@ -134,8 +134,8 @@ def select_batch(
     check_nan_policy(nan_policy, strategy, score)
     if select_on not in SELECT_ON:
         raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
-    if not isinstance(batch, SubBatch):
-        batch = parse_batch(batch, first_position=0)
+    if not isinstance(batch, SubBatch):  # numbered from 0, unless the strategy looks samples up by dataset index
+        batch = parse_batch(batch, first_position=None if strategy.needs_reference else 0)
     n = len(batch)
     k = budget(fraction, max(n, 1))
     empty = torch.zeros(0, dtype=torch.int64)
@@ -155,6 +155,9 @@ def select_batch(
                                                                           and device.type != "cpu"))
     if scores is not None:
         scores, candidates = apply_nan_policy(scores, nan_policy, batch.indices, hook.checks if on_device else None)
+        if strategy.needs_reference:  # RhoLoss: each candidate's reference loss, by dataset index
+            kept = batch.indices if candidates is None else batch.indices[candidates.to(batch.indices.device)]
+            scores = scores.with_reference(strategy.reference_for(kept))
     m = n if scores is None else len(scores)
     skipped = n - m
     if m == 0:

@@ -101,7 +101,8 @@ class BatchSelector:
 
     def __call__(self, batch: Any) -> SubBatch:
         """The weighted sub-batch of ``batch`` to train on (see the module docstring)."""
-        sub = batch if isinstance(batch, SubBatch) else parse_batch(batch, self.stats.samples_seen, self.batch_fields,
+        first = None if self.strategy.needs_reference else self.stats.samples_seen  # RhoLoss: dataset indices
+        sub = batch if isinstance(batch, SubBatch) else parse_batch(batch, first, self.batch_fields,
                                                                     self.batch_keys)
         n = len(sub)
         if n == 0:

@@ -19,8 +19,9 @@ from .checkpoint import check_version, read_array, read_int, require
 
 __all__ = ["ScoreStore"]
 
-#: version of the layout of ``ScoreStore.state_dict()`` (a state without one is read as version 0)
-STATE_VERSION = 1
+#: version of the layout of ``ScoreStore.state_dict()`` (a state without one is read as version 0;
+#: version 2 added the reference losses)
+STATE_VERSION = 2
 
 ArrayLike = Union[np.ndarray, torch.Tensor, list]
 
@@ -55,6 +56,11 @@ class ScoreStore:
         scored_epoch: int64 (N,) epoch of the latest update (-1: never).
         current_epoch: the epoch that ``update`` stamps by default
             (``SelectiveSampler.set_epoch`` sets it).
+        reference: float64 (N,) each sample's reference (irreducible) loss, from
+            a model trained on held-out data (``set_reference``;
+            ``sbsampler.reference.reference_losses``); NaN: none. Read by
+            ``RhoLoss(reference=store)``; not touched by ``merge`` (compute it
+            the same on every rank).
         version: counts the writes (``update``, ``merge``, ``load_state_dict``),
             so a sampler can tell whether a plan drawn earlier is out of date.
     """
@@ -66,6 +72,7 @@ class ScoreStore:
         self.loss = np.full(n, np.nan)
         self.grad_norm = np.full(n, np.nan)
         self.scored_epoch = np.full(n, -1, dtype=np.int64)
+        self.reference = np.full(n, np.nan)
         self.current_epoch = 0
         self.version = 0
 
@@ -106,6 +113,26 @@ class ScoreStore:
         if norms is not None:
             self.grad_norm[idx] = norms
         self.scored_epoch[idx] = self.current_epoch if epoch is None else int(epoch)
+        self.version += 1
+
+    def set_reference(self, losses: ArrayLike, indices: Optional[ArrayLike] = None) -> None:
+        """Record reference losses: ``losses`` for ``indices`` (default: the whole dataset, in index order).
+
+        Raises ``ValueError`` on a length that does not fit, an index out of range, or
+        an infinite or NaN loss (a sample without a reference is left out of
+        ``indices``, not given NaN).
+        """
+        loss = _array(losses, np.float64)
+        idx = np.arange(len(self)) if indices is None else _indices(indices)
+        if loss.shape != idx.shape:
+            raise ValueError(f"got {loss.shape[0]} reference losses for {idx.shape[0]} samples"
+                             + (" (the store's size: pass indices= for a part)" if indices is None else ""))
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise ValueError(f"index {int(idx.min() if idx.min() < 0 else idx.max())} is out of range for a store "
+                             f"of {len(self)} samples")
+        if not np.isfinite(loss).all():
+            raise ValueError(f"non-finite reference loss for indices {idx[~np.isfinite(loss)][:10].tolist()}")
+        self.reference[idx] = loss
         self.version += 1
 
     def update_all(self, sync: Any, indices: ArrayLike, losses: ArrayLike, grad_norms: Optional[ArrayLike] = None,
@@ -155,13 +182,14 @@ class ScoreStore:
         """Copies of the arrays (CPU tensors) and the epoch counter: loads with ``torch.load(weights_only=True)``."""
         return {"version": STATE_VERSION, "num_samples": len(self), "loss": torch.from_numpy(self.loss.copy()),
                 "grad_norm": torch.from_numpy(self.grad_norm.copy()),
+                "reference": torch.from_numpy(self.reference.copy()),
                 "scored_epoch": torch.from_numpy(self.scored_epoch.copy()), "current_epoch": self.current_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``: checked first (dataset size, shapes, dtypes), then set; nothing half-loaded."""
         kind = "ScoreStore"
         require(state, ["loss", "grad_norm", "scored_epoch", "current_epoch"], kind)
-        check_version(state, kind, (0, STATE_VERSION), legacy=0)
+        check_version(state, kind, (0, 1, STATE_VERSION), legacy=0)
         n = len(self)
         saved_n = state.get("num_samples", len(state["loss"]))
         if saved_n != n:
@@ -175,7 +203,13 @@ class ScoreStore:
             raise ValueError(f"{kind} state field 'loss' holds non-finite losses of scored samples")
         if np.isinf(norms).any():
             raise ValueError(f"{kind} state field 'grad_norm' holds infinite norms")
+        reference = np.full(n, np.nan)
+        if state.get("reference") is not None:  # version 2
+            reference = read_array(state["reference"], "reference", kind, n)
+            if np.isinf(reference).any():
+                raise ValueError(f"{kind} state field 'reference' holds infinite losses")
         self.loss, self.grad_norm, self.scored_epoch, self.current_epoch = loss, norms, epochs, current
+        self.reference = reference
         self.version += 1
 
     def __repr__(self) -> str:
