@@ -173,3 +173,18 @@ def test_a_training_batch_without_its_labels_or_with_two_label_names_is_refused(
     batch = {k: torch.stack([d[k] for d in dataset("cls")[:8]]) for k in ("input_ids", "attention_mask")}
     with pytest.raises(KeyError, match="the training batch has no 'labels'"):
         t.compute_loss(model, batch)
+
+
+def test_rho_loss_through_the_trainer_looks_up_each_samples_reference(tmp_path):
+    """RhoLoss inside SelectiveTrainer (issue 25): a dataset index column under "indices" (kept with
+    remove_unused_columns=False; the model never sees it) finds each sample's reference loss."""
+    data = [{**d, "indices": torch.tensor(i)} for i, d in enumerate(dataset("cls"))]
+    reference = torch.rand(N, generator=torch.Generator().manual_seed(0)).numpy()
+    t = Recording(model=bert(), args=args(tmp_path, remove_unused_columns=False), train_dataset=data,
+                  strategy=sb.RhoLoss(reference=reference), fraction=0.25)
+    t.train()
+    assert t.selector.stats.samples_seen == N and t.rows == N // 4
+    no_index = SelectiveTrainer(model=bert(), args=args(tmp_path / "b"), train_dataset=dataset("cls"),
+                                strategy=sb.RhoLoss(reference=reference), fraction=0.25)
+    with pytest.raises(ValueError, match="indices"):
+        no_index.train()
