@@ -32,7 +32,7 @@ Where things are (one room per concern):
 - ``wrapped``: the wrapped loader's own state (stateful loaders, FFCV's epoch);
 - ``store`` and ``sampler``: per-sample memory and sampler-level selection;
 - ``reference``: reference (irreducible) losses for ``RhoLoss``, from a model
-  trained on held-out data;
+  trained on held-out data; ``tokens``: Rho-1's per-token selection for causal LMs;
 - ``ffcv``: ``.beton`` files with indices, FFCV batches, the selective order
   (imported on first use; needs FFCV);
 - ``stats``: the loader's counters, and the stage ``Clock`` (CUDA events on a GPU).
@@ -43,7 +43,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import distributed, kernels, reference, schedule, strategies
+from . import distributed, kernels, reference, schedule, strategies, tokens
 from .batch import BatchKeys, IndexedDataset, SubBatch, parse_batch, weighted_loss, with_indices
 from .epoch import EpochIterator
 from .hook import ScoringHook, find_head
@@ -114,6 +114,7 @@ __all__ = [
     "reference",
     "schedule",
     "strategies",
+    "tokens",
 ]
 
 

@@ -33,6 +33,14 @@ ranks by; the default is cross-entropy per sample for (B, C) logits, and the
 sum of the token cross-entropies (``-100`` ignored, shifted for causal LMs)
 for (B, T, C) logits. The selector's state goes into every checkpoint folder
 (``sbsampler_selector.pt``) and is restored by ``train(resume_from_checkpoint=...)``.
+
+**Token selection (Rho-1).** ``SelectiveTrainer(tokens=TokenSelection(fraction, reference))``
+trains a causal LM on the top ``fraction`` of each micro-batch's label tokens by excess loss
+over a reference model's (``sbsampler.tokens``); no sequence is dropped. The loss is the sum
+of the kept tokens' losses over the kept tokens of the whole optimizer step: every
+accumulated micro-batch on every process (one count gathered per step, whatever
+``average_tokens_across_devices`` says: a global token mean, never a mean of means). A token
+mask saves no compute: the forward and backward still cover every token.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from ..batch import BatchKeys, weighted_loss
 from ..hook import ScoringHook
 from ..selector import BatchSelector
 from ..strategies import Strategy
+from ..tokens import TokenSelection, kept_tokens, label_mask, selective_lm_loss
 
 __all__ = ["SelectiveTrainer", "per_sample_loss", "causal_lm", "STATE_FILE"]
 
@@ -91,12 +100,13 @@ class _SaveSelector(TrainerCallback):
         self.trainer = trainer
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer.selector.flush_checks()
+        if self.trainer.selector is not None:
+            self.trainer.selector.flush_checks()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(folder):
-            torch.save(self.trainer.selector.state_dict(), os.path.join(folder, STATE_FILE))
+            torch.save(self.trainer.selection_state(), os.path.join(folder, STATE_FILE))
 
 
 class SelectiveTrainer(Trainer):
@@ -104,7 +114,8 @@ class SelectiveTrainer(Trainer):
 
     Args:
         *args, **kwargs: the ``Trainer``'s own.
-        strategy: a ``Strategy`` or registered name.
+        strategy: a ``Strategy`` or registered name; default ``"uniform"`` (with ``tokens``,
+            every sequence: token and sequence selection are not combined).
         fraction: share of each micro-batch to back-propagate.
         loss: per-sample loss ``(logits, labels) -> (B,)``; default ``per_sample_loss``
             (token sums, shifted for a causal LM).
@@ -112,16 +123,30 @@ class SelectiveTrainer(Trainer):
             predicts t + 1); default: for a causal LM (``causal_lm``).
         hook: the ``ScoringHook``; default ``ScoringHook(model, loss=loss)``.
         seed, nan_policy, sync_history, select_on: passed to ``BatchSelector``.
+        tokens: Rho-1 token selection (``TokenSelection``) instead of selecting sequences; the
+            counters ``tokens_seen`` / ``tokens_kept`` follow it and resume with the checkpoint.
     """
 
-    def __init__(self, *args: Any, strategy: Union[None, str, Strategy] = "uniform", fraction: float = 0.25,
+    def __init__(self, *args: Any, strategy: Union[None, str, Strategy] = None, fraction: float = 0.25,
                  loss: Optional[Callable[[Tensor, Any], Tensor]] = None, hook: Optional[ScoringHook] = None,
                  seed: Optional[int] = None, nan_policy: str = "raise", sync_history: bool = False,
                  select_on: str = "auto",
-                 shift_labels: Optional[bool] = None, **kwargs: Any) -> None:
+                 shift_labels: Optional[bool] = None, tokens: Optional[TokenSelection] = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if tokens is not None and not isinstance(tokens, TokenSelection):
+            raise TypeError(f"tokens must be a sbsampler.tokens.TokenSelection, got {type(tokens).__name__}")
+        if tokens is not None and strategy not in (None, "full"):
+            raise ValueError(f"SelectiveTrainer(tokens=...) selects tokens of every sequence; strategy={strategy!r} "
+                             "would also drop sequences, which is not supported together. Use one of the two")
+        if tokens is not None and loss is not None:
+            raise ValueError("SelectiveTrainer(tokens=...) ranks and trains on per-token cross-entropies; a per-sample "
+                             "loss= has no per-token form. Leave loss= out")
+        self.tokens = tokens
+        self.token_counts = {"tokens_seen": 0, "tokens_kept": 0}
+        shift = causal_lm(self.model) if shift_labels is None else bool(shift_labels)
+        self.shift_labels = shift
         if loss is None:
-            shift = causal_lm(self.model) if shift_labels is None else bool(shift_labels)
 
             def loss(logits: Tensor, labels: Tensor) -> Tensor:
                 return per_sample_loss(logits, labels, shift=shift)
@@ -134,10 +159,67 @@ class SelectiveTrainer(Trainer):
                 f"SelectiveTrainer selects by one targets field, got label_names={names}: the per-sample loss takes "
                 "one labels tensor. Collate the targets into one field and name it in TrainingArguments(label_names=)")
         self.label_key = names[0]
+        self.hook = hook
         keys = BatchKeys(inputs=None, targets=self.label_key)
-        self.selector = BatchSelector(hook, strategy, fraction, seed=seed, nan_policy=nan_policy,
-                                      sync_history=sync_history, batch_keys=keys, select_on=select_on)
+        self.selector = None if tokens is not None else BatchSelector(
+            hook, "uniform" if strategy is None else strategy, fraction, seed=seed, nan_policy=nan_policy,
+            sync_history=sync_history, batch_keys=keys, select_on=select_on)
         self.add_callback(_SaveSelector(self))
+
+    def selection_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the selection: the selector's state, or the token counters."""
+        if self.selector is None:
+            return {"tokens": dict(self.token_counts)}
+        return self.selector.state_dict()
+
+    def load_selection_state(self, state: dict[str, Any]) -> None:
+        if self.selector is None:
+            counts = state.get("tokens") if isinstance(state, dict) else None
+            if not isinstance(counts, dict) or set(counts) != set(self.token_counts) or \
+                    not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
+                raise ValueError(f"{STATE_FILE} holds no token-selection counters: it was written by a "
+                                 "SelectiveTrainer selecting sequences, not tokens")
+            self.token_counts = dict(counts)
+            return
+        self.selector.load_state_dict(state)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The Trainer's micro-batches of one optimizer step; under token selection, the step's kept-token
+        count over every micro-batch and every process, the divisor of each micro-batch's loss."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.tokens is None:
+            return batches, num_items
+        kept = 0
+        for batch in batches:
+            if self.label_key not in batch:
+                raise KeyError(f"SelectiveTrainer: the training batch has no {self.label_key!r} (its keys: "
+                               f"{sorted(batch)}), so no token can be selected")
+            kept += kept_tokens(label_mask(batch[self.label_key], self.shift_labels).sum(), self.tokens.fraction)
+        count = torch.tensor(kept, device=device, dtype=torch.long)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return batches, count
+
+    def _token_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool,
+                    num_items_in_batch: Union[None, int, Tensor]) -> Any:
+        labels = inputs[self.label_key]
+        indices = inputs.get(self.tokens.index_key)
+        model_inputs = {k: v for k, v in inputs.items() if k not in (self.label_key, self.tokens.index_key)}
+        outputs = model(**model_inputs)
+        logits = self.hook.logits(outputs)
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"cannot find the logits in the model's output of type {type(outputs).__name__}: pass "
+                            "hook=ScoringHook(model, logits=lambda output: ...) naming them")
+        reference = self.tokens.reference_losses(model_inputs, labels, self.hook.logits, self.shift_labels, indices)
+        out = selective_lm_loss(logits, labels, reference, self.tokens.fraction, shift=self.shift_labels,
+                                num_kept=num_items_in_batch)
+        self.token_counts["tokens_seen"] += out.num_valid
+        self.token_counts["tokens_kept"] += out.num_kept
+        loss = out.loss
+        if num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients; the count is global
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        return (loss, outputs) if return_outputs else loss
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Union[None, int, Tensor] = None) -> Any:
@@ -149,6 +231,8 @@ class SelectiveTrainer(Trainer):
                 f"SelectiveTrainer: the training batch has no {self.label_key!r} (its keys: {sorted(inputs)}), so "
                 "nothing can be scored or selected. Name the key that holds the targets in "
                 "TrainingArguments(label_names=[...])")
+        if self.tokens is not None:
+            return self._token_loss(model, inputs, return_outputs, num_items_in_batch)
         batch = len(inputs[self.label_key])
         sub = self.selector(inputs)
         outputs = model(**sub.inputs)
@@ -173,5 +257,5 @@ class SelectiveTrainer(Trainer):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a SelectiveTrainer, "
                                         "so the selector cannot resume where it stopped")
-            self.selector.load_state_dict(torch.load(path, weights_only=True))
+            self.load_selection_state(torch.load(path, weights_only=True))
         return super().train(resume_from_checkpoint, *args, **kwargs)
