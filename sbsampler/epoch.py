@@ -121,6 +121,7 @@ class EpochIterator:
         self._steps: Optional[Iterator[tuple]] = None  # (step, record) pairs; a lookahead.Steps with look-ahead
         self._last_parts: list = []  # where the rows of the step just made came from (_recorded)
         self._ready: deque = deque()  # steps a resumed epoch yields first, without look-ahead
+        self._yielded_at: Optional[float] = None  # when the last step was handed to the loop (its step is timed)
         self.consumed_position = 0  # wrapped batches consumed by the steps taken so far (what progress reads)
         self._start_error: Optional[BaseException] = None  # reported in the first round, on every rank
         self._drawn: list = [0, 0.0]  # candidates and expected picks of this epoch's draws (see _per_pick)
@@ -184,12 +185,17 @@ class EpochIterator:
                 "started while it was running (two live iterators of one loader, e.g. zip(loader, loader)). "
                 "Finish or break out of one epoch before starting the next; use two loaders to iterate twice at once"
             )
+        if self._yielded_at is not None:  # the loop's step on the last batch: stats.time_training
+            self.stats.time_training += time.perf_counter() - self._yielded_at
+            self._yielded_at = None
         try:
             step, record = self._ready.popleft() if self._ready else next(self._steps)
         except StopIteration:
             self.finished = True
+            self.stats.warn_if_costly("SelectiveLoader")
             raise
         self.consumed_position = record[1]
+        self._yielded_at = time.perf_counter()
         return step
 
     def queued(self) -> int:

@@ -26,6 +26,8 @@ which DDP's gradient all-reduce does not mind.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import asdict
 from typing import Any, Iterable, Optional, Union
 
@@ -98,9 +100,13 @@ class BatchSelector:
         self.batch_keys = batch_keys
         self.batch_fields = tuple(batch_fields)
         self.stats = LoaderStats()
+        self._returned_at: Optional[float] = None  # the framework's time between calls: stats.time_training
 
     def __call__(self, batch: Any) -> SubBatch:
         """The weighted sub-batch of ``batch`` to train on (see the module docstring)."""
+        if self._returned_at is not None:
+            self.stats.time_training += time.perf_counter() - self._returned_at
+            self._returned_at = None
         first = None if self.strategy.needs_reference else self.stats.samples_seen  # RhoLoss: dataset indices
         sub = batch if isinstance(batch, SubBatch) else parse_batch(batch, first, self.batch_fields,
                                                                     self.batch_keys)
@@ -129,7 +135,16 @@ class BatchSelector:
         else:
             self.stats.samples_yielded += len(out)
         self.stats.steps += 1
+        self._returned_at = time.perf_counter()
         return out
+
+    def epoch_end(self) -> None:
+        """What the frameworks call at each epoch's end: ``flush_checks``, then a ``SelectionCostWarning`` (once)
+        if selection is estimated to cost more than it saves; the time to the next epoch's first batch
+        (evaluation, checkpoints) is not counted as a step."""
+        self._returned_at = None
+        self.flush_checks()
+        self.stats.warn_if_costly("BatchSelector")
 
     def flush_checks(self) -> None:
         """Wait for the hook's GPU checks still pending (labels, non-finite losses) and raise the first failure.

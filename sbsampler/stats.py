@@ -9,8 +9,9 @@ clock's events are read when a time figure is read, which waits for them.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -20,7 +21,14 @@ from .checkpoint import read_int, read_number
 if TYPE_CHECKING:
     from .select import Selected
 
-__all__ = ["LoaderStats", "Clock", "read_stats"]
+__all__ = ["LoaderStats", "Clock", "read_stats", "SelectionCostWarning"]
+
+MIN_STEPS_TO_WARN = 10  # steps measured before the estimate is trusted enough to warn
+
+
+class SelectionCostWarning(UserWarning):
+    """Selection costs more than it saves on this model and machine (``LoaderStats.estimated_time_saved < 0``)."""
+
 
 STAGES = ("scoring", "selecting", "gathering")
 _TIMES = tuple(f"time_{stage}" for stage in STAGES)
@@ -100,10 +108,12 @@ class LoaderStats:
     time_scoring: float = 0.0  # the scoring forward
     time_selecting: float = 0.0  # the NaN policy and the strategy
     time_gathering: float = 0.0  # gathering the chosen rows
+    time_training: float = 0.0  # the loop's own time between steps (the training step), timed by the loader
     residuals: list = field(default_factory=list)  # GradientMatching fit per batch
 
     def __post_init__(self) -> None:
         self._clocks: list[Clock] = []  # GPU clocks not read yet (not a field: not in asdict or a state)
+        self._warned = False  # SelectionCostWarning given (not a field)
 
     def __getattribute__(self, name: str) -> Any:
         if name in _TIMES and object.__getattribute__(self, "__dict__").get("_clocks"):  # read the GPU clocks first
@@ -118,6 +128,7 @@ class LoaderStats:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._clocks = []
+        self.__dict__.setdefault("_warned", False)
 
     def _settle(self, wait: bool = True) -> list:
         """Add the GPU clocks' times (``wait=False``: only those done); returns, and drops, those left."""
@@ -161,6 +172,66 @@ class LoaderStats:
         """Seconds spent scoring, selecting and gathering."""
         return self.time_scoring + self.time_selecting + self.time_gathering
 
+    @property
+    def step_time_per_sample(self) -> Optional[float]:
+        """Seconds of the training step per back-propagated row (``time_training / samples_yielded``)."""
+        if self.samples_yielded <= 0 or self.time_training <= 0:
+            return None
+        return self.time_training / self.samples_yielded
+
+    @property
+    def estimated_time_saved(self) -> Optional[float]:
+        """Seconds saved against back-propagating every sample seen, estimated from the measured costs.
+
+        ``(samples_seen - samples_yielded) * step_time_per_sample - selection_time``: the steps
+        skipped, at the measured step cost per row, minus what scoring, selecting and gathering
+        took. An estimate: a step on fewer rows rarely costs proportionally less (small batches
+        use a GPU less well), so the true saving is at most this. ``None`` before a step was timed.
+        """
+        per = self.step_time_per_sample
+        if per is None:
+            return None
+        return (self.samples_seen - self.samples_yielded) * per - self.selection_time
+
+    @property
+    def estimated_saving(self) -> Optional[float]:
+        """``estimated_time_saved`` as a share of full training's estimated time for the same samples."""
+        saved, per = self.estimated_time_saved, self.step_time_per_sample
+        if saved is None or per is None or not self.samples_seen:
+            return None
+        return saved / (self.samples_seen * per)
+
+    @property
+    def break_even_fraction(self) -> Optional[float]:
+        """The kept share below which selection saves time, by the cost model: ``1 - c / s`` with ``c`` the
+        selection cost per sample seen and ``s`` the step cost per back-propagated row (``<= 0``: none pays)."""
+        per = self.step_time_per_sample
+        if per is None or not self.samples_seen:
+            return None
+        return 1.0 - (self.selection_time / self.samples_seen) / per
+
+    def warn_if_costly(self, where: str = "SelectiveLoader") -> bool:
+        """Warn once (``SelectionCostWarning``) when selection is estimated to cost more than it saves, after at
+        least ``MIN_STEPS_TO_WARN`` timed steps; whether it warned now. Never raises."""
+        if self._warned or self.steps < MIN_STEPS_TO_WARN:
+            return False
+        saved = self.estimated_time_saved
+        if saved is None or saved >= 0:
+            return False
+        self._warned = True
+        f, kept = self.break_even_fraction, self.backprop_fraction
+        advice = (f"keep fewer than {f:.0%} of each batch" if f is not None and f > 0 else
+                  "no fraction pays here: scoring a sample costs about as much as a step on it")
+        warnings.warn(
+            f"{where}: selection costs more than it saves on this model and machine: scoring, selecting and "
+            f"gathering took {self.selection_time:.3g} s for {self.samples_seen} samples, and skipping "
+            f"{self.samples_seen - self.samples_yielded} of them saved about "
+            f"{self.selection_time + saved:.3g} s of steps (an estimated {saved:+.3g} s against training on "
+            f"everything, keeping {kept:.0%}). To save time, {advice}, use strategy='uniform' (no scoring "
+            "pass), select at the sampler level from stored losses, or train on everything "
+            "(sbsampler.compare measures all of these on your model).", SelectionCostWarning, stacklevel=3)
+        return True
+
     def reset(self) -> None:
         """Zero every counter."""
         fresh = LoaderStats()
@@ -183,6 +254,8 @@ class LoaderStats:
         d["selection_time"] = selection
         d.pop("residuals")
         d["backprop_fraction"] = self.backprop_fraction
+        d["estimated_time_saved"] = self.estimated_time_saved
+        d["estimated_saving"] = self.estimated_saving
         d["mean_residual"] = float(np.mean(self.residuals)) if self.residuals else None
         return d
 
@@ -197,7 +270,7 @@ def read_stats(state: Any, kind: str) -> LoaderStats:
     unknown = sorted(set(state) - set(fields))
     if unknown:
         raise ValueError(f"{kind} state field 'stats' holds unknown counters {unknown}")
-    missing = sorted(set(fields) - set(state))
+    missing = sorted(set(fields) - set(state) - {"time_training"})  # time_training: newer than some states
     if missing:
         raise ValueError(f"{kind} state field 'stats' lacks the counters {missing}: it was not saved by "
                          f"{kind}.state_dict()")

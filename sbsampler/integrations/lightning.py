@@ -40,7 +40,7 @@ from ..strategies import Strategy
 
 __all__ = ["SelectiveBackprop"]
 
-LOGGED = ("backprop_fraction", "samples_yielded", "samples_seen", "selection_time")
+LOGGED = ("backprop_fraction", "samples_yielded", "samples_seen", "selection_time", "estimated_time_saved")
 
 
 class SelectiveBackprop(Callback):
@@ -125,14 +125,14 @@ class SelectiveBackprop(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.selector is not None:
-            self.selector.flush_checks()  # the GPU checks of the epoch's last batches, read before it ends
+            self.selector.epoch_end()  # the epoch's last GPU checks read; a SelectionCostWarning if it does not pay
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.log and self.selector is not None:
             stats = self.selector.stats.as_dict(wait=False)  # no wait for the GPU each step
-            pl_module.log_dict({f"sb/{k}": float(stats[k]) for k in LOGGED}, on_step=True, on_epoch=False,
-                               batch_size=len(batch))
+            pl_module.log_dict({f"sb/{k}": float(stats[k]) for k in LOGGED if stats[k] is not None}, on_step=True,
+                               on_epoch=False, batch_size=len(batch))
 
     def state_dict(self) -> dict[str, Any]:
         if self.selector is None:

@@ -101,7 +101,7 @@ class _SaveSelector(TrainerCallback):
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.trainer.selector is not None:
-            self.trainer.selector.flush_checks()
+            self.trainer.selector.epoch_end()  # GPU checks read; a SelectionCostWarning if selection does not pay
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -182,6 +182,20 @@ class SelectiveTrainer(Trainer):
             self.token_counts = dict(counts)
             return
         self.selector.load_state_dict(state)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the selection's figures on training logs (``sb/backprop_fraction``,
+        ``sb/selection_time``, ``sb/estimated_time_saved``; ``sb/tokens_kept`` under token selection)."""
+        if "loss" in logs:  # a training log, not an evaluation's
+            if self.selector is not None:
+                stats = self.selector.stats.as_dict(wait=False)
+                logs = {**logs, **{f"sb/{k}": float(stats[k]) for k in
+                                   ("backprop_fraction", "selection_time", "estimated_time_saved")
+                                   if stats[k] is not None}}
+            else:
+                logs = {**logs, "sb/tokens_kept": float(self.token_counts["tokens_kept"]),
+                        "sb/tokens_seen": float(self.token_counts["tokens_seen"])}
+        super().log(logs, *args, **kwargs)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The Trainer's micro-batches of one optimizer step; under token selection, the step's kept-token
