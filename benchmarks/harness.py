@@ -250,42 +250,18 @@ def train_run(
             the training step stores (``WeightedBatches``), instead of per batch.
         label: the name in the result (default the strategy's name).
     """
-    torch.manual_seed(seed)
-    model = model_fn()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    data = sb.with_indices(train)
+    from sbsampler.compare import Mode, run_mode  # the one training loop, shared with sb.compare
+
     strategy = sb.get_strategy(strategy, seed=seed)
-    store = None
-    if sampler is not None:
-        store = sb.ScoreStore(len(data))
-        plan = sb.SelectiveSampler(store, strategy, fraction, epochs=epochs, seed=seed, **sampler)
-        loader: Any = sb.WeightedBatches(DataLoader(data, batch_size=batch_size, sampler=plan), plan)
-    else:
-        base = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        loader = sb.SelectiveLoader(base, sb.ScoringHook(model), strategy, fraction, rebatch=rebatch)
-        total = epochs * len(base)
-    steps = backprop = seen = 0
-    weight_sums = []
-    t0 = time.perf_counter()
-    for epoch in range(epochs):
-        if sampler is not None:
-            plan.set_epoch(epoch)
-        for batch in loader:
-            if cosine and sampler is None:  # progress: wrapped batches consumed before this one
-                done = loader.stats.batches_seen - 1
-                for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done / total))
-            losses = train_step(model, opt, batch.inputs, batch.targets, batch.weights)
-            if store is not None:
-                store.update(batch.indices, losses)  # the step's own losses: no extra forward
-                seen += len(batch)
-            weight_sums.append(float(batch.weights.sum()))
-            backprop += len(batch)
-            steps += 1
-    wall = time.perf_counter() - t0
-    selection = 0.0
-    if sampler is None:
-        seen, selection = loader.stats.samples_seen, loader.stats.selection_time
-    return RunResult(strategy=label or strategy.name, accuracy=accuracy(model, test), samples_backprop=backprop,
-                     samples_seen=seen, steps=steps, wall_s=wall, selection_s=selection,
-                     weight_sum=float(np.mean(weight_sums)) if weight_sums else 0.0)
+    level, options = ("sampler", dict(sampler)) if sampler is not None else ("batch", {"rebatch": rebatch})
+    mode = Mode(label or strategy.name, strategy, fraction, level=level, options=options)
+    base = DataLoader(sb.with_indices(train), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
+    run = run_mode(mode, seed, model=model_fn, train_loader=base, epochs=epochs, evals_per_epoch=0,
+                   optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum,
+                                                            weight_decay=weight_decay),
+                   evaluate=lambda model: accuracy(model, test),
+                   schedule=sb.schedule.cosine(epochs) if cosine and sampler is None else None)
+    return RunResult(strategy=mode.name, accuracy=run.final, samples_backprop=run.samples_backprop,
+                     samples_seen=run.samples_seen, steps=run.steps, wall_s=run.wall_s,
+                     selection_s=run.time_selection if sampler is None else 0.0, weight_sum=run.weight_sum)

@@ -12,7 +12,8 @@ its losses on the training set are computed once (``sbsampler.reference.referenc
 and its training time is reported apart and *added* to RHO-LOSS's wall time.
 
 Modes, every one for the same epochs with the same SGD and cosine schedule (per wrapped
-batch), through ``SelectiveLoader``: full, and uniform, sb, topk and rho
+batch), through ``SelectiveLoader(rebatch=True)`` (each step a full batch of 64 picked rows, so a
+rule at fraction f makes f times full training's steps): full, and uniform, sb, topk and rho
 (``sb.RhoLoss``) at fractions 0.1 (RHO-LOSS's setting) and 0.25. Reported per noise level:
 the final test accuracy (mean +- std over seeds), the optimizer steps and the wall time to
 full training's final accuracy - 0.5 pt (``n/3`` seeds that reached it), the share of the
@@ -130,7 +131,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         strategy = sb.get_strategy(job["strategy"], seed=job["seed"])
     dl = DataLoader(sb.with_indices(train_set), batch_size=BATCH, shuffle=True,
                     generator=torch.Generator().manual_seed(job["seed"]))
-    loader = sb.SelectiveLoader(dl, sb.ScoringHook(model), strategy, job["fraction"])
+    # rebatch: every step back-propagates a full batch of 64 picked rows, as SB (Jiang et al.) and RHO-LOSS
+    # (320 candidates, 32 picked) do; steps of 7 rows diverge with this CNN's BatchNorm at this LR, picked or not
+    loader = sb.SelectiveLoader(dl, sb.ScoringHook(model), strategy, job["fraction"], rebatch=True)
     out = train(model, loader, job["epochs"], len(dl), test, noisy_mask=flip)
     extra = job.get("ref_s", 0.0)  # RHO-LOSS pays for its reference model: its wall time includes it
     out["curve"] = [(w + extra, s, a) for w, s, a in out["curve"]]

@@ -35,7 +35,10 @@ Where things are (one room per concern):
   trained on held-out data; ``tokens``: Rho-1's per-token selection for causal LMs;
 - ``ffcv``: ``.beton`` files with indices, FFCV batches, the selective order
   (imported on first use; needs FFCV);
-- ``stats``: the loader's counters, and the stage ``Clock`` (CUDA events on a GPU).
+- ``stats``: the loader's counters, and the stage ``Clock`` (CUDA events on a GPU);
+- ``compare``: "does selection pay on my model?" (``sb.compare(...)``, ``python -m
+  sbsampler.compare``): the one training loop the benchmarks share, the cost model, the
+  break-even fraction and a recommendation.
 """
 
 from __future__ import annotations
@@ -115,11 +118,13 @@ __all__ = [
     "schedule",
     "strategies",
     "tokens",
+    "compare",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    """``sbsampler.ffcv`` is imported on first use: it needs FFCV, the rest of the package does not."""
-    if name == "ffcv":
-        return importlib.import_module(".ffcv", __name__)
+    """``sbsampler.ffcv`` is imported on first use (it needs FFCV, the rest of the package does not), and so is
+    ``sbsampler.compare``."""
+    if name in ("ffcv", "compare"):  # compare: a callable module, sb.compare(...) (imported on first use, so that
+        return importlib.import_module(f".{name}", __name__)  # `python -m sbsampler.compare` finds it unimported)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
