@@ -70,5 +70,21 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), **payload}
-    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    path.write_text(compact_json(payload))
     return path
+
+
+def compact_json(payload: dict[str, Any]) -> str:
+    """``payload`` as JSON that stays small and diffable: one top-level key per line, and a top-level list one
+    element (a run, a row) per line, each written compactly. ``json.load`` reads it as any JSON."""
+    def dump(value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"), default=float)
+
+    parts = []
+    for key, value in payload.items():
+        if isinstance(value, list) and value and all(isinstance(v, (dict, list)) for v in value):
+            inner = ",\n  ".join(dump(v) for v in value)
+            parts.append(f"{dump(key)}: [\n  {inner}\n]")
+        else:
+            parts.append(f"{dump(key)}: {dump(value)}")
+    return "{" + ",\n".join(parts) + "}\n"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
+from sbsampler.compare import train_loop  # noqa: E402
 
 SCALES = [1.0, 0.75, 0.5, 0.25]
 STRATEGIES = ["topk", "sb", "composer", "gradmatch"]
@@ -66,16 +66,9 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
                       generator=torch.Generator().manual_seed(job["seed"]))
     hook = sb.ScoringHook(model, scale_factor=job["scale"])
     loader = sb.SelectiveLoader(base, hook, job["strategy"], 0.25, device=device, seed=job["seed"])
-    sched = sb.schedule.progress_lr(opt, loader, sb.schedule.cosine(job["epochs"]))
-    t0 = time.perf_counter()
-    for _ in range(job["epochs"]):
-        for b in loader:
-            train_step(model, opt, b.inputs, b.targets, b.weights)
-            sched.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    return {**job, "accuracy": accuracy(model, te), "wall_s": wall, "scoring_s": loader.stats.time_scoring}
+    run = train_loop(model, opt, loader, epochs=job["epochs"], evaluate=lambda m: accuracy(m, te),
+                     schedule=sb.schedule.cosine(job["epochs"]), evals_per_epoch=0, device=device)  # the shared loop
+    return {**job, "accuracy": run.final, "wall_s": run.wall_s, "scoring_s": loader.stats.time_scoring}
 
 
 def agreement(device: torch.device) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -25,7 +25,6 @@ plot of the final accuracies and of the noisy shares. Writes
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing as mp
 import sys
 import time
@@ -41,6 +40,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
+from sbsampler.compare import train_loop  # noqa: E402
 
 NOISE = [0.0, 0.2, 0.4]
 FRACTIONS = [0.1, 0.25]
@@ -77,31 +77,21 @@ def split(noise: float, seed: int) -> tuple[TensorDataset, TensorDataset, Tensor
 
 def train(model: torch.nn.Module, loader: Any, epochs: int, per_epoch: int, test: TensorDataset,
           noisy_mask: Optional[np.ndarray] = None) -> dict[str, Any]:
-    """Train ``epochs`` epochs of ``loader``'s weighted steps, cosine LR per wrapped batch; the accuracy curve."""
+    """Train ``epochs`` epochs of ``loader``'s weighted steps through the shared loop (``sb.compare.train_loop``),
+    cosine LR by the loader's progress; the accuracy curve ``(wall s, steps, accuracy)``."""
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
-    total, done, steps, rows, wrong = epochs * per_epoch, 0, 0, 0, 0
-    every = max(per_epoch // EVALS_PER_EPOCH, 1)
-    curve = [(0.0, 0, accuracy(model, test))]
-    wall, next_eval = 0.0, every
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        for batch in loader:
-            done = loader.stats.batches_seen if isinstance(loader, sb.SelectiveLoader) else done + 1
-            for group in opt.param_groups:
-                group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * (done - 1) / total))
-            train_step(model, opt, batch.inputs, batch.targets, batch.weights)
-            steps += 1
-            rows += len(batch)
-            if noisy_mask is not None:
-                wrong += int(noisy_mask[batch.indices.numpy()].sum())
-            if done >= next_eval:
-                wall += time.perf_counter() - t0
-                curve.append((wall, steps, accuracy(model, test)))
-                next_eval += every
-                t0 = time.perf_counter()
-        wall += time.perf_counter() - t0
-    return {"curve": curve, "final_acc": curve[-1][2], "wall_s": wall, "steps": steps, "rows": rows,
-            "noisy_share": wrong / max(rows, 1)}
+    every = max(per_epoch // EVALS_PER_EPOCH, 1)  # evaluate every `every` wrapped batches
+    wrong = [0]
+
+    def count(batch: Any) -> None:
+        if noisy_mask is not None:
+            wrong[0] += int(noisy_mask[batch.indices.numpy()].sum())
+
+    run = train_loop(model, opt, loader, epochs=epochs, evaluate=lambda m: accuracy(m, test),
+                     schedule=sb.schedule.cosine(epochs), evals_per_epoch=per_epoch / every, on_step=count)
+    curve = [(p.wall, p.steps, p.score) for p in run.curve]
+    return {"curve": curve, "final_acc": run.final, "wall_s": run.wall_s, "steps": run.steps,
+            "rows": run.samples_backprop, "noisy_share": wrong[0] / max(run.samples_backprop, 1)}
 
 
 def reference(job: dict[str, Any]) -> dict[str, Any]:

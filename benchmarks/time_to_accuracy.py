@@ -46,13 +46,14 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, table, write_results  # noqa: E402
-from harness import accuracy, load_data, train_step, warm_up  # noqa: E402
+from harness import accuracy, load_data, warm_up  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
+from sbsampler.compare import train_loop  # noqa: E402
 
 DATASETS = {"mnist": 8, "digits": 12, "mnist1d": 30}  # epochs
 PER_BATCH = ["uniform", "sb", "composer", "gradmatch", "infobatch"]
@@ -96,7 +97,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     data = sb.with_indices(train)
     strategy = strategy_for(job)
-    store = None
+    store, plan = None, None
     if job["level"] == "sampler":
         store = sb.ScoreStore(len(data))
         anneal = 0.125 if isinstance(strategy, sb.InfoBatch) else 0.0
@@ -106,44 +107,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         base = DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
         loader = sb.SelectiveLoader(base, sb.ScoringHook(model), strategy, job["fraction"], device=device,
                                     lookahead=job.get("lookahead", 0))
-    sched = sb.schedule.progress_lr(opt, loader, sb.schedule.cosine(epochs))
     per_epoch = len(DataLoader(data, batch_size=BATCH))
     every = max(per_epoch // EVALS_PER_EPOCH, 1)  # evaluate every `every` wrapped batches (full data's batches)
-    curve = [(0.0, 0.0, accuracy(model, test))]
-    wall = 0.0
-    backprop = steps = 0
-    next_eval = every
-    for epoch in range(epochs):
-        if store is not None:
-            plan.set_epoch(epoch)
-        t0 = time.perf_counter()
-        for batch in loader:
-            inputs, targets, weights = (t.to(device, non_blocking=True) for t in
-                                        (batch.inputs, batch.targets, batch.weights))
-            losses = train_step(model, opt, inputs, targets, weights)
-            sched.step()
-            if store is not None:
-                store.update(batch.indices, losses)
-            backprop += len(batch)
-            steps += 1
-            done = loader.progress * per_epoch  # wrapped batches' worth of progress so far
-            if done >= next_eval:
-                if job.get("lookahead"):  # the thread finishes its turn before the clock stops: no free time
-                    loader.current_iterator.pending()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                wall += time.perf_counter() - t0
-                curve.append((wall, loader.progress, accuracy(model, test)))
-                while next_eval <= done:
-                    next_eval += every
-                t0 = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall += time.perf_counter() - t0
-    if curve[-1][1] < epochs:
-        curve.append((wall, float(epochs), accuracy(model, test)))
-    return {**job, "curve": curve, "final_acc": curve[-1][2], "wall_s": wall, "samples_backprop": backprop,
-            "steps": steps}
+    # the shared loop (sb.compare.train_loop): cosine LR by progress, the step's losses into the store at the
+    # sampler level, a look-ahead thread's turn finished before the clock is read, the GPU synchronised
+    run = train_loop(model, opt, loader, epochs=epochs, evaluate=lambda m: accuracy(m, test),
+                     schedule=sb.schedule.cosine(epochs), plan=plan, store=store,
+                     evals_per_epoch=per_epoch / every, device=device)
+    curve = [(p.wall, p.progress, p.score) for p in run.curve]
+    return {**job, "curve": curve, "final_acc": run.final, "wall_s": run.wall_s,
+            "samples_backprop": run.samples_backprop, "steps": run.steps}
 
 
 def time_to(curve: list, target: float) -> Optional[float]:

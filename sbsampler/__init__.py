@@ -14,8 +14,10 @@ Where things are (one room per concern):
 
 - ``batch``: parsing a wrapped loader's batches, ``SubBatch``, gathering rows,
   ``with_indices``, ``weighted_loss``, adapting an FFCV loader;
-- ``hook`` and ``scores``: the scoring forward and its ``Scores`` (NaN policy);
-- ``strategies`` and ``kernels``: what to select, and the Numba inner loops;
+- ``hook`` (a package: the head, the forward, losses, per-token gradients) and
+  ``scores``: the scoring forward and its ``Scores`` (NaN policy);
+- ``strategies`` (a package, one file per rule) and ``kernels``: what to select, and
+  the Numba inner loops;
   ``ondevice``: the loss-only rules' torch-op twins, for selection on a GPU;
 - ``deferred``: checks of GPU values read without stalling the GPU;
 - ``select``: ``select_batch``, one batch in, one weighted sub-batch out;
@@ -35,7 +37,8 @@ Where things are (one room per concern):
   trained on held-out data; ``tokens``: Rho-1's per-token selection for causal LMs;
 - ``ffcv``: ``.beton`` files with indices, FFCV batches, the selective order
   (imported on first use; needs FFCV);
-- ``stats``: the loader's counters, and the stage ``Clock`` (CUDA events on a GPU);
+- ``stats``: the loader's counters and the time-saved estimate; ``clock``: the stage
+  ``Clock`` (CUDA events on a GPU);
 - ``compare``: "does selection pay on my model?" (``sb.compare(...)``, ``python -m
   sbsampler.compare``): the one training loop the benchmarks share, the cost model, the
   break-even fraction and a recommendation.
@@ -46,7 +49,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import distributed, kernels, reference, schedule, strategies, tokens
+from . import distributed, kernels, loader, reference, sampler, schedule, selector, store, strategies, tokens
 from .batch import BatchKeys, IndexedDataset, SubBatch, parse_batch, weighted_loss, with_indices
 from .epoch import EpochIterator
 from .hook import ScoringHook, find_head
@@ -75,7 +78,17 @@ from .strategies import (
 )
 from .weights import step_weights
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+#: the layout version each ``state_dict()`` writes (its ``"version"`` field); ``load_state_dict`` reads these and
+#: the older ones listed in the docs' reference (docs/reference/versions.md), and refuses newer ones
+STATE_VERSIONS = {
+    "SelectiveLoader": loader.STATE_VERSION,
+    "BatchSelector": selector.STATE_VERSION,
+    "ScoreStore": store.STATE_VERSION,
+    "SelectiveSampler": sampler.STATE_VERSION,
+    "Strategy": strategies.STATE_VERSION,
+}
 
 __all__ = [
     "Scores",
@@ -119,6 +132,8 @@ __all__ = [
     "strategies",
     "tokens",
     "compare",
+    "STATE_VERSIONS",
+    "__version__",
 ]
 
 

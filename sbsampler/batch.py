@@ -59,6 +59,7 @@ class BatchKeys:
     indices: str = "indices"
 
     def split(self, batch: Mapping) -> tuple[Any, Any, Any, dict]:
+        """``(inputs, targets, indices, extras)`` of a dict batch, read by these keys."""
         named = [k for k in (self.inputs, self.targets) if k is not None]
         missing = [k for k in named if k not in batch]
         if missing:

@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ from .stats import SelectionCostWarning
 from .store import ScoreStore
 from .strategies import InfoBatch, Strategy, get_strategy
 
-__all__ = ["Mode", "Run", "Comparison", "Recommendation", "default_modes", "train_loop", "run_mode", "compare",
+__all__ = ["Mode", "Point", "Run", "Comparison", "Recommendation", "default_modes", "train_loop", "run_mode", "compare",
            "summarise", "recommend", "break_even", "ideal_speedup", "main"]
 
 TOLERANCE = 0.005  # "full training's accuracy": its final score minus half a point
@@ -87,6 +87,7 @@ class Mode:
             raise ValueError(f"Mode {self.name!r}: level must be 'batch' or 'sampler', got {self.level!r}")
 
     def make_strategy(self, seed: int) -> Strategy:
+        """A fresh strategy for one run: by name (seeded), a deep copy of the object, or the factory's."""
         if isinstance(self.strategy, str):
             return get_strategy(self.strategy, seed=seed)
         if isinstance(self.strategy, Strategy):
@@ -95,6 +96,7 @@ class Mode:
 
     @property
     def is_full(self) -> bool:
+        """Whether this mode is full training (the reference of the others)."""
         return isinstance(self.strategy, str) and self.strategy == "full"
 
 
@@ -111,9 +113,20 @@ def default_modes(strategy: Union[str, Strategy] = "sb", fractions: Sequence[flo
     return modes
 
 
+class Point(NamedTuple):
+    """One evaluation: the wall seconds trained (evaluation not counted), steps and rows back-propagated so far,
+    epochs of progress, and the score."""
+
+    wall: float
+    steps: int
+    rows: int
+    progress: float
+    score: float
+
+
 @dataclass
 class Run:
-    """One (mode, seed) run: its curve of ``(wall s, samples back-propagated, epochs done, score)`` and costs."""
+    """One (mode, seed) run: its curve of ``Point`` s and where its time went."""
 
     mode: str
     seed: int
@@ -130,13 +143,20 @@ class Run:
 
     @property
     def final(self) -> float:
-        return self.curve[-1][3]
+        """The score at the last evaluation."""
+        return Point(*self.curve[-1]).score
 
-    def reached(self, target: float) -> Optional[tuple[float, int, float]]:
-        """``(wall s, samples back-propagated, epochs)`` at the first evaluation scoring ``>= target``."""
-        for wall, rows, epochs, score in self.curve:
-            if score >= target:
-                return wall, rows, epochs
+    @property
+    def progress(self) -> float:
+        """Epochs of progress at the last evaluation."""
+        return Point(*self.curve[-1]).progress
+
+    def reached(self, target: float) -> Optional[Point]:
+        """The first evaluation scoring ``>= target``, or ``None``."""
+        for point in self.curve:
+            point = Point(*point)
+            if point.score >= target:
+                return point
         return None
 
 
@@ -151,9 +171,10 @@ def _move(x: Any, device: Optional[torch.device]) -> Any:
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, *, epochs: int,
                evaluate: Callable[[nn.Module], float], loss: Callable[[Tensor, Tensor], Tensor] = _default_loss,
                schedule: Optional[Callable[[float], float]] = None, plan: Optional[SelectiveSampler] = None,
-               store: Optional[ScoreStore] = None, evals_per_epoch: int = 2, seconds: Optional[float] = None,
+               store: Optional[ScoreStore] = None, evals_per_epoch: float = 2, seconds: Optional[float] = None,
                device: Union[None, str, torch.device] = None, mode: str = "", seed: int = 0, fraction: float = 1.0,
-               on_epoch: Optional[Callable[[], None]] = None, clock: Callable[[], float] = time.perf_counter) -> Run:
+               on_epoch: Optional[Callable[[], None]] = None, on_step: Optional[Callable[[Any], None]] = None,
+               clock: Callable[[], float] = time.perf_counter) -> Run:
     """Train ``epochs`` epochs of ``loader``'s weighted steps (``sum_i w_i l_i``); the one loop of ``compare`` and
     the benchmarks.
 
@@ -161,22 +182,28 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, 
     ``set_epoch`` is called each epoch and the step's own losses go into ``store``). The model is evaluated
     ``evals_per_epoch`` times an epoch of progress (``loader.progress``) and at the end, outside the clock;
     ``seconds`` stops training once that much wall time is spent. ``schedule(progress)``: an LR factor.
-    ``evals_per_epoch=0``: evaluate once, at the end.
+    ``evals_per_epoch=0``: evaluate once, at the end (it may be fractional). ``on_step(batch)`` runs after each
+    step, inside its time. Under ``SelectiveLoader(lookahead=N)`` the thread finishes its turn before the clock is
+    read, so the time it works ahead is never free.
     """
     device = None if device is None else torch.device(device)
     sched = progress_lr(optimizer, loader, schedule) if schedule is not None else None
     cuda = device is not None and device.type == "cuda"
 
+    ahead = isinstance(loader, SelectiveLoader) and loader.lookahead > 0
+
     def now() -> float:
+        if ahead and loader.current_iterator is not None:
+            loader.current_iterator.pending()
         if cuda:
             torch.cuda.synchronize(device)
         return clock()
 
-    curve = [(0.0, 0, 0.0, float(evaluate(model)))] if evals_per_epoch > 0 else []
+    curve = [Point(0.0, 0, 0, 0.0, float(evaluate(model)))] if evals_per_epoch > 0 else []
     wall = waiting = stepping = planning = 0.0
     steps = rows = 0
     weight_sums: list[float] = []
-    every = 1.0 / evals_per_epoch if evals_per_epoch > 0 else math.inf  # 0: evaluate once, at the end
+    every = 1.0 / float(evals_per_epoch) if evals_per_epoch > 0 else math.inf  # 0: evaluate once, at the end
     next_eval = every
     stopped = False
     for epoch in range(epochs):
@@ -203,6 +230,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, 
                 sched.step()
             if store is not None:
                 store.update(batch.indices, per.detach())  # the step's own losses: no extra forward
+            if on_step is not None:
+                on_step(batch)
             stepping += clock() - t1
             steps += 1
             rows += len(batch)
@@ -211,7 +240,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, 
             over = seconds is not None and wall + (now() - t_epoch) >= seconds
             if progress + 1e-9 >= next_eval or over:
                 wall += now() - t_epoch
-                curve.append((wall, rows, progress, float(evaluate(model))))
+                curve.append(Point(wall, steps, rows, progress, float(evaluate(model))))
                 while next_eval <= progress + 1e-9:
                     next_eval += every
                 t_epoch = now()
@@ -224,8 +253,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, 
             on_epoch()
         if stopped:
             break
-    if not curve or curve[-1][2] < float(loader.progress) - 1e-9 or len(curve) == 1:
-        curve.append((wall, rows, float(loader.progress), float(evaluate(model))))
+    if not curve or curve[-1].progress < float(loader.progress) - 1e-9 or len(curve) == 1:
+        curve.append(Point(wall, steps, rows, float(loader.progress), float(evaluate(model))))
     stats = getattr(loader, "stats", None)
     if isinstance(loader, SelectiveLoader):
         selection, seen = stats.selection_time, stats.samples_seen
@@ -263,7 +292,7 @@ def _build(mode: Mode, seed: int, model_fn: Callable[[], nn.Module], train_loade
 def run_mode(mode: Mode, seed: int, *, model: Callable[[], nn.Module], train_loader: DataLoader,
              optimizer: Callable[[Iterable], torch.optim.Optimizer], evaluate: Callable[[nn.Module], float],
              epochs: int, loss: Callable = _default_loss, schedule: Optional[Callable[[float], float]] = None,
-             seconds: Optional[float] = None, evals_per_epoch: int = 2,
+             seconds: Optional[float] = None, evals_per_epoch: float = 2,
              device: Union[None, str, torch.device] = None, on_epoch: Optional[Callable[[], None]] = None) -> Run:
     """Train one ``mode`` with one ``seed`` through ``train_loop``."""
     device = None if device is None else torch.device(device)
@@ -324,8 +353,8 @@ def summarise(runs: Sequence[Run], modes: Sequence[Mode], target: Optional[float
         target = float(np.mean([r.final for r in full_runs])) - tolerance
     step_s = float(np.mean([r.time_step / max(r.samples_backprop, 1) for r in full_runs]))
     load_s = float(np.mean([r.time_loading / max(r.samples_seen, 1) for r in full_runs]))
-    full_wall = float(np.mean([r.wall_s / max(r.curve[-1][2], 1e-9) for r in full_runs]))  # per epoch
-    full_rows = float(np.mean([r.samples_backprop / max(r.curve[-1][2], 1e-9) for r in full_runs]))
+    full_wall = float(np.mean([r.wall_s / max(r.progress, 1e-9) for r in full_runs]))  # per epoch
+    full_rows = float(np.mean([r.samples_backprop / max(r.progress, 1e-9) for r in full_runs]))
     rows = []
     for m in modes:
         rs = [r for r in runs if r.mode == m.name]
@@ -333,18 +362,19 @@ def summarise(runs: Sequence[Run], modes: Sequence[Mode], target: Optional[float
             continue
         hits = [h for h in (r.reached(target) for r in rs) if h is not None]
         sel = float(np.mean([r.time_selection / max(r.samples_seen, 1) for r in rs]))
-        per_epoch = float(np.mean([r.wall_s / max(r.curve[-1][2], 1e-9) for r in rs]))
+        per_epoch = float(np.mean([r.wall_s / max(r.progress, 1e-9) for r in rs]))
         finals = [r.final for r in rs]
         if m.level == "sampler":  # rows back-propagated per epoch, against full training's (every sample)
-            kept = float(np.mean([r.samples_backprop / max(r.curve[-1][2], 1e-9) for r in rs])) / full_rows
+            kept = float(np.mean([r.samples_backprop / max(r.progress, 1e-9) for r in rs])) / full_rows
         else:
             kept = float(np.mean([r.samples_backprop / max(r.samples_seen, 1) for r in rs]))
         rows.append({
             "mode": m.name, "level": m.level, "fraction": m.fraction, "kept": kept, "final": float(np.mean(finals)),
             "final_std": float(np.std(finals)), "reached": len(hits), "seeds": len(rs),
-            "time_to_target_s": float(np.mean([h[0] for h in hits])) if hits else None,
-            "samples_to_target": int(np.mean([h[1] for h in hits])) if hits else None,
-            "epochs_to_target": float(np.mean([h[2] for h in hits])) if hits else None,
+            "time_to_target_s": float(np.mean([h.wall for h in hits])) if hits else None,
+            "steps_to_target": int(np.mean([h.steps for h in hits])) if hits else None,
+            "samples_to_target": int(np.mean([h.rows for h in hits])) if hits else None,
+            "epochs_to_target": float(np.mean([h.progress for h in hits])) if hits else None,
             "wall_s": float(np.mean([r.wall_s for r in rs])), "steps": int(np.mean([r.steps for r in rs])),
             "samples_backprop": int(np.mean([r.samples_backprop for r in rs])),
             "loading_share": float(np.mean([r.time_loading / r.wall_s for r in rs if r.wall_s > 0] or [0.0])),
@@ -446,6 +476,7 @@ class Comparison:
         return "\n".join(lines)
 
     def report(self) -> str:
+        """The table, the target and the cost model's figures, and the recommendation, as printed."""
         be = self.cost["break_even"]
         return "\n".join([
             self.table(), "",
@@ -469,7 +500,12 @@ class Comparison:
         return data, png
 
     def plot(self, path: Union[str, Path]) -> None:
-        import matplotlib
+        """Score against wall time and against rows back-propagated, one line per run (needs matplotlib)."""
+        try:
+            import matplotlib
+        except ImportError as err:
+            raise ImportError("Comparison.plot and write need matplotlib: pip install matplotlib (or the "
+                              "sbsampler[compare] extra); result.report() and result.summary need nothing more") from err
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -478,7 +514,7 @@ class Comparison:
         for i, row in enumerate(self.summary):
             color = f"C{i % 10}"
             for j, r in enumerate(x for x in self.runs if x.mode == row["mode"]):
-                walls, rows_, _, score = zip(*r.curve)
+                walls, _, rows_, _, score = zip(*r.curve)
                 kw = {"label": row["mode"]} if j == 0 else {}
                 a.plot(walls, score, color=color, alpha=0.8, **kw)
                 b.plot(rows_, score, color=color, alpha=0.8)
@@ -497,7 +533,7 @@ def compare(*, model: Callable[[], nn.Module], train_loader: DataLoader, evaluat
             strategy: Union[str, Strategy] = "sb", fractions: Sequence[float] = (0.25,),
             modes: Optional[Sequence[Mode]] = None, seeds: Sequence[int] = (0,), target: Optional[float] = None,
             tolerance: float = TOLERANCE, loss: Callable[[Tensor, Tensor], Tensor] = _default_loss,
-            schedule: Optional[Callable[[float], float]] = None, evals_per_epoch: int = 2,
+            schedule: Optional[Callable[[float], float]] = None, evals_per_epoch: float = 2,
             device: Union[None, str, torch.device] = None, progress: bool = True, preflight: bool = True,
             margin: float = MARGIN) -> Comparison:
     """Train full and selective modes of the user's model through one loop; the table, the cost model and a
@@ -510,8 +546,9 @@ def compare(*, model: Callable[[], nn.Module], train_loader: DataLoader, evaluat
         evaluate: ``evaluate(model) -> float``, higher is better (e.g. test accuracy); called outside the clock.
         optimizer: ``optimizer(params) -> Optimizer``.
         epochs: epochs per run; ``seconds``: also stop a run once it has trained that long.
-        strategy, fractions: the default modes (``default_modes``); ``modes`` replaces them (the first
-            must be full training: the reference).
+        strategy: the strategy of the default modes (``default_modes``).
+        fractions: the fractions of the default modes.
+        modes: the modes to run instead of the default ones (the first must be full training: the reference).
         seeds: one run per mode and seed.
         target: the score that counts as "reached"; default full training's mean final score - ``tolerance``.
         loss: per-sample loss ``(outputs, targets) -> (B,)``; default cross-entropy.
@@ -572,6 +609,7 @@ def _compare(modes: list[Mode], model: Callable, train_loader: DataLoader, evalu
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m sbsampler.compare SCRIPT [options]``: run ``compare`` on a script's factories; prints the report, writes the files."""
     parser = argparse.ArgumentParser(
         prog="python -m sbsampler.compare",
         description="Does selection pay on my model? SCRIPT defines model(), train_loader(), evaluate(model) and "

@@ -35,24 +35,67 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .batch import SubBatch, parse_batch
-from .distributed import LocalSync
-from .lookahead import Steps
+from .batch import BatchKeys, SubBatch, parse_batch
+from .distributed import LocalSync, RankSync
+from .hook import ScoringHook
+from .lookahead import Replica, Steps
 from .select import Selected, observe_round, select_batch
+from .stats import LoaderStats
+from .store import ScoreStore
 from .strategies import Full, Strategy
 from .weights import step_weights
 from .wrapped import handoff, is_stateful, save_wrapped
 
-if TYPE_CHECKING:
-    from .loader import SelectiveLoader
+__all__ = ["EpochIterator", "EpochOwner"]
 
-__all__ = ["EpochIterator"]
+
+class EpochOwner(Protocol):
+    """What an ``EpochIterator`` reads of the loader that made it (a ``SelectiveLoader``): its configuration, its
+    counters, and its per-epoch decisions. Written out here so that this module never imports the loader's."""
+
+    loader: Any  # the wrapped loader
+    strategy: Strategy
+    hook: ScoringHook
+    store: Optional[ScoreStore]
+    stats: LoaderStats
+    fraction: float
+    nan_policy: str
+    select_on: str
+    rebatch: bool
+    batch_size: Optional[int]
+    drop_last: bool
+    device: Optional[torch.device]
+    lookahead: int
+    sharded: Optional[bool]
+    batch_keys: BatchKeys
+    batch_fields: tuple
+    sync: Union[RankSync, LocalSync]
+    sync_history: bool
+    current_iterator: Optional["EpochIterator"]
+
+    def begin_epoch(self, iterator: "EpochIterator") -> tuple[int, Optional[dict[str, Any]]]:
+        """At the first step: ``(the epoch to run, the state to resume or None)``."""
+
+    def samples_per_pick(self) -> Any:
+        """Candidates per expected pick of the last epoch that drew."""
+
+    def is_selective(self, epoch: Optional[int] = None) -> bool:
+        """Whether any batch of ``epoch`` selects."""
+
+    def selects(self, epoch: int, batch: int, batches: Optional[int]) -> bool:
+        """Whether batch ``batch`` of ``epoch`` selects."""
+
+    def batches_per_epoch(self) -> Optional[int]:
+        """``len()`` of the wrapped loader, or ``None``."""
+
+    def replica(self) -> Replica:
+        """The look-ahead's copy of the model, refreshed."""
 
 _FULL = Full()
 
@@ -107,7 +150,7 @@ class EpochIterator:
             and any saved state to continue from (``SelectiveLoader.begin_epoch``).
     """
 
-    def __init__(self, loader: "SelectiveLoader") -> None:
+    def __init__(self, loader: EpochOwner) -> None:
         self.loader = loader
         self.sync = loader.sync
         self.history_sync = loader.sync if loader.sync_history else LocalSync()

@@ -213,6 +213,7 @@ class SelectiveOrder(TraversalOrder):
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
+        """FFCV's hook: the dataset indices to load in ``epoch``, the sampler's plan for it (this rank's shard)."""
         self.sampler.set_epoch(epoch)
         order = np.fromiter(iter(self.sampler), dtype=np.int64)
         if self.loader is not None:

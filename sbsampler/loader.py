@@ -62,11 +62,12 @@ class SelectiveLoader:
         rebatch: accumulate selected samples until a full batch of
             ``batch_size`` is ready (Jiang et al.'s queue); the remainder at
             epoch end is yielded too, unless ``drop_last``.
-        start, end: the selective window as shares of training (``epochs``):
+        start: the selective window as shares of training (``epochs``), from ``start`` to ``end``:
             batch ``j`` of epoch ``e`` (both 0-based, ``n`` batches an epoch) is
             selective when ``start <= (e + j / n) / epochs < end``, as Composer
             decides per batch (per epoch when the wrapped loader has no length);
             outside it whole batches pass through with weights ``1/B``, unscored.
+        end: the window's end (see ``start``).
         epochs: total epochs, needed when ``start``/``end`` are set.
         batch_keys: where dict batches keep inputs, targets and indices
             (``sbsampler.BatchKeys``; ``BatchKeys(inputs=None, targets="labels")``

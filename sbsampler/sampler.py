@@ -122,10 +122,11 @@ class SelectiveSampler(torch.utils.data.Sampler):
             every step that much larger).
         shuffle: shuffle the plan (seeded by ``seed`` and the epoch).
         seed: seeds the shuffle and the strategy's draw, per epoch.
-        num_replicas, rank: shard the plan for DDP by ``DistributedSampler``'s
+        num_replicas: with ``rank``, shard the plan for DDP by ``DistributedSampler``'s
             rule (padded by repeats to a multiple of ``num_replicas``, then every
             ``num_replicas``-th index from ``rank``). Every rank must hold the same
             store (``ScoreStore.merge``) so that every rank draws the same plan.
+        rank: this process's rank (see ``num_replicas``).
     """
 
     def __init__(

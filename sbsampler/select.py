@@ -20,7 +20,7 @@ Where the strategy chooses (``select_on``): a loss-only rule with an on-device t
 live on when that is an accelerator (``"auto"``), so that a GPU batch is selected
 and gathered with no host round trip: the rows, weights and multipliers stay on
 the GPU, a NaN check or a label check is read later (``sbsampler.deferred``), the
-stage timers are CUDA events (``sbsampler.stats.Clock``). What still reads back to
+stage timers are CUDA events (``sbsampler.clock.Clock``). What still reads back to
 the host per batch: a variable-count rule's count (InfoBatch, Bernoulli SB) and
 ``nan_policy="skip"``'s, which set the sub-batch's shape; a ``ScoreStore``; the
 history all-gather under DDP. Gradient-based rules (``gradmatch``, ``importance``)
@@ -41,7 +41,7 @@ from .hook import ScoringHook
 from .distributed import LocalSync
 from .ondevice import work_dtype
 from .scores import Scores, apply_nan_policy, check_nan_policy
-from .stats import Clock
+from .clock import Clock
 from .strategies import Seed, budget, get_strategy
 from .weights import step_weights
 

@@ -60,8 +60,9 @@ class BatchSelector:
         seed: seeds a named strategy's draws.
         sync_history: under DDP, show a loss-history strategy every rank's losses.
         distributed: as ``SelectiveLoader(distributed=)``; only read with ``sync_history``.
-        batch_keys, batch_fields: how batches are read (``parse_batch``); for
+        batch_keys: with ``batch_fields``, how batches are read (``parse_batch``); for
             HuggingFace dict batches ``BatchKeys(inputs=None, targets="labels")``.
+        batch_fields: the batch-wide fields (see ``batch_keys``).
         select_on: where the strategy chooses (``SelectiveLoader(select_on=)``):
             ``"auto"`` selects a GPU batch on the GPU with no host round trip.
     """

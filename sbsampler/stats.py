@@ -1,27 +1,26 @@
-"""What a ``SelectiveLoader`` counts: samples in and out, and where the time went.
+"""What a ``SelectiveLoader`` counts: samples in and out, where the time went, and whether selection pays.
 
-The selection stages are timed by a ``Clock``: ``time.perf_counter`` on the host,
-CUDA events on a GPU (a host clock there would time the kernel launches, not the
-kernels, and synchronising to read it would stall the GPU every batch). A GPU
-clock's events are read when a time figure is read, which waits for them.
+The selection stages are timed by a ``Clock`` (``sbsampler.clock``); a GPU clock's
+events are read when a time figure is read, which waits for them. The loop's own
+step is timed between batches (``time_training``), which gives the estimate of the
+time saved against full training and the ``SelectionCostWarning``.
 """
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
 
 from .checkpoint import read_int, read_number
+from .clock import STAGES, Clock
 
 if TYPE_CHECKING:
     from .select import Selected
 
-__all__ = ["LoaderStats", "Clock", "read_stats", "SelectionCostWarning"]
+__all__ = ["LoaderStats", "read_stats", "SelectionCostWarning"]
 
 MIN_STEPS_TO_WARN = 10  # steps measured before the estimate is trusted enough to warn
 
@@ -30,54 +29,7 @@ class SelectionCostWarning(UserWarning):
     """Selection costs more than it saves on this model and machine (``LoaderStats.estimated_time_saved < 0``)."""
 
 
-STAGES = ("scoring", "selecting", "gathering")
 _TIMES = tuple(f"time_{stage}" for stage in STAGES)
-
-
-class Clock:
-    """The seconds each stage of one ``select_batch`` took, marked as each stage ends.
-
-    On a CUDA device the marks are events on the current stream, and ``seconds``
-    waits for the last one; elsewhere they are host clock readings.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = torch.device(device).type == "cuda"
-        self._seconds = dict.fromkeys(STAGES, 0.0)
-        self._events: list[tuple[str, Any]] = []
-        if self.cuda:
-            self._events.append(("", self._event()))
-        else:
-            self._t = time.perf_counter()
-
-    @staticmethod
-    def _event() -> Any:
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
-
-    def mark(self, stage: str) -> None:
-        """``stage`` ends now (it began at the previous mark, or when the clock was made)."""
-        if self.cuda:
-            self._events.append((stage, self._event()))
-        else:
-            now = time.perf_counter()
-            self._seconds[stage] += now - self._t
-            self._t = now
-
-    def done(self) -> bool:
-        """Whether every stage has run (never waits): always on the host, on CUDA once the last event has passed."""
-        return not self.cuda or len(self._events) < 2 or bool(self._events[-1][1].query())
-
-    @property
-    def seconds(self) -> dict[str, float]:
-        """Seconds per stage (on CUDA this waits for the stages to have run)."""
-        if self.cuda and len(self._events) > 1:
-            self._events[-1][1].synchronize()
-            for (_, start), (stage, end) in zip(self._events, self._events[1:]):
-                self._seconds[stage] += start.elapsed_time(end) / 1e3
-            self._events = self._events[-1:]
-        return dict(self._seconds)
 
 
 @dataclass

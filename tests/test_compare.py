@@ -15,17 +15,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sbsampler as sb
-from sbsampler.compare import Mode, Run, break_even, ideal_speedup, recommend, summarise
+from sbsampler.compare import Mode, Point, Run, break_even, ideal_speedup, recommend, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = [Mode("full"), Mode("uniform 0.25", "uniform", 0.25), Mode("sb 0.25", "sb", 0.25)]
 
 
 def run(mode, seed, curve, step, selection, seen=1000, rows=None, loading=0.0):
-    """A run whose clock is given: ``curve`` of (wall, rows, epochs, score)."""
-    wall = curve[-1][0]
+    """A run whose clock is given: ``curve`` of (wall, rows, epochs, score), steps of 25 rows."""
+    curve = [Point(w, r // 25, r, e, score) for w, r, e, score in curve]
+    wall = curve[-1].wall
     return Run(mode=mode, seed=seed, fraction=1.0, curve=curve, wall_s=wall, steps=10, samples_seen=seen,
-               samples_backprop=rows if rows is not None else curve[-1][1], time_loading=loading,
+               samples_backprop=rows if rows is not None else curve[-1].rows, time_loading=loading,
                time_selection=selection, time_step=step, weight_sum=1.0)
 
 
@@ -53,6 +54,7 @@ def test_a_mode_that_reaches_the_target_sooner_is_recommended():
     assert cost["step_per_sample_s"] == pytest.approx(0.01) and cost["break_even_mode"] == "sb 0.25"
     assert cost["break_even"] == pytest.approx(1 - 0.005 / 0.01)
     assert [r["time_to_target_s"] for r in rows] == [10.0, 3.0, 8.0]
+    assert [r["steps_to_target"] for r in rows] == [40, 10, 10]
     assert rows[1]["speedup"] == pytest.approx(10 / 3) and rows[1]["kept"] == pytest.approx(0.25)
     rec = recommend(rows, cost)
     assert rec.mode == "uniform 0.25" and "70% less wall time" in rec.reason and "break-even fraction" in rec.reason
@@ -117,7 +119,7 @@ def test_one_call_prints_the_table_and_recommendation_and_writes_its_files(tmp_p
     assert [r["mode"] for r in result.summary] == names
     assert len(result.runs) == 2 * len(names)
     full = [r for r in result.runs if r.mode == "full"]
-    assert all(r.samples_backprop == 2 * 1200 and r.curve[-1][2] == pytest.approx(2.0) for r in full)
+    assert all(r.samples_backprop == 2 * 1200 and r.progress == pytest.approx(2.0) for r in full)
     assert all(len(r.curve) == 5 for r in full)  # start + 2 evaluations an epoch
     sb25 = next(r for r in result.summary if r["mode"] == "sb 0.25")
     assert sb25["kept"] == pytest.approx(0.25, abs=0.02) and sb25["selection_share"] > 0
@@ -144,7 +146,7 @@ def test_a_wall_clock_budget_stops_each_run():
                         seconds=0.3, modes=[Mode("full"), Mode("uniform 0.5", "uniform", 0.5)], loss=paced,
                         progress=False)
     for r in result.runs:
-        assert r.wall_s < 1.5 and r.curve[-1][2] < 50
+        assert r.wall_s < 1.5 and r.progress < 50
 
 
 def test_the_preflight_fails_in_seconds_naming_the_mode():

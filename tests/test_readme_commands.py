@@ -1,4 +1,4 @@
-"""Every command the README shows runs here, so that a documented command cannot break unseen (issue 22).
+"""Every command the README and the docs (docs/*.md) show runs here, so that a documented command cannot break unseen (issue 22).
 
 Commands are read from the README itself: the lines of its ``bash`` blocks and every inline code span that
 starts a shell command (``python ...``, ``bash ...``, ``pip ...``). Each is
@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+# the README and the documentation site's pages (docs/): every command either shows runs here
+README = "\n".join([(ROOT / "README.md").read_text()] +
+                   [p.read_text() for p in sorted((ROOT / "docs").rglob("*.md")) if not p.is_symlink()])
 CI_RUN = (ROOT / ".ci" / "run").read_text()
 STARTS = re.compile(r"^(?:[A-Z_]+=\S+ )*(?:python3?|bash|pip|torchrun|accelerate launch) ")
 

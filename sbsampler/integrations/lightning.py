@@ -85,6 +85,7 @@ class SelectiveBackprop(Callback):
             self._pending = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Make the hook and selector for the module being fitted (again for a new module)."""
         if stage != "fit":
             return
         if not self._own_hook and not any(m is self.hook.model for m in pl_module.modules()):  # type: ignore[union-attr]
@@ -111,11 +112,13 @@ class SelectiveBackprop(Callback):
         self._module = pl_module
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remove the scoring hook from the model when fitting ends."""
         if stage == "fit" and self._module is pl_module and "on_after_batch_transfer" in vars(pl_module):
             del pl_module.on_after_batch_transfer  # the class's own hook again
             self._module = None
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Check that the batch reaching ``training_step`` was selected (``on_after_batch_transfer`` ran)."""
         if not isinstance(batch, SubBatch):
             raise RuntimeError(
                 f"SelectiveBackprop: training_step would get an unselected {type(batch).__name__}: the module's "
@@ -124,22 +127,26 @@ class SelectiveBackprop(Callback):
                 "yourself at its end: `return callback.selector(batch)`")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Read the epoch's last GPU checks; warn once if selection costs more than it saves."""
         if self.selector is not None:
             self.selector.epoch_end()  # the epoch's last GPU checks read; a SelectionCostWarning if it does not pay
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Log the selection's counters and the estimated time saved (``sb/...``), without waiting for the GPU."""
         if self.log and self.selector is not None:
             stats = self.selector.stats.as_dict(wait=False)  # no wait for the GPU each step
             pl_module.log_dict({f"sb/{k}": float(stats[k]) for k in LOGGED if stats[k] is not None}, on_step=True,
                                on_epoch=False, batch_size=len(batch))
 
     def state_dict(self) -> dict[str, Any]:
+        """The selector's state, saved in Lightning's checkpoint."""
         if self.selector is None:
             return dict(self._pending or {})
         return self.selector.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the selector's state (kept until ``setup`` makes the selector, when it does not exist yet)."""
         if not state_dict:
             return
         if self.selector is None:

@@ -113,7 +113,8 @@ class SelectiveTrainer(Trainer):
     """A ``Trainer`` that back-propagates a weighted share of each training micro-batch.
 
     Args:
-        *args, **kwargs: the ``Trainer``'s own.
+        *args: the ``Trainer``'s own.
+        **kwargs: the ``Trainer``'s own.
         strategy: a ``Strategy`` or registered name; default ``"uniform"`` (with ``tokens``,
             every sequence: token and sequence selection are not combined).
         fraction: share of each micro-batch to back-propagate.
@@ -122,7 +123,10 @@ class SelectiveTrainer(Trainer):
         shift_labels: whether the default loss shifts token labels (position t
             predicts t + 1); default: for a causal LM (``causal_lm``).
         hook: the ``ScoringHook``; default ``ScoringHook(model, loss=loss)``.
-        seed, nan_policy, sync_history, select_on: passed to ``BatchSelector``.
+        seed: passed to ``BatchSelector``.
+        nan_policy: passed to ``BatchSelector``.
+        sync_history: passed to ``BatchSelector``.
+        select_on: passed to ``BatchSelector``.
         tokens: Rho-1 token selection (``TokenSelection``) instead of selecting sequences; the
             counters ``tokens_seen`` / ``tokens_kept`` follow it and resume with the checkpoint.
     """
@@ -173,6 +177,7 @@ class SelectiveTrainer(Trainer):
         return self.selector.state_dict()
 
     def load_selection_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``selection_state`` saved (the selector's state, or the token counters)."""
         if self.selector is None:
             counts = state.get("tokens") if isinstance(state, dict) else None
             if not isinstance(counts, dict) or set(counts) != set(self.token_counts) or \
@@ -237,6 +242,7 @@ class SelectiveTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Union[None, int, Tensor] = None) -> Any:
+        """The training loss of one micro-batch: weighted selected rows, or the kept tokens; evaluation is the Trainer's own."""
         if not model.training:  # evaluation: the Trainer's own loss
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -263,6 +269,7 @@ class SelectiveTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def train(self, resume_from_checkpoint: Union[None, bool, str] = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``train``, restoring the selection's state from ``resume_from_checkpoint`` first."""
         folder = resume_from_checkpoint
         if folder is True:
             folder = get_last_checkpoint(self.args.output_dir)

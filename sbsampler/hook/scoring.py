@@ -1,116 +1,21 @@
-"""The scoring hook: per-sample losses and last-layer gradients from one forward pass.
-
-For a model whose last layer is ``z = W h + b`` and a per-sample loss ``l(z, y)``,
-the gradient of sample ``i`` with respect to ``(W, b)`` is the outer product
-``g_i = e_i (x) [h_i, 1]`` with ``e_i = dl_i/dz_i``. For cross-entropy
-``e_i = softmax(z_i) - q_i`` in closed form (``q_i`` the target distribution:
-one-hot, label-smoothed, or soft/mixup targets), so one forward pass with no
-autograd graph gives every sample's loss and last-layer gradient. For any other
-per-sample loss (a callable), ``e_i`` comes from autograd on the logits alone.
-``Scores`` (``sbsampler.scores``) keeps ``e_i`` and ``h_i`` and derives gradient
-norms and the Gram matrix from them without building the ``C (d + 1)``-wide
-gradients.
-
-A head applied per token (``(B, T, C)`` logits over ``(B, T, d)`` features, a
-language model's) gives sample ``i`` the gradient ``G_i = sum_t e_it (x) [h_it, 1]``.
-The hook hands it over exactly when ``C (d + 1)`` is small enough
-(``exact_limit``), and otherwise as a Kronecker-structured random sketch
-``sum_t (P' e_it) (x) (Q' [h_it, 1])`` with Gaussian ``P`` (C x r) and ``Q``
-((d + 1) x r), entries of variance ``1/r``: its Gram matrix is an unbiased
-estimate of the exact one. A squared norm ``G_ii`` has a relative standard
-deviation of about ``sqrt(2 / r)``, an off-diagonal entry an error below
-``sqrt(2 / r) * sqrt(G_ii G_jj)`` (measured: 0.23 and 0.13 at the default
-``r = 32``; tested against ``torch.func``).
-
-Strategies that read only losses (uniform, topk, sb, composer, infobatch) need
-no head at all (``head=False``, or a model without an ``nn.Linear``).
-"""
+"""``ScoringHook``: the class that puts the scoring rooms together (``head``, ``forward``, ``losses``,
+``per_token``) behind one public API: ``ScoringHook(model, ...).score(inputs, targets) -> Scores``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
-from .deferred import DeferredChecks
-from .scores import Scores
+from ..deferred import DeferredChecks
+from ..scores import Scores
+from .forward import check_not_meta, describe, downscale, first_tensor, logits_of, run_scoring_forward
+from .head import find_head, linears_producing, module_name, same, wrong_head_error
+from .losses import LossFn, loss_and_logit_grad, validate_targets
+from .per_token import Sketch, per_token_grads
 
-__all__ = ["ScoringHook", "find_head"]
-
-LossFn = Callable[[Any, Any], Tensor]
-
-
-_INTERPOLATE_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}  # by input dimensions, as Composer
-
-
-def _logits_of(output: Any) -> Optional[Tensor]:
-    """The logits in a model's output: the tensor itself, the first item of a tuple/list, or ``.logits``."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-    return logits if isinstance(logits, Tensor) else None
-
-
-def _same(logits: Tensor, z: Tensor) -> bool:
-    """The same values (NaN where NaN, inf where inf), whatever the dtype or the (B, 1) vs (B,) shape."""
-    if logits.numel() != z.numel() or logits.shape[:1] != z.shape[:1]:
-        return False
-    a = logits.detach().reshape(z.shape).to(z.dtype)
-    return bool(torch.isclose(a, z.detach(), rtol=0.0, atol=0.0, equal_nan=True).all())
-
-
-def _default_forward(model: nn.Module, inputs: Any) -> Any:
-    """``model(**inputs)`` for a dict of inputs (a HuggingFace batch), else ``model(inputs)``."""
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-
-
-def _first_tensor(tree: Any) -> Tensor:
-    for leaf in pytree.tree_leaves(tree):
-        if isinstance(leaf, Tensor):
-            return leaf
-    raise TypeError(f"the inputs hold no tensor (got {type(tree).__name__})")
-
-
-def _describe(tree: Any) -> str:
-    """What a batch's inputs are, for an error message: ``a Tensor float32 of shape (8, 6)``, ``a dict with keys``."""
-    if isinstance(tree, Tensor):
-        return f"a Tensor {str(tree.dtype).replace('torch.', '')} of shape {tuple(tree.shape)}"
-    if isinstance(tree, dict):
-        return f"a dict with keys {sorted(map(str, tree))}"
-    return f"a {type(tree).__name__}"
-
-
-def _check_not_meta(first: Tensor, model: nn.Module) -> None:
-    """Neither the inputs nor the model's parameters are meta tensors (shapes without data)."""
-    if first.device.type == "meta":
-        raise ValueError(
-            "the batch's inputs are on the meta device: they hold shapes but no data, so they cannot be scored or "
-            "trained on. Load real tensors (a meta tensor comes from torch.device('meta') or torch.empty(..., "
-            "device='meta')), or move them with SelectiveLoader(device=...)")
-    param = next(model.parameters(), None)
-    if param is not None and param.device.type == "meta":
-        raise ValueError(
-            "the model's parameters are on the meta device (built under torch.device('meta') and not "
-            "materialised): call model.to_empty(device=...) and load or initialise the weights before training")
-
-
-def find_head(model: nn.Module) -> Optional[nn.Linear]:
-    """The last ``nn.Linear`` registered in ``model`` (its classifier head, usually), or ``None``.
-
-    ``ScoringHook`` checks on the first scored batch that its output is the
-    model's logits, and corrects the choice when another linear layer's is.
-    """
-    head = None
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            head = module
-    return head
+__all__ = ["ScoringHook"]
 
 
 class ScoringHook:
@@ -242,11 +147,11 @@ class ScoringHook:
         self.train_mode = bool(train_mode)
         self.amp_dtype = amp_dtype
         self.forward = forward
-        self.logits = logits or _logits_of
+        self.logits = logits or logits_of
         self.exact_limit = exact_limit
         self.sketch_dim = sketch_dim
         self.seed = int(seed)
-        self._sketch: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._sketch = Sketch(sketch_dim, seed)
         self._active = False
         self._captured: Optional[tuple[Tensor, Tensor]] = None
         self._calls = 0  # head calls in the current scoring forward
@@ -294,42 +199,11 @@ class ScoringHook:
 
     def validate_targets(self, targets: Any, batch_size: int, classes: Optional[int] = None) -> None:
         """For the built-in cross-entropy: (B,) integer labels in [0, C), or (B, C) target distributions."""
-        classes = self.num_classes if classes is None else classes
-        if not isinstance(targets, Tensor):
-            raise TypeError(f"targets must be a torch.Tensor for loss='cross_entropy', got {type(targets).__name__}; "
-                            "pass loss= a callable for other targets")
-        if targets.dtype.is_floating_point and targets.dim() == 2:  # soft / mixup target distributions
-            if targets.shape != (batch_size, classes):
-                raise ValueError(f"soft targets must have shape ({batch_size}, {classes}), got {tuple(targets.shape)}")
-            return
-        if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-            raise TypeError(f"targets must be integer class labels (or (B, C) target distributions), got dtype "
-                            f"{targets.dtype} of shape {tuple(targets.shape)}; pass loss= a callable for other targets")
-        if targets.dim() != 1 or targets.shape[0] != batch_size:
-            raise ValueError(
-                f"targets must have shape ({batch_size},) to match the inputs, "
-                f"got {tuple(targets.shape)}"
-            )
-        if batch_size:
-            def error() -> ValueError:
-                lo, hi = int(targets.min()), int(targets.max())
-                return ValueError(
-                    f"target label {lo if lo < 0 else hi} is out of range for logits with {classes} classes (labels "
-                    f"must be in [0, {classes - 1}]; for ignore_index or other targets pass loss= a callable)")
-            # On a GPU the check is read later (no stall); the scoring forward clamps the labels meanwhile.
-            self.checks.add(((targets < 0) | (targets >= classes)).any(), error)
+        validate_targets(targets, batch_size, self.num_classes if classes is None else classes, self.checks)
 
     def downscale(self, inputs: Any) -> Any:
         """``inputs`` as the scoring forward sees them: downscaled by ``scale_factor`` (see the class)."""
-        if self.scale_factor == 1.0:
-            return inputs
-        if not isinstance(inputs, Tensor) or inputs.dim() not in _INTERPOLATE_MODES:
-            shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
-            raise ValueError(f"scale_factor={self.scale_factor} downscales (B, C, L), (B, C, H, W) or (B, C, D, H, W) "
-                             f"tensor inputs, got {shape}")
-        x = inputs if inputs.is_floating_point() else inputs.float()
-        x = F.interpolate(x, scale_factor=self.scale_factor, mode=_INTERPOLATE_MODES[inputs.dim()])
-        return x if inputs.is_floating_point() else x.round().to(inputs.dtype)
+        return downscale(inputs, self.scale_factor)
 
     def _run(self, inputs: Any) -> Any:
         """One no-graph forward of the model in scoring mode; every module's mode and buffer restored."""
@@ -345,30 +219,9 @@ class ScoringHook:
         return self._run_as_is(inputs)
 
     def _run_as_is(self, inputs: Any) -> Any:
-        model = self.model
-        modes = [(m, m.training) for m in model.modules()]  # each module's own flag: frozen parts stay frozen
-        saved = None
-        if self.train_mode:
-            saved = [b.detach().clone() for b in model.buffers()]
-        else:
-            model.eval()
-        try:
-            amp = self.amp_dtype is not None
-            if self.channels_last and isinstance(inputs, Tensor) and inputs.dim() == 4:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), torch.autocast(device_type=_first_tensor(inputs).device.type,
-                                                 dtype=self.amp_dtype or torch.float16, enabled=amp):
-                if self.forward is not None:
-                    return self.forward(inputs)
-                return _default_forward(self._compiled_model() if self.compile else model, inputs)
-        finally:
-            for module, training in modes:
-                if module.training != training:
-                    module.__dict__["training"] = training  # what Module.train sets, without __setattr__'s cost
-            if saved is not None:
-                with torch.no_grad():
-                    for b, s in zip(model.buffers(), saved):
-                        b.copy_(s)
+        return run_scoring_forward(self.model, inputs, train_mode=self.train_mode, amp_dtype=self.amp_dtype,
+                                   channels_last=self.channels_last, forward=self.forward,
+                                   compiled=self._compiled_model() if self.compile else None)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles: the compiled forward is made again at first use
         return {**self.__dict__, "_compiled": None}
@@ -396,14 +249,14 @@ class ScoringHook:
             return None, logits
         if captured is None:
             raise RuntimeError(
-                f"the head {self._name(self.head)} was not called in the model's forward pass; "
+                f"the head {module_name(self.model, self.head)} was not called in the model's forward pass; "
                 "pass the layer that produces the logits as head= (or head=False for losses only)"
             )
         if calls != 1:
             raise RuntimeError(
-                f"the head {self._name(self.head)} ran {calls} times in one forward pass (two views, or a layer "
-                "shared with another branch?), so its output is not one row of logits per sample; pass head= the "
-                "layer that produces the logits once"
+                f"the head {module_name(self.model, self.head)} ran {calls} times in one forward pass (two views, or "
+                "a layer shared with another branch?), so its output is not one row of logits per sample; pass "
+                "head= the layer that produces the logits once"
             )
         if not self._head_checked:
             if not self._head_matches(logits, captured[1], inputs):
@@ -411,90 +264,21 @@ class ScoringHook:
             self._head_checked = True
         return captured[0], logits
 
-    def _name(self, module: nn.Module) -> str:
-        names = {m: n for n, m in self.model.named_modules()}
-        label = names.get(module, "?") or "the model itself"
-        if isinstance(module, nn.Linear):
-            return f"{label!r} (Linear({module.in_features}, {module.out_features}))"
-        return repr(label)
-
     def _head_matches(self, logits: Tensor, z: Tensor, inputs: Any) -> bool:
         """Whether ``z`` is what the model returns as logits; corrects an automatically found head.
 
         Returns ``False`` after switching to the right head (the caller scores again), raises if
         the head was given, or no single linear layer produces the logits.
         """
-        if _same(logits, z):
+        if same(logits, z):
             return True
-        producers = self._linears_producing(logits, inputs)
+        producers = linears_producing(self.model, self._run, logits, inputs)
         if self._auto_head and len(producers) == 1:
             self.head = producers[0]
             self.remove()
             self._handle = self.head.register_forward_hook(self._capture)
             return False
-        found = ", ".join(self._name(m) for m in producers)
-        how = (f"the logits come from {found}: pass it, e.g. ScoringHook(model, head=model.<that layer>)" if producers
-               else "no linear layer outputs them: the logits are changed after the last layer (a temperature, a "
-                    "scale, a sum of views); move that change into loss= or into the layer, pass head=, or pass "
-                    "head=False to score losses only")
-        raise ValueError(
-            f"the head {self._name(self.head)} is not the layer whose output the model returns as logits "
-            f"(head output {tuple(z.shape)}, model logits {tuple(logits.shape)}); {how}"
-        )
-
-    def _linears_producing(self, logits: Tensor, inputs: Any) -> list[nn.Linear]:
-        """The linear layers called once in a forward pass whose output equals ``logits``."""
-        outputs: dict[nn.Module, list[Tensor]] = {}
-
-        def record(module: nn.Module, args: tuple, out: Tensor) -> None:
-            outputs.setdefault(module, []).append(out)
-
-        handles = [m.register_forward_hook(record) for m in self.model.modules() if isinstance(m, nn.Linear)]
-        try:
-            self._run(inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        return [m for m, outs in outputs.items() if len(outs) == 1 and _same(logits, outs[0])]
-
-    def _loss_and_logit_grad(self, z: Tensor, targets: Any, batch: int) -> tuple[Tensor, Tensor]:
-        """Per-sample losses and ``e = dl/dz`` (closed form for the built-in cross-entropy, else autograd)."""
-        if self.loss == "cross_entropy":
-            if z.dim() != 2:
-                raise ValueError(f"loss='cross_entropy' scores (B, C) logits, got {tuple(z.shape)}: pass loss= a "
-                                 "callable returning one loss per sample (e.g. the mean loss over a sequence), "
-                                 "or pool/flatten before the head")
-            self.validate_targets(targets, batch, int(z.shape[1]))
-            logp = torch.log_softmax(z, dim=1)
-            if targets.dtype.is_floating_point:
-                q = targets.to(z.device, z.dtype)
-            else:
-                labels = targets.to(z.device, torch.int64)
-                if labels.is_cuda:  # an out-of-range label is reported by the deferred check, not a device assert
-                    labels = labels.clamp(0, z.shape[1] - 1)
-                q = F.one_hot(labels, z.shape[1]).to(z.dtype)  # uint8/int32 labels too
-            if self.label_smoothing:
-                eps = self.label_smoothing
-                q = q * (1 - eps) + eps / z.shape[1]
-            return -(q * logp).sum(1), logp.exp() - q
-        zz = z.clone().requires_grad_(True)
-        with torch.enable_grad():
-            loss = self.loss(zz, targets)
-            if not isinstance(loss, Tensor) or loss.shape != (batch,):
-                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                raise ValueError(f"loss callable must return per-sample losses of shape ({batch},), got {shape}")
-            (e,) = torch.autograd.grad(loss.sum(), zz, allow_unused=True)
-        return loss.detach(), (e if e is not None else torch.zeros_like(zz))
-
-    def _projections(self, c: int, d: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        key = (c, d, device, dtype)
-        if key not in self._sketch:
-            g = torch.Generator().manual_seed(self.seed)
-            r = self.sketch_dim
-            p = torch.randn(c, r, generator=g, dtype=torch.float64) / r ** 0.5
-            q = torch.randn(d, r, generator=g, dtype=torch.float64) / r ** 0.5
-            self._sketch[key] = (p.to(device, dtype), q.to(device, dtype))
-        return self._sketch[key]
+        raise wrong_head_error(self.model, self.head, producers, z, logits)
 
     def per_token_grads(self, e: Tensor, h: Tensor) -> Tensor:
         """(B, D) per-sample last-layer gradients ``G_i = sum_t e_it (x) [h_it, 1]`` of a per-token head.
@@ -502,13 +286,7 @@ class ScoringHook:
         Exact (``D = C (d + 1)``) up to ``exact_limit``, else the Kronecker sketch (``D = r * r``).
         """
         bias = self.head is not None and self.head.bias is not None
-        if bias:
-            h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
-        b, c, d = e.shape[0], e.shape[-1], h.shape[-1]
-        if c * d <= self.exact_limit:
-            return torch.einsum("btc,btd->bcd", e, h).reshape(b, c * d)
-        p, q = self._projections(c, d, e.device, e.dtype)
-        return torch.einsum("btr,bts->brs", e @ p, h @ q).reshape(b, -1)
+        return per_token_grads(e, h, bias, self.exact_limit, self._sketch)
 
     def score(self, inputs: Any, targets: Any) -> Scores:
         """Score one minibatch: per-sample loss, and (with a head) ``dl/dz`` and the head's features.
@@ -524,15 +302,15 @@ class ScoringHook:
             Without a head: losses only. With a per-token head: ``Scores.grads``.
         """
         self.checks.poll()  # an earlier batch's labels, checked on the GPU meanwhile
-        first = _first_tensor(inputs)
-        _check_not_meta(first, self.model)
+        first = first_tensor(inputs)
+        check_not_meta(first, self.model)
         batch = int(first.shape[0])
         try:
             h, z = self._forward(inputs)  # first: a wrong head would make the label check misleading
         except (RuntimeError, TypeError) as err:
             if hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(
-                    f"sbsampler: scoring the batch's inputs ({_describe(inputs)}) with the model failed. Batches are "
+                    f"sbsampler: scoring the batch's inputs ({describe(inputs)}) with the model failed. Batches are "
                     "read as (inputs, targets[, indices, *extras]) by position, or by name from dicts and namedtuples "
                     "(sbsampler.BatchKeys): check that what is read as the inputs is what the model takes")
             raise
@@ -541,7 +319,7 @@ class ScoringHook:
             z = z.float()
         if z.shape[0] != batch:
             raise ValueError(f"the logits have {z.shape[0]} rows for a batch of {batch} samples")
-        loss, e = self._loss_and_logit_grad(z, targets, batch)
+        loss, e = loss_and_logit_grad(z, targets, batch, self.loss, self.label_smoothing, self.checks)
         labels = targets if isinstance(targets, Tensor) and not targets.dtype.is_floating_point else None
         if h is None:
             return Scores(loss=loss, targets=labels)
