@@ -131,7 +131,7 @@ class Run:
     mode: str
     seed: int
     fraction: float
-    curve: list
+    curve: list[Point]
     wall_s: float
     steps: int
     samples_seen: int
@@ -144,20 +144,16 @@ class Run:
     @property
     def final(self) -> float:
         """The score at the last evaluation."""
-        return Point(*self.curve[-1]).score
+        return self.curve[-1].score
 
     @property
     def progress(self) -> float:
         """Epochs of progress at the last evaluation."""
-        return Point(*self.curve[-1]).progress
+        return self.curve[-1].progress
 
     def reached(self, target: float) -> Optional[Point]:
         """The first evaluation scoring ``>= target``, or ``None``."""
-        for point in self.curve:
-            point = Point(*point)
-            if point.score >= target:
-                return point
-        return None
+        return next((point for point in self.curve if point.score >= target), None)
 
 
 def _default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -166,6 +162,23 @@ def _default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 
 def _move(x: Any, device: Optional[torch.device]) -> Any:
     return x if device is None else x.to(device, non_blocking=True)
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, loss: Callable[[Tensor, Tensor], Tensor],
+          device: Optional[torch.device], store: Optional[ScoreStore]) -> Tensor:
+    """One optimizer step on ``sum_i w_i l_i`` of a weighted sub-batch (its losses into ``store`` at the sampler
+    level: no extra forward); returns the step's weights on the device."""
+    inputs, targets, weights = (_move(t, device) for t in (batch.inputs, batch.targets, batch.weights))
+    per = loss(model(inputs), targets)
+    if per.dim() != 1 or per.shape[0] != len(batch):
+        raise ValueError(f"loss(outputs, targets) must return one loss per sample, shape ({len(batch)},); "
+                         f"got {tuple(per.shape)}")
+    optimizer.zero_grad(set_to_none=True)
+    weighted_loss(per, weights).backward()
+    optimizer.step()
+    if store is not None:
+        store.update(batch.indices, per.detach())
+    return weights
 
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, *, epochs: int,
@@ -221,15 +234,9 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, 
                 break
             t1 = clock()
             waiting += t1 - t0
-            inputs, targets, weights = (_move(t, device) for t in (batch.inputs, batch.targets, batch.weights))
-            per = loss(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            weighted_loss(per, weights).backward()
-            optimizer.step()
+            weights = _step(model, optimizer, batch, loss, device, store)
             if sched is not None:
                 sched.step()
-            if store is not None:
-                store.update(batch.indices, per.detach())  # the step's own losses: no extra forward
             if on_step is not None:
                 on_step(batch)
             stepping += clock() - t1
@@ -255,9 +262,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, 
             break
     if not curve or curve[-1].progress < float(loader.progress) - 1e-9 or len(curve) == 1:
         curve.append(Point(wall, steps, rows, float(loader.progress), float(evaluate(model))))
-    stats = getattr(loader, "stats", None)
     if isinstance(loader, SelectiveLoader):
-        selection, seen = stats.selection_time, stats.samples_seen
+        selection, seen = loader.stats.selection_time, loader.stats.samples_seen
         loading = max(waiting - selection, 0.0)
     else:
         selection, seen, loading = planning, rows, waiting
@@ -310,15 +316,7 @@ def _preflight(modes: Sequence[Mode], model: Callable[[], nn.Module], train_load
             net, opt, loader, plan, store = _build(mode, 0, model, train_loader, optimizer, loss, epochs, device)
             if plan is not None:
                 plan.set_epoch(0)
-            batch = next(iter(loader))
-            per = loss(net(_move(batch.inputs, device)), _move(batch.targets, device))
-            if per.dim() != 1 or per.shape[0] != len(batch):
-                raise ValueError(f"loss(outputs, targets) must return one loss per sample, shape ({len(batch)},); "
-                                 f"got {tuple(per.shape)}")
-            weighted_loss(per, _move(batch.weights, device)).backward()
-            opt.step()
-            if store is not None:
-                store.update(batch.indices, per.detach())
+            _step(net, opt, next(iter(loader)), loss, device, store)
         except Exception as err:
             raise RuntimeError(f"compare: the preflight of mode {mode.name!r} failed on its first batch, before any "
                                f"run ({type(err).__name__}: {err}). Fix the setup and call compare again") from err
@@ -387,10 +385,11 @@ def summarise(runs: Sequence[Run], modes: Sequence[Mode], target: Optional[float
     by_name = {m.name: m for m in modes}
     scored = [r for r in rows if r["selection_per_sample_s"] > 0 and by_name[r["mode"]].level == "batch"
               and not by_name[r["mode"]].is_full]
-    worst = max((r["selection_per_sample_s"] for r in scored), default=0.0)
+    costliest = max(scored, key=lambda r: r["selection_per_sample_s"], default=None)  # the break-even's rule
+    known = costliest is not None and step_s > 0
     model = {"target": target, "step_per_sample_s": step_s, "loading_per_sample_s": load_s,
-             "break_even": break_even(worst, step_s) if scored and step_s > 0 else None,
-             "break_even_mode": max(scored, key=lambda r: r["selection_per_sample_s"])["mode"] if scored else None}
+             "break_even": break_even(costliest["selection_per_sample_s"], step_s) if known else None,
+             "break_even_mode": costliest["mode"] if costliest is not None else None}
     return rows, model
 
 

@@ -67,10 +67,11 @@ def token_losses(logits: Tensor, labels: Tensor, *, shift: bool = False,
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
         raise ValueError(f"token_losses takes (B, T, V) logits and (B, T) labels, got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}")
+    valid = label_mask(labels, shift, ignore_index)
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     losses = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=ignore_index)
-    return losses, labels != ignore_index
+    return losses, valid
 
 
 def kept_tokens(n: Union[int, Tensor], fraction: float) -> int:
