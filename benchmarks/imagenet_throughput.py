@@ -57,7 +57,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
 from sbsampler.batch import adapt_loader  # noqa: E402
-from sbsampler.lookahead import Replica  # noqa: E402
+from sbsampler.replica import Replica  # noqa: E402
 from sbsampler.strategies import budget  # noqa: E402
 
 CONFIGS = {"rn18": HERE.parent / "examples/ffcv_imagenet/rn18_configs/rn18_16_epochs.yaml",

@@ -44,7 +44,8 @@ from torch import Tensor
 from .batch import BatchKeys, SubBatch, parse_batch
 from .distributed import LocalSync, RankSync
 from .hook import ScoringHook
-from .lookahead import Replica, Steps
+from .lookahead import Closed, Steps
+from .replica import Replica
 from .select import Selected, observe_round, select_batch
 from .stats import LoaderStats
 from .store import ScoreStore
@@ -78,6 +79,7 @@ class EpochOwner(Protocol):
     sync: Union[RankSync, LocalSync]
     sync_history: bool
     current_iterator: Optional["EpochIterator"]
+    epoch_lock: Any  # a threading.Lock, held while an epoch starts
 
     def begin_epoch(self, iterator: "EpochIterator") -> tuple[int, Optional[dict[str, Any]]]:
         """At the first step: ``(the epoch to run, the state to resume or None)``."""
@@ -171,13 +173,26 @@ class EpochIterator:
         self._rho: Any = None  # the samples per pick this epoch's variable-count rows are weighted against
         self._stateful = is_stateful(loader.loader)
         self._snapshots: dict[int, dict[str, Any]] = {}  # a stateful loader's state before each batch still queued
+        self._replica: Optional[Replica] = None  # the look-ahead's copy of the model, when it scores
+
+    @property
+    def hook(self) -> ScoringHook:
+        """The hook this epoch scores with: the look-ahead replica's (made again when the model changes), or the
+        loader's."""
+        return self._replica.hook if self._replica is not None else self.loader.hook  # type: ignore[return-value]
 
     def _start(self) -> Iterator[SubBatch]:
         """Claim the epoch from the loader (and any state to resume), open the wrapped loader.
 
         Nothing happens before the first step is asked for, so an ``iter(loader)``
         that is never consumed (tqdm's, say) neither advances nor breaks an epoch.
+        Under the loader's ``epoch_lock``: of two threads starting epochs of one
+        loader, the second closes the first's look-ahead once it has started.
         """
+        with self.loader.epoch_lock:
+            return self._claim()
+
+    def _claim(self) -> Iterator[SubBatch]:
         epoch, resume = self.loader.begin_epoch(self)
         self._rho = self.loader.samples_per_pick()  # the last epoch's (a resumed epoch's own: _fast_forward)
         self.stats = self.loader.stats
@@ -187,8 +202,8 @@ class EpochIterator:
         self._batches = self.loader.batches_per_epoch()
         depth = self.loader.lookahead
         scored = self.loader.strategy.needs_scores or self.loader.store is not None
-        replica = self.loader.replica() if depth and scored else None  # refreshed: version 0 of this epoch
-        self.hook = replica.hook if replica is not None else self.loader.hook
+        self._replica = self.loader.replica() if depth and scored else None  # refreshed: version 0 of this epoch
+        replica = self._replica
         ready: list = []
         try:
             self._source = iter(self.loader.loader)
@@ -223,16 +238,14 @@ class EpochIterator:
                 raise StopIteration
             self._steps = self._start()
         elif self.loader.current_iterator is not self and not self.finished:
-            raise RuntimeError(
-                f"epoch {self.epoch} of this SelectiveLoader was superseded: another iteration of the same loader "
-                "started while it was running (two live iterators of one loader, e.g. zip(loader, loader)). "
-                "Finish or break out of one epoch before starting the next; use two loaders to iterate twice at once"
-            )
+            raise self._superseded()
         if self._yielded_at is not None:  # the loop's step on the last batch: stats.time_training
             self.stats.time_training += time.perf_counter() - self._yielded_at
             self._yielded_at = None
         try:
             step, record = self._ready.popleft() if self._ready else next(self._steps)
+        except Closed:  # another thread started the next epoch while this one waited for its step
+            raise self._superseded() from None
         except StopIteration:
             self.finished = True
             self.stats.warn_if_costly("SelectiveLoader")
@@ -241,14 +254,22 @@ class EpochIterator:
         self._yielded_at = time.perf_counter()
         return step
 
+    def _superseded(self) -> RuntimeError:
+        return RuntimeError(
+            f"epoch {self.epoch} of this SelectiveLoader was superseded: another iteration of the same loader "
+            "started while it was running (two live iterators of one loader, e.g. zip(loader, loader), or two "
+            "threads). Finish or break out of one epoch before starting the next; use two loaders to iterate twice "
+            "at once")
+
     def queued(self) -> int:
         """Rows waiting in the rebatching queue."""
         return sum(len(q.sub) for q in self.queue)
 
     def close(self) -> None:
         """Stop a look-ahead thread (after the step it is producing); steps it made and nobody took are counted
-        as abandoned, not yielded. Called when another epoch starts while this one was broken off."""
-        if isinstance(self._steps, Steps):
+        as abandoned, not yielded. Called when another epoch starts while this one was broken off; a loop that
+        breaks off an epoch and starts no other may call it (the thread also ends when the epoch is collected)."""
+        if isinstance(self._steps, Steps) and not self._steps.closed:
             self._steps.close()
             for step, _ in self._steps.pending():
                 self.stats.samples_yielded -= len(step)
@@ -419,7 +440,8 @@ class EpochIterator:
         scores = picked.scores
         if loader.store is not None and scores is not None and len(scores):
             kept = batch.indices if picked.candidates is None else batch.indices[picked.candidates.cpu()]
-            loader.store.update(kept, scores.loss, scores.grad_norms(), epoch=self.epoch)
+            norms = scores.grad_norms() if scores.has_gradients else None  # head=False: the norm stays unknown (NaN)
+            loader.store.update(kept, scores.loss, norms, epoch=self.epoch)
         return picked
 
     # -- steps -----------------------------------------------------------------------

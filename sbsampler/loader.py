@@ -9,6 +9,7 @@ state, as torch's ``DataLoader`` returns a ``_BaseDataLoaderIter``.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any, Optional, Union
@@ -17,7 +18,7 @@ import torch
 
 from .batch import BatchKeys, adapt_loader
 from .checkpoint import check_version, is_int, read_array, read_int, read_number, require, safe_state
-from .lookahead import Replica
+from .replica import Replica
 from .wrapped import read_wrapped, restore_wrapped, save_wrapped
 from .distributed import LocalSync, RankSync, is_sharded, resolve_sync
 from .epoch import EpochIterator
@@ -226,6 +227,7 @@ class SelectiveLoader:
         self.next_epoch = 0
         self.stats = LoaderStats()
         self._running: Optional[EpochIterator] = None  # the epoch being iterated (or broken off)
+        self.epoch_lock = threading.Lock()  # held while an epoch starts: two threads cannot both claim one
         self._resume: Optional[dict[str, Any]] = None  # a loaded mid-epoch state, until the next iteration
         self._samples_per_pick: Optional[float] = None  # of the last epoch that drew before _running (or loaded)
 
@@ -390,6 +392,7 @@ class SelectiveLoader:
         where it stands at its next iteration, as a loaded ``state_dict()`` does.
         """
         state = self.__dict__.copy()
+        del state["epoch_lock"]
         running = state["_running"]
         state["_running"] = state["_replica"] = None  # the replica is made again from the copy's model
         ratio = self.samples_per_pick()
@@ -398,6 +401,10 @@ class SelectiveLoader:
             resume = self._read_resume(safe_state(running.state_dict()), "SelectiveLoader")
             state.update(_resume=resume, next_epoch=resume["epoch"], _samples_per_pick=resume["carried"])
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.epoch_lock = threading.Lock()
 
     # -- resume ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -36,8 +36,8 @@ calls the live model).
 
 from __future__ import annotations
 
-import copy
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -47,59 +47,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .batch import SubBatch
-from .hook import ScoringHook
+from .replica import Replica
 
-__all__ = ["Replica", "Steps"]
-
-
-def _copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` without the ``ScoringHook`` forward hooks on it (a copy would copy their hooks)."""
-    removed = []
-    for module in model.modules():
-        for key, fn in list(module._forward_hooks.items()):
-            if isinstance(getattr(fn, "__self__", None), ScoringHook):
-                removed.append((module, key, fn))
-                del module._forward_hooks[key]
-    try:
-        twin = copy.deepcopy(model)
-    except Exception as err:  # noqa: BLE001 - said plainly, with what to do
-        raise TypeError(f"lookahead scores a copy of the model beside the training step, but copy.deepcopy of "
-                        f"{type(model).__name__} failed ({type(err).__name__}: {err}); make the model copyable "
-                        "(no locks, files or generators as attributes), or use lookahead=0") from err
-    finally:
-        for module, key, fn in removed:
-            module._forward_hooks[key] = fn
-    for p in twin.parameters():
-        p.requires_grad_(False)
-    return twin
-
-
-class Replica:
-    """A copy of the hooked model and a ``ScoringHook`` on it, refreshed from the live model by ``refresh``.
-
-    Args:
-        hook: the ``ScoringHook`` on the live model.
-    """
-
-    def __init__(self, hook: ScoringHook) -> None:
-        self.live = hook.model
-        self.model = _copy_model(hook.model)
-        self.hook = hook.replicate(self.model)
-        live = list(self.live.parameters()) + list(self.live.buffers())
-        mine = list(self.model.parameters()) + list(self.model.buffers())
-        if [t.shape for t in live] != [t.shape for t in mine]:
-            raise RuntimeError("the model's copy does not match it (parameters or buffers added since?)")
-        self._pairs = (mine, live)
-
-    def refresh(self) -> None:
-        """Copy the live parameters and buffers into the replica (on CUDA: queued on the current stream)."""
-        mine, live = self._pairs
-        with torch.no_grad():
-            if hasattr(torch, "_foreach_copy_"):
-                torch._foreach_copy_(mine, live)
-            else:  # pragma: no cover - older torch
-                for dst, src in zip(mine, live):
-                    dst.copy_(src)
+__all__ = ["Steps", "Closed"]
 
 
 def _record_stream(step: SubBatch, stream: "torch.cuda.Stream") -> None:
@@ -109,11 +59,79 @@ def _record_stream(step: SubBatch, stream: "torch.cuda.Stream") -> None:
             leaf.record_stream(stream)
 
 
+class Closed(RuntimeError):
+    """Raised to a loop that asks a closed ``Steps`` for a step (its epoch was superseded or closed)."""
+
+
+class _Gate:
+    """What the loop and the thread share: the turn-taking counters, the steps made, and a condition.
+
+    It holds no reference to the epoch, its generator or the model, so the thread, which
+    holds only this and a weak reference to its ``Steps``, keeps none of them alive: once
+    the ``Steps`` is collected (with its epoch, its loader), a finalizer stops the thread.
+    """
+
+    def __init__(self, depth: int, ready: list) -> None:
+        self.cond = threading.Condition()
+        self.depth = depth
+        self.out: deque = deque(ready)
+        self.produced = len(self.out)  # steps produced (the ready ones included)
+        self.version = 0
+        self.done = False  # the epoch's steps are all made (or one failed)
+        self.stop = False  # closed: the thread ends after the step it is making, the loop gets no more
+        self.error: Optional[BaseException] = None
+
+    def halt(self) -> None:
+        """Stop the thread and wake every waiter (a finalizer calls it too)."""
+        with self.cond:
+            self.stop = True
+            self.cond.notify_all()
+
+
+def _run(gate: _Gate, steps_ref: "weakref.ref[Steps]") -> None:
+    """The thread: make step ``p`` once the replica holds version ``p - depth``; hold the ``Steps`` only while
+    making a step."""
+    p = gate.produced
+    while True:
+        with gate.cond:
+            gate.cond.wait_for(lambda: gate.stop or gate.version >= p - gate.depth)
+            if gate.stop:
+                return
+        steps = steps_ref()
+        if steps is None:  # collected: nobody will take another step
+            return
+        try:
+            item = steps._next_item()
+        except StopIteration:
+            item = None
+        except BaseException as err:  # noqa: BLE001 - handed to the loop, raised at its step
+            with gate.cond:
+                gate.error, gate.done = err, True
+                gate.cond.notify_all()
+            return
+        finally:
+            del steps
+        with gate.cond:
+            if item is None:
+                gate.done = True
+            else:
+                gate.out.append(item)
+                gate.produced += 1
+            gate.cond.notify_all()
+        if item is None:
+            return
+        p += 1
+
+
 class Steps:
     """An epoch's steps, produced by a thread up to ``depth`` steps ahead under the turn-taking rule above.
 
+    The thread ends when the epoch's steps are all made, when ``close`` is called (another
+    epoch of the loader starts, or the loop closes the epoch), or when this object is
+    collected with its epoch (the loader and the model deleted): it never keeps them alive.
+
     Args:
-        produce: the epoch's step generator (it scores with ``replica.hook``); each item it yields is
+        produce: the epoch's step generator (it scores with the replica's hook); each item it yields is
             ``(step, record)``, ``record`` being what a saved state needs to rebuild the step.
         replica: the scoring replica, at version 0 (refreshed at the epoch's start); ``None`` when
             nothing is scored (uniform): the turns are taken all the same.
@@ -127,51 +145,20 @@ class Steps:
         self._produce = produce
         self.replica = replica
         self.depth = depth
-        self._cond = threading.Condition()
-        self._out: deque = deque(ready)
-        self._produced = len(self._out)  # steps produced (the ready ones included)
+        self._gate = _Gate(depth, list(ready))
         self._consumed = 0
-        self._version = 0
-        self._done = False
-        self._stop = False
-        self._error: Optional[BaseException] = None
         self._cuda = device is not None and device.type == "cuda"
         self._side = torch.cuda.Stream(device) if self._cuda else None
         if self._cuda:  # version 0: the replica's refresh at the epoch's start, on the loop's stream
             self._refreshed = torch.cuda.Event()
             self._refreshed.record(torch.cuda.current_stream(device))
-        self._thread = threading.Thread(target=self._run, name="sbsampler-lookahead", daemon=True)
+        weakref.finalize(self, self._gate.halt)
+        self._thread = threading.Thread(target=_run, args=(self._gate, weakref.ref(self)),
+                                        name="sbsampler-lookahead", daemon=True)
         self._thread.start()
 
-    # -- the thread -------------------------------------------------------------------
-    def _run(self) -> None:
-        p = self._produced
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._stop or self._version >= p - self.depth)
-                if self._stop:
-                    return
-            try:
-                item = self._next_item()
-            except StopIteration:
-                item = None
-            except BaseException as err:  # noqa: BLE001 - handed to the loop, raised at its step
-                with self._cond:
-                    self._error, self._done = err, True
-                    self._cond.notify_all()
-                return
-            with self._cond:
-                if item is None:
-                    self._done = True
-                else:
-                    self._out.append(item)
-                    self._produced += 1
-                self._cond.notify_all()
-            if item is None:
-                return
-            p += 1
-
     def _next_item(self) -> Any:
+        """The next ``(step, record)`` of the epoch (in the thread; on CUDA, made on the side stream)."""
         if self._side is None:
             return next(self._produce)
         with torch.cuda.stream(self._side):
@@ -187,17 +174,20 @@ class Steps:
 
     def __next__(self) -> Any:
         c = self._consumed
-        with self._cond:
-            self._cond.wait_for(lambda: self._produced >= c + self.depth or self._done)
-            if c > 0 and not self._done:
+        gate = self._gate
+        with gate.cond:
+            gate.cond.wait_for(lambda: gate.produced >= c + self.depth or gate.done or gate.stop)
+            if gate.stop:
+                raise Closed("this epoch's look-ahead was closed (another epoch of the loader started)")
+            if c > 0 and not gate.done:
                 self._refresh(c)
-            if not self._out:
+            if not gate.out:
                 self._consumed = c
-                if self._error is not None:
-                    err, self._error = self._error, None
+                if gate.error is not None:
+                    err, gate.error = gate.error, None
                     raise err
                 raise StopIteration
-            item = self._out.popleft()
+            item = gate.out.popleft()
             self._consumed = c + 1
         if self._cuda:
             step, record, done = item
@@ -208,7 +198,7 @@ class Steps:
         return item
 
     def _refresh(self, version: int) -> None:
-        """Copy the live parameters into the replica (the thread waits at the gate) and let the thread go on."""
+        """Bring the replica to ``version`` (the thread waits at the gate) and let the thread go on."""
         if self._cuda:
             stream = torch.cuda.current_stream(self._side.device)
             stream.wait_stream(self._side)  # the replica's last reads are done before it is written
@@ -217,25 +207,30 @@ class Steps:
         if self._cuda:
             self._refreshed = torch.cuda.Event()
             self._refreshed.record(torch.cuda.current_stream(self._side.device))
-        self._version = version
-        self._cond.notify_all()
+        self._gate.version = version
+        self._gate.cond.notify_all()
 
     def settle(self) -> None:
-        """Wait until the thread is at its gate (or done): its state is then that of the steps produced so far."""
+        """Wait until the thread is at its gate (or done, or closed): its state is then that of the steps
+        produced so far."""
         c = self._consumed
-        with self._cond:
-            self._cond.wait_for(lambda: self._produced >= c + self.depth or self._done)
+        gate = self._gate
+        with gate.cond:
+            gate.cond.wait_for(lambda: gate.produced >= c + self.depth or gate.done or gate.stop)
 
     def pending(self) -> list:
         """The items produced and not yet taken (call ``settle`` first)."""
-        with self._cond:
-            return [item[:2] if self._cuda else item for item in self._out]
+        with self._gate.cond:
+            return [item[:2] if self._cuda else item for item in self._gate.out]
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called (or the finalizer stopped the thread)."""
+        return self._gate.stop
 
     def close(self) -> None:
-        """Stop the thread after the step it is producing, and wait for it."""
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
+        """Stop the thread after the step it is producing, and wait for it; a loop waiting for a step gets
+        ``Closed``."""
+        self._gate.halt()
         if self._thread is not threading.current_thread():
             self._thread.join()
-

@@ -77,6 +77,13 @@ class Scores:
         out._grad_norms = self._grad_norms
         return out
 
+    @property
+    def has_gradients(self) -> bool:
+        """Whether these scores carry last-layer gradient information (``grad_norms()`` can be read): a
+        ``ScoringHook`` with a head gives it, ``head=False`` does not."""
+        return self._grad_norms is not None or self.grads is not None or (
+            self.logit_grad is not None and self.features is not None)
+
     def _require_grads(self) -> tuple[Tensor, Tensor]:
         if self.logit_grad is None or self.features is None:
             raise ValueError(

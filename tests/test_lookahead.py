@@ -9,9 +9,11 @@ negative control shows that this setup does catch such a mix.
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -300,3 +302,167 @@ def test_the_copy_of_the_model_carries_no_scoring_hook_and_is_refreshed():
         model.fc1.weight.add_(1.0)
     replica.refresh()
     assert torch.equal(replica.model.fc1.weight, model.fc1.weight)
+
+
+# -- the copy stands for the model as it is now (issue 31, item 1) ----------------------------------------------------
+
+class Changing(nn.Module):
+    """A model whose structure, modes, dtype and attributes a training loop may change between steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+        self.T = 1.0  # a plain attribute the forward reads (a temperature)
+        self.adapter = None
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.fc1(x.to(self.fc1.weight.dtype))))
+        if self.adapter is not None:
+            h = h + self.adapter(h)
+        return self.fc2(h) / self.T
+
+
+def _change(case, model, opt):
+    if case == "assign":  # new Parameter objects
+        model.load_state_dict({k: v * 2 for k, v in model.state_dict().items()}, assign=True)
+    elif case == "head":
+        model.fc2 = nn.Linear(8, 3)
+    elif case == "adapter":
+        model.adapter = nn.Linear(8, 8)
+        opt.add_param_group({"params": model.adapter.parameters()})
+    elif case == "eval":
+        model.eval()
+    elif case == "attribute":
+        model.T = 3.0
+    elif case == "double":
+        model.double()
+
+
+@pytest.mark.parametrize("case", ["assign", "head", "adapter", "eval", "attribute", "double"])
+def test_the_copy_follows_the_model_beyond_its_values(case):
+    """A change to the model between epochs (new Parameters, a replaced head, an added module, eval(), an attribute
+    the forward reads, a dtype) reaches the look-ahead's copy: it scores exactly what lookahead=0 scores. Before,
+    the copy kept the structure it was made with (largest difference 0.5 to 7.7, or a dtype error)."""
+    x, y = _data()
+    stores = []
+    for depth in (0, 1):
+        torch.manual_seed(0)
+        model = Changing()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        store = sb.ScoreStore(N_SAMPLES)
+        hook = sb.ScoringHook(model, train_mode=case == "eval", head=False if case == "head" else None)
+        loader = sb.SelectiveLoader(DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=BS), hook, "sb",
+                                    fraction=0.25, seed=0, lookahead=depth, store=store)
+        list(loader)
+        _change(case, model, opt)
+        torch.manual_seed(1)  # the same dropout masks for both runs
+        list(loader)
+        stores.append(store.loss.copy())
+        if depth:
+            assert loader._replica.copies == (1 if case == "eval" else 2)  # eval(): the flags copied, no new copy
+    np.testing.assert_array_equal(stores[1], stores[0])
+
+
+def test_a_copy_is_made_again_only_when_the_model_changed():
+    model, opt, loader, _ = _setup("sb", lookahead=1, pause=0.0, store=False)
+    _steps(loader, model, opt, epochs=2)
+    assert loader._replica.copies == 1  # values only: refreshed, never copied again
+    model.fc2.some_flag = [1, 2]  # a plain attribute: by value, so an in-place change is seen too
+    list(loader)
+    assert loader._replica.copies == 2
+    model.fc2.some_flag.append(3)
+    list(loader)
+    assert loader._replica.copies == 3
+
+
+def test_an_attribute_that_changes_at_every_step_is_named_once():
+    class Recording(Slow):
+        def forward(self, x):
+            out = super().forward(x)
+            self.last = out.detach()  # a new tensor object at each training step: the copy is made again each time
+            return out
+
+    torch.manual_seed(0)
+    model = Recording(0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data()
+    loader = sb.SelectiveLoader(DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=BS),
+                                sb.ScoringHook(model), "sb", fraction=0.25, seed=0, lookahead=1)
+    with pytest.warns(RuntimeWarning, match="made again at each of the last 5 steps, because 'last' changes"):
+        _steps(loader, model, opt, epochs=1)
+
+
+def test_a_replaced_head_given_to_the_hook_is_refused_as_in_series():
+    for depth in (0, 1):
+        torch.manual_seed(0)
+        model = Changing()
+        x, y = _data()
+        loader = sb.SelectiveLoader(DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=BS),
+                                    sb.ScoringHook(model, head=model.fc2), "sb", seed=0, lookahead=depth)
+        list(loader)
+        model.fc2 = nn.Linear(8, 3)
+        with pytest.raises(RuntimeError, match=r"the head this ScoringHook scores \(Linear\(8, 3\)\) is no longer "
+                                               r"part of the model"):
+            list(loader)
+
+
+# -- the thread ends with its epoch (items 2 and 7) --------------------------------------------------------------------
+
+def _lookahead_threads():
+    return [t for t in threading.enumerate() if t.name == "sbsampler-lookahead"]
+
+
+def test_the_thread_ends_when_the_loader_is_deleted():
+    """Break out of an epoch, start no other, delete the loader and the model: the thread ends and nothing stays
+    alive (before: the thread held the epoch, the loader, the model and its copy for the life of the process)."""
+    before = set(_lookahead_threads())
+    model, opt, loader, _ = _setup("sb", lookahead=2, pause=0.0, store=False)
+    for b in loader:
+        _train(model, opt, b)
+        break
+    threads = [t for t in _lookahead_threads() if t not in before]
+    assert len(threads) == 1
+    model_ref, loader_ref = weakref.ref(model), weakref.ref(loader)
+    del model, opt, loader, b
+    for _ in range(100):
+        gc.collect()
+        if not threads[0].is_alive():
+            break
+        time.sleep(0.05)
+    assert not threads[0].is_alive()
+    assert model_ref() is None and loader_ref() is None
+
+
+def test_closing_the_epoch_ends_the_thread():
+    model, opt, loader, _ = _setup("sb", lookahead=2, pause=0.0, store=False)
+    it = iter(loader)
+    _train(model, opt, next(it))
+    thread = it._steps._thread
+    it.close()
+    assert not thread.is_alive()
+    with pytest.raises(RuntimeError, match="superseded|closed"):
+        next(it)
+
+
+def test_two_threads_on_one_loader_never_hang():
+    """Each of two threads iterating one look-ahead loader finishes, or is told its epoch was superseded (before:
+    one of them waited forever in the step queue in about half the tries)."""
+    for trial in range(10):
+        _, _, loader, _ = _setup("sb", lookahead=2, pause=0.0, store=False)
+        outcomes = []
+
+        def run():
+            try:
+                for _ in loader:
+                    time.sleep(0.001)
+                outcomes.append("done")
+            except RuntimeError as err:
+                outcomes.append("superseded" if "superseded" in str(err) else repr(err))
+
+        threads = [threading.Thread(target=run, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in threads), f"trial {trial}: a thread hangs"
+        assert sorted(outcomes) in (["done", "done"], ["done", "superseded"]), outcomes

@@ -242,6 +242,23 @@ def test_selective_loader_writes_the_store():
     assert (store.scored_epoch == 0).all()
 
 
+@pytest.mark.parametrize("strategy", ["uniform", "topk", "sb", "infobatch"])
+def test_a_hook_without_a_head_stores_losses_with_unknown_norms(strategy):
+    """With ScoringHook(head=False) a store records the losses and leaves every gradient norm unknown (NaN), for
+    every rule that reads losses only (before: "gradient-based strategies need ..." for every rule)."""
+    x, y = _digits(100)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 10))
+    store = sb.ScoreStore(100)
+    loader = sb.SelectiveLoader(DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=25),
+                                sb.ScoringHook(model, head=False), strategy, store=store, seed=0)
+    list(loader)
+    np.testing.assert_allclose(store.loss, sb.ScoringHook(model).score(x, y).loss.numpy(), rtol=1e-5)
+    assert np.isnan(store.grad_norm).all() and (store.scored_epoch == 0).all()
+    with pytest.raises(ValueError, match="gradient norms"):  # a rule that reads norms says what is missing
+        sb.SelectiveSampler(store, "importance").plan(1)
+
+
 def test_ffcv_selective_order(tmp_path):
     if os.environ.get("SBSAMPLER_REQUIRE_FFCV") != "1":
         pytest.importorskip("ffcv")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -155,6 +156,7 @@ class ScoringHook:
         self._active = False
         self._captured: Optional[tuple[Tensor, Tensor]] = None
         self._calls = 0  # head calls in the current scoring forward
+        self._lock = threading.RLock()  # one scoring forward at a time: the capture and the modules' modes are shared
         self._head_checked = False  # the head's output was compared with the model's logits
         #: label checks on an accelerator, read without stalling it (``sbsampler.deferred``)
         self.checks = DeferredChecks()
@@ -175,27 +177,51 @@ class ScoringHook:
         if self._handle is not None:
             self._handle.remove()
 
-    def replicate(self, model: nn.Module) -> "ScoringHook":
+    def replicate(self, model: nn.Module, previous: Optional["ScoringHook"] = None) -> "ScoringHook":
         """The same hook on ``model``, a copy of this hook's model (``copy.deepcopy``): same settings, the head at
         the same place (``sbsampler.lookahead`` scores such a replica beside the training step).
 
+        Args:
+            model: the copy.
+            previous: the hook on an earlier copy of the same model, if any: its check of the head on the first
+                scored batch (and an automatic head's correction) and its pending GPU checks carry over, as they
+                would on the live model.
+
         Raises:
             ValueError: with a ``forward=`` callable, which calls the original model, not the copy.
+            RuntimeError: when the head is no longer part of the model (replaced).
         """
         if self.forward is not None:
             raise ValueError("a ScoringHook(forward=...) callable runs the model it closes over, so a copy of the "
                              "model cannot be scored through it: drop forward= (the default calls model(inputs), or "
                              "model(**inputs) for a dict), or use lookahead=0")
         head: Union[bool, nn.Module] = False
+        checked, auto = self._head_checked, self._auto_head
         if self.head is not None:
-            name = {m: n for n, m in self.model.named_modules()}[self.head]
-            head = dict(model.named_modules())[name]
+            names = {m: n for n, m in self.model.named_modules()}
+            if self.head not in names:
+                raise self._head_gone()
+            here = dict(model.named_modules())
+            head = here[names[self.head]]
+            if previous is not None and previous.head is not None:  # where the earlier copy scored (corrected?)
+                name = {m: n for n, m in previous.model.named_modules()}.get(previous.head)
+                if name in here and isinstance(here[name], nn.Linear):
+                    head, checked, auto = here[name], previous._head_checked, previous._auto_head
         twin = ScoringHook(model, head=head, loss=self.loss, label_smoothing=self.label_smoothing,
                            train_mode=self.train_mode, amp_dtype=self.amp_dtype, logits=self.logits,
                            exact_limit=self.exact_limit, sketch_dim=self.sketch_dim, seed=self.seed,
                            scale_factor=self.scale_factor, channels_last=self.channels_last, compile=self.compile)
-        twin._auto_head, twin._head_checked = self._auto_head, self._head_checked
+        twin._auto_head, twin._head_checked = auto, checked
+        if previous is not None:
+            twin.checks = previous.checks
         return twin
+
+    def _head_gone(self) -> RuntimeError:
+        head = self.head
+        return RuntimeError(
+            f"the head this ScoringHook scores (Linear({head.in_features}, {head.out_features})) is no longer part of "  # type: ignore[union-attr]
+            "the model (replaced, e.g. model.fc = nn.Linear(...)?): make a new ScoringHook on the model as it is now "
+            "(and a new loader with it), or pass head=False to score losses only")
 
     def validate_targets(self, targets: Any, batch_size: int, classes: Optional[int] = None) -> None:
         """For the built-in cross-entropy: (B,) integer labels in [0, C), or (B, C) target distributions."""
@@ -224,7 +250,13 @@ class ScoringHook:
                                    compiled=self._compiled_model() if self.compile else None)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles: the compiled forward is made again at first use
-        return {**self.__dict__, "_compiled": None}
+        state = {**self.__dict__, "_compiled": None}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def _compiled_model(self) -> Callable[..., Any]:
         """``torch.compile`` of the model (made at first use; the live model's parameters, the head's hook traced)."""
@@ -248,6 +280,8 @@ class ScoringHook:
         if self.head is None:
             return None, logits
         if captured is None:
+            if self.head not in set(self.model.modules()):
+                raise self._head_gone()
             raise RuntimeError(
                 f"the head {module_name(self.model, self.head)} was not called in the model's forward pass; "
                 "pass the layer that produces the logits as head= (or head=False for losses only)"
@@ -306,7 +340,8 @@ class ScoringHook:
         check_not_meta(first, self.model)
         batch = int(first.shape[0])
         try:
-            h, z = self._forward(inputs)  # first: a wrong head would make the label check misleading
+            with self._lock:
+                h, z = self._forward(inputs)  # first: a wrong head would make the label check misleading
         except (RuntimeError, TypeError) as err:
             if hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(
