@@ -221,3 +221,38 @@ def test_clear_refusals_that_remain():
         sb.ScoringHook(model, loss=lambda z, t: z.sum()).score(torch.randn(B, D), torch.zeros(B))
     with pytest.raises(TypeError, match="logits="):
         sb.ScoringHook(nn.Sequential(model), logits=lambda out: None).score(torch.randn(B, D), torch.zeros(B).long())
+
+
+@pytest.mark.parametrize("targets", ["column", "labels"])
+def test_a_one_output_model_with_the_built_in_cross_entropy_is_refused(targets):
+    """One output and loss='cross_entropy' scored every sample -0 (softmax over one class is 1), so every rule picked
+    at random while claiming to read losses (issue 31, item 3). Now refused, naming the loss to pass."""
+    model = mlp(out=1)
+    x = torch.randn(B, D)
+    y = torch.randn(B, 1) if targets == "column" else torch.zeros(B, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"one output.*every sample.*loss=.*mse_loss"):
+        sb.ScoringHook(model).score(x, y)
+    scores = sb.ScoringHook(model, loss=lambda z, t: F.mse_loss(z, t, reduction="none").mean(1)).score(x, y.float()
+                                                                                                       .reshape(B, 1))
+    assert scores.loss.abs().min() > 0  # the regression loss, scored right
+
+
+@pytest.mark.parametrize("bad", ["regression", "negative", "multilabel"])
+def test_float_targets_that_are_not_distributions_are_refused(bad):
+    """(B, C) float targets are read as target distributions by the built-in cross-entropy; regression values,
+    negative entries or multi-hot rows would be scored as a meaningless cross-entropy, silently."""
+    model = mlp()
+    x = torch.randn(B, D)
+    y = {"regression": torch.randn(B, C), "negative": torch.softmax(torch.randn(B, C), 1) - 0.5,
+         "multilabel": (torch.rand(B, C) < 0.5).float()}[bad]
+    y[0] = torch.tensor([1.0, 1.0, 0.0, 0.0])  # a row that does not sum to 1, in every case
+    with pytest.raises(ValueError, match=r"target distributions.*sum to 1.*loss= a callable"):
+        sb.ScoringHook(model).score(x, y)
+
+
+def test_smoothed_and_mixed_targets_still_pass():
+    model = mlp()
+    x = torch.randn(B, D)
+    one_hot = F.one_hot(torch.randint(0, C, (B,)), C).float()
+    for y in (0.9 * one_hot + 0.1 / C, 0.3 * one_hot + 0.7 * one_hot.roll(1, 0), one_hot.half()):
+        assert sb.ScoringHook(model).score(x, y).loss.isfinite().all()

@@ -26,6 +26,8 @@ def validate_targets(targets: Any, batch_size: int, classes: Optional[int], chec
     if targets.dtype.is_floating_point and targets.dim() == 2:  # soft / mixup target distributions
         if targets.shape != (batch_size, classes):
             raise ValueError(f"soft targets must have shape ({batch_size}, {classes}), got {tuple(targets.shape)}")
+        if batch_size:
+            _check_distributions(targets, checks)
         return
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise TypeError(f"targets must be integer class labels (or (B, C) target distributions), got dtype "
@@ -45,6 +47,27 @@ def validate_targets(targets: Any, batch_size: int, classes: Optional[int], chec
         checks.add(((targets < 0) | (targets >= classes)).any(), error)
 
 
+def _check_distributions(targets: Tensor, checks: DeferredChecks) -> None:
+    """(B, C) float targets are distributions: every entry >= 0, every row summing to 1 (to the dtype's round-off).
+
+    Regression values or multi-hot rows would otherwise be scored as a cross-entropy against a "distribution" that
+    is none, silently. Through ``checks``: on a GPU, read later without a stall."""
+    q = targets.detach().float()
+    tol = 1e-2 if targets.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    sums = q.sum(1)
+
+    def error() -> ValueError:
+        return ValueError(
+            f"(B, C) float targets are read as target distributions by loss='cross_entropy' (soft, mixup or "
+            f"smoothed labels): each row must be >= 0 and sum to 1, but the rows sum to {float(sums.min()):.4g} .. "
+            f"{float(sums.max()):.4g} and the smallest entry is {float(q.min()):.4g}. For regression or multi-label "
+            "targets pass loss= a callable returning one loss per sample, e.g. loss=lambda z, y: "
+            "F.mse_loss(z, y, reduction='none').mean(1) or F.binary_cross_entropy_with_logits(z, y, "
+            "reduction='none').mean(1)")
+
+    checks.add((q < 0).any() | ((sums - 1).abs() > tol).any(), error)
+
+
 def loss_and_logit_grad(z: Tensor, targets: Any, batch: int, loss: Union[str, LossFn], label_smoothing: float,
                         checks: DeferredChecks) -> tuple[Tensor, Tensor]:
     """Per-sample losses and ``e = dl/dz`` (closed form for ``loss="cross_entropy"``, else autograd)."""
@@ -53,6 +76,13 @@ def loss_and_logit_grad(z: Tensor, targets: Any, batch: int, loss: Union[str, Lo
             raise ValueError(f"loss='cross_entropy' scores (B, C) logits, got {tuple(z.shape)}: pass loss= a "
                              "callable returning one loss per sample (e.g. the mean loss over a sequence), "
                              "or pool/flatten before the head")
+        if z.shape[1] == 1:
+            raise ValueError(
+                "the model has one output, and loss='cross_entropy' over one class scores every sample 0 (its "
+                "softmax is 1), so every rule would pick at random: pass the loss the training step uses as loss= a "
+                "callable returning one loss per sample, e.g. loss=lambda z, y: F.mse_loss(z, y, reduction='none')"
+                ".mean(1) for regression, or F.binary_cross_entropy_with_logits(z, y.float(), reduction='none')"
+                ".mean(1) for a binary label")
         validate_targets(targets, batch, int(z.shape[1]), checks)
         logp = torch.log_softmax(z, dim=1)
         if targets.dtype.is_floating_point:
