@@ -219,9 +219,10 @@ class ScoringHook:
     def _head_gone(self) -> RuntimeError:
         head = self.head
         return RuntimeError(
-            f"the head this ScoringHook scores (Linear({head.in_features}, {head.out_features})) is no longer part of "  # type: ignore[union-attr]
-            "the model (replaced, e.g. model.fc = nn.Linear(...)?): make a new ScoringHook on the model as it is now "
-            "(and a new loader with it), or pass head=False to score losses only")
+            f"the head this ScoringHook scores (Linear({head.in_features}, {head.out_features})) is not part of the "  # type: ignore[union-attr]
+            "model, so it is not called in its forward (replaced since the hook was made, e.g. model.fc = "
+            "nn.Linear(...), or a layer of another model?): make a new ScoringHook on the model as it is now (and a "
+            "new loader with it), or pass head=False to score losses only")
 
     def validate_targets(self, targets: Any, batch_size: int, classes: Optional[int] = None) -> None:
         """For the built-in cross-entropy: (B,) integer labels in [0, C), or (B, C) target distributions."""
