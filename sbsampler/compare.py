@@ -78,7 +78,7 @@ class Mode:
 
     name: str
     strategy: Union[str, Strategy, Callable[[int], Strategy]] = "full"
-    fraction: float = 1.0
+    fraction: Optional[float] = None
     level: str = "batch"
     options: dict = field(default_factory=dict)
 
@@ -108,7 +108,7 @@ def default_modes(strategy: Union[str, Strategy] = "sb", fractions: Sequence[flo
         modes.append(Mode(f"uniform {f:g}", "uniform", f))
         if name != "uniform":
             modes.append(Mode(f"{name} {f:g}", strategy, f))
-        modes.append(Mode(f"sampler infobatch {f:g}", lambda seed, f=f: InfoBatch(prune=1.0 - f, seed=seed), f,
+        modes.append(Mode(f"sampler infobatch prune {1.0 - f:g}", lambda seed, f=f: InfoBatch(prune=1.0 - f, seed=seed),
                           level="sampler", options={"anneal": 0.125}))
     return modes
 

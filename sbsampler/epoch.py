@@ -433,7 +433,8 @@ class EpochIterator:
 
     def _select(self, batch: SubBatch, strategy: Strategy) -> Selected:
         loader, stats = self.loader, self.stats
-        picked = select_batch(self.hook, strategy, batch, loader.fraction, nan_policy=loader.nan_policy,
+        fraction = loader.fraction if strategy.uses_fraction else None  # the window's whole batches take none
+        picked = select_batch(self.hook, strategy, batch, fraction, nan_policy=loader.nan_policy,
                               score=loader.store is not None and not strategy.keeps_all,  # the store keeps scores
                               select_on=loader.select_on)
         stats.record(picked, len(batch))

@@ -28,7 +28,7 @@ from .scores import NAN_POLICIES, check_nan_policy
 from .select import SELECT_ON
 from .stats import LoaderStats, read_stats
 from .store import ScoreStore
-from .strategies import Seed, Strategy, budget, get_strategy
+from .strategies import Seed, Strategy, budget, get_strategy, resolve_fraction
 
 __all__ = ["SelectiveLoader"]
 
@@ -59,7 +59,10 @@ class SelectiveLoader:
             ``"infobatch"``, or ``"full"`` (also ``None``: every sample, no
             scoring pass, i.e. full backprop through the same loop).
         fraction: share of each batch to back-propagate, in (0, 1]; the
-            sub-batch size is ``ceil(fraction * B)``.
+            sub-batch size is ``ceil(fraction * B)``. Default (``None``): 0.25 for
+            a rule whose count follows it; a rule that chooses its own count
+            (InfoBatch, Bernoulli SB: ``Strategy.uses_fraction``) or keeps every
+            sample refuses one (it would be ignored).
         rebatch: accumulate selected samples until a full batch of
             ``batch_size`` is ready (Jiang et al.'s queue); the remainder at
             epoch end is yielded too, unless ``drop_last``.
@@ -142,7 +145,7 @@ class SelectiveLoader:
         loader: Iterable,
         hook: ScoringHook,
         strategy: Union[None, str, Strategy] = "uniform",
-        fraction: float = 0.25,
+        fraction: Optional[float] = None,
         rebatch: bool = False,
         start: float = 0.0,
         end: float = 1.0,
@@ -164,7 +167,6 @@ class SelectiveLoader:
     ) -> None:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"hook must be a ScoringHook, got {type(hook).__name__}")
-        budget(fraction, 1)  # validates fraction
         if not (0.0 <= start <= end <= 1.0):
             raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
         if (start, end) != (0.0, 1.0) and not (isinstance(epochs, int) and epochs >= 1):
@@ -191,7 +193,7 @@ class SelectiveLoader:
         self.hook = hook
         self.strategy = get_strategy(strategy, seed=seed)
         check_nan_policy(nan_policy, self.strategy, scored=store is not None)
-        self.fraction = float(fraction)
+        self.fraction = resolve_fraction(fraction, self.strategy)
         self.rebatch = bool(rebatch)
         self.start, self.end = float(start), float(end)
         self.epochs = epochs
@@ -324,7 +326,7 @@ class SelectiveLoader:
         if sizes is None or self.batch_size is None:
             raise TypeError("cannot tell the rebatched length: the wrapped loader has no dataset/batch_size")
         chosen = [self.selects(self.next_epoch, j, n_batches) for j in range(len(sizes))]
-        total = sum(budget(self.fraction, b) for b, c in zip(sizes, chosen) if c)
+        total = sum(budget(self.fraction, b) for b, c in zip(sizes, chosen) if c)  # type: ignore[arg-type]
         whole = chosen.count(False)  # full batches outside the window or interrupting it: a step each
         return whole + (total // self.batch_size if self.drop_last else math.ceil(total / self.batch_size))
 

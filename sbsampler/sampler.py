@@ -48,7 +48,7 @@ from .checkpoint import check_saved_by, check_version, read_array, read_int, req
 from .schedule import anneal_start
 from .scores import Scores
 from .store import ScoreStore
-from .strategies import Strategy, budget, get_strategy
+from .strategies import Strategy, count_for, get_strategy, resolve_fraction
 from .weights import step_weights
 
 __all__ = ["SelectiveSampler", "WeightedBatches", "Plan"]
@@ -104,7 +104,9 @@ class SelectiveSampler(torch.utils.data.Sampler):
             stored losses it chooses from), ``"importance"`` (needs stored
             gradient norms), ``"infobatch"``. GradientMatching needs the current
             gradients and is refused: use ``SelectiveLoader`` for it.
-        fraction: share of the fresh (recently scored) samples to load.
+        fraction: share of the fresh (recently scored) samples to load; default
+            0.5. InfoBatch and Bernoulli SB choose their own count and refuse one
+            (``resolve_fraction``).
         max_staleness: a sample scored this many epochs ago (or more) is loaded
             again regardless, so its score is refreshed; ``None``: never forced.
         anneal: share of the final epochs that load the full data
@@ -133,7 +135,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
         self,
         store: ScoreStore,
         strategy: Union[str, Strategy] = "uniform",
-        fraction: float = 0.5,
+        fraction: Optional[float] = None,
         max_staleness: Optional[int] = None,
         anneal: float = 0.0,
         epochs: Optional[int] = None,
@@ -151,7 +153,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
                 f"{strategy!r} needs the current per-sample gradients, which a store does not hold; "
                 "select per batch with SelectiveLoader instead"
             )
-        budget(fraction, 1)
+        fraction = resolve_fraction(fraction, strategy, default=0.5)
         if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 1):
             raise ValueError(f"max_staleness must be None or an int >= 1, got {max_staleness!r}")
         if not 0.0 <= anneal < 1.0:
@@ -165,7 +167,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
         self.store = store
         self.strategy = strategy
         self.scale = scale or strategy.sampler_scale
-        self.fraction = float(fraction)
+        self.fraction = fraction
         self.max_staleness = max_staleness
         self.anneal = float(anneal)
         self.epochs = epochs
@@ -244,7 +246,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
         if self.strategy.needs_reference:  # RhoLoss: the stored loss against each sample's reference loss
             scores = scores.with_reference(self.strategy.reference_for(fresh))
         rng = np.random.default_rng([self.seed, e, 1])
-        sel = self.strategy.select(scores, budget(self.fraction, fresh.size), rng=rng)
+        sel = self.strategy.select(scores, count_for(self.fraction, fresh.size), rng=rng)
         w = np.zeros(fresh.size)
         np.add.at(w, sel.indices, sel.weights.astype(np.float64))  # repeats add up
         picked = np.unique(sel.indices)

@@ -42,7 +42,7 @@ from .distributed import LocalSync
 from .ondevice import work_dtype
 from .scores import Scores, apply_nan_policy, check_nan_policy
 from .clock import Clock
-from .strategies import Seed, budget, get_strategy
+from .strategies import Seed, count_for, get_strategy, resolve_fraction
 from .weights import step_weights
 
 __all__ = ["Selected", "select_batch", "observe_round", "SELECT_ON"]
@@ -105,7 +105,7 @@ def select_batch(
     hook: Optional[ScoringHook],
     strategy: Any,
     batch: Any,
-    fraction: float,
+    fraction: Optional[float] = None,
     *,
     nan_policy: str = "raise",
     rng: Seed = None,
@@ -122,8 +122,9 @@ def select_batch(
             reads (``(inputs, targets[, indices, *extras])`` or a dict); without
             indices the rows are numbered from 0. (Batch-level extra fields:
             parse it with ``parse_batch(batch, 0, batch_fields=...)`` first.)
-        fraction: share of the batch to choose, in (0, 1]
-            (variable-count strategies choose their own count).
+        fraction: share of the batch to choose, in (0, 1]; default 0.25. A rule
+            that chooses its own count (InfoBatch, Bernoulli SB) or keeps every
+            sample refuses one (``resolve_fraction``).
         nan_policy: ``"raise"``, ``"skip"`` or ``"keep"`` (``sbsampler.scores.apply_nan_policy``).
         rng: draw from this generator instead of the strategy's own.
         score: run the scoring pass even for a strategy that reads no scores
@@ -137,7 +138,7 @@ def select_batch(
     if not isinstance(batch, SubBatch):  # numbered from 0, unless the strategy looks samples up by dataset index
         batch = parse_batch(batch, first_position=None if strategy.needs_reference else 0)
     n = len(batch)
-    k = budget(fraction, max(n, 1))
+    k = count_for(resolve_fraction(fraction, strategy), max(n, 1))
     empty = torch.zeros(0, dtype=torch.int64)
     if n == 0:
         return Selected(None, empty)

@@ -40,7 +40,7 @@ from .hook import ScoringHook
 from .scores import check_nan_policy
 from .select import SELECT_ON, observe_round, select_batch
 from .stats import LoaderStats, read_stats
-from .strategies import Seed, Strategy, budget, get_strategy
+from .strategies import Seed, Strategy, get_strategy, resolve_fraction
 
 __all__ = ["BatchSelector"]
 
@@ -55,7 +55,8 @@ class BatchSelector:
         hook: the ``ScoringHook`` on the model being trained (``None`` only for
             a strategy that reads no scores).
         strategy: a ``Strategy`` or registered name (``sbsampler.strategies``).
-        fraction: share of each batch to back-propagate, in (0, 1].
+        fraction: share of each batch to back-propagate, in (0, 1]; default 0.25
+            (refused for a rule that chooses its own count: ``resolve_fraction``).
         nan_policy: ``"raise"``, ``"skip"`` or ``"keep"`` (``sbsampler.scores``).
         seed: seeds a named strategy's draws.
         sync_history: under DDP, show a loss-history strategy every rank's losses.
@@ -71,7 +72,7 @@ class BatchSelector:
         self,
         hook: Optional[ScoringHook],
         strategy: Union[None, str, Strategy] = "uniform",
-        fraction: float = 0.25,
+        fraction: Optional[float] = None,
         *,
         nan_policy: str = "raise",
         seed: Seed = None,
@@ -85,14 +86,13 @@ class BatchSelector:
         if self.strategy.needs_scores and not isinstance(hook, ScoringHook):
             raise TypeError(f"{self.strategy!r} reads scores: pass the ScoringHook on the model, "
                             f"got {type(hook).__name__}")
-        budget(fraction, 1)
+        self.fraction = resolve_fraction(fraction, self.strategy)
         check_nan_policy(nan_policy, self.strategy)
         if select_on not in SELECT_ON:
             raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
         if not isinstance(batch_keys, BatchKeys):
             raise TypeError(f"batch_keys must be a BatchKeys, got {type(batch_keys).__name__}")
         self.hook = hook
-        self.fraction = float(fraction)
         self.nan_policy = nan_policy
         self.select_on = select_on
         self.sync_history = bool(sync_history)

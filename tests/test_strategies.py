@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import sbsampler as sb
 from reference import explicit_grads
@@ -350,3 +352,41 @@ def test_composer_rule_follows_composers_law():
     np.testing.assert_allclose(ours / n, ref / n, atol=0.03)
     order = np.argsort(loss.numpy())
     assert ours[order[-5:]].sum() > 3 * ours[order[:5]].sum()  # high losses kept far more often
+
+
+def _entry_points():
+    """Every public place that takes a fraction, as ``make(strategy, **kw)``."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    hook = sb.ScoringHook(model)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    data = DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=16)
+    return {
+        "SelectiveLoader": lambda s, **kw: sb.SelectiveLoader(data, hook, s, seed=0, **kw),
+        "BatchSelector": lambda s, **kw: sb.BatchSelector(hook, s, seed=0, **kw),
+        "select_batch": lambda s, **kw: sb.select_batch(hook, s, (x, y), rng=0, **kw),
+        "SelectiveSampler": lambda s, **kw: sb.SelectiveSampler(sb.ScoreStore(32), s, **kw),
+    }
+
+
+@pytest.mark.parametrize("entry", ["SelectiveLoader", "BatchSelector", "select_batch", "SelectiveSampler"])
+@pytest.mark.parametrize("strategy,says", [("infobatch", "prune"), (sb.SelectiveBackprop(mode="bernoulli"), "beta"),
+                                           ("full", "every sample")])
+def test_a_fraction_given_to_a_rule_that_takes_none_is_refused(entry, strategy, says):
+    """InfoBatch kept 64-73% of each batch with fraction=0.25, silently (issue 31, item 4): a rule that chooses its
+    own count, or keeps every sample, refuses a fraction and says what sets its share instead."""
+    make = _entry_points()[entry]
+    with pytest.raises(ValueError, match=rf"does not keep a fraction of each batch: .*{says}.*Leave fraction= out"):
+        make(strategy, fraction=0.25)
+    make(strategy)  # without one, it runs at its own count
+
+
+def test_a_rule_that_takes_a_fraction_defaults_to_a_quarter_and_infobatch_keeps_its_own_share():
+    entries = _entry_points()
+    assert entries["SelectiveLoader"]("uniform").fraction == 0.25
+    assert entries["BatchSelector"]("topk").fraction == 0.25
+    assert entries["SelectiveSampler"]("uniform").fraction == 0.5
+    assert len(entries["select_batch"]("uniform").rows) == 8  # a quarter of 32
+    loader = entries["SelectiveLoader"]("infobatch")
+    assert loader.fraction is None and "fraction=None" in repr(loader)
+    list(loader)
+    assert 0.5 < loader.stats.backprop_fraction < 1.0  # InfoBatch(prune=0.5): about 3/4, whatever a fraction says

@@ -25,7 +25,7 @@ loop: its steps are already equal on every process.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 from accelerate import Accelerator
 
@@ -37,7 +37,7 @@ __all__ = ["selective_loader"]
 
 
 def selective_loader(accelerator: Accelerator, prepared: Iterable, hook: ScoringHook,
-                     strategy: Union[None, str, Strategy] = "uniform", fraction: float = 0.25,
+                     strategy: Union[None, str, Strategy] = "uniform", fraction: Optional[float] = None,
                      **kwargs: Any) -> SelectiveLoader:
     """``SelectiveLoader(prepared, hook, strategy, fraction, device=accelerator.device, distributed=...)``.
 

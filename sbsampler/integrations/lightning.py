@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - the standalone package
 from ..batch import SubBatch
 from ..hook import ScoringHook
 from ..selector import BatchSelector
-from ..strategies import Strategy
+from ..strategies import Strategy, get_strategy, resolve_fraction
 
 __all__ = ["SelectiveBackprop"]
 
@@ -48,7 +48,8 @@ class SelectiveBackprop(Callback):
 
     Args:
         strategy: a ``Strategy`` or registered name.
-        fraction: share of each batch to back-propagate.
+        fraction: share of each batch to back-propagate; default 0.25 (refused for a rule that chooses its own
+            count: ``sbsampler.strategies.resolve_fraction``).
         hook: the ``ScoringHook`` to score with, on the ``LightningModule`` or
             one of its submodules (another model is refused at ``fit``); default
             one on the module itself (``ScoringHook(module, **hook_kwargs)``),
@@ -61,9 +62,10 @@ class SelectiveBackprop(Callback):
             ``sync_history``, ``batch_keys``, ``batch_fields``).
     """
 
-    def __init__(self, strategy: Union[None, str, Strategy] = "uniform", fraction: float = 0.25, *,
+    def __init__(self, strategy: Union[None, str, Strategy] = "uniform", fraction: Optional[float] = None, *,
                  hook: Optional[ScoringHook] = None, hook_kwargs: Optional[dict] = None, log: bool = True,
                  **selector_kwargs: Any) -> None:
+        resolve_fraction(fraction, get_strategy(strategy))  # refused now, not at fit: a rule that takes none
         # a Strategy object is kept as given for the first fit; a fit on another module starts from a copy of it
         self._args = (strategy, fraction, selector_kwargs)
         self._pristine = copy.deepcopy(strategy) if isinstance(strategy, Strategy) else strategy

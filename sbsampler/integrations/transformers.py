@@ -117,7 +117,8 @@ class SelectiveTrainer(Trainer):
         **kwargs: the ``Trainer``'s own.
         strategy: a ``Strategy`` or registered name; default ``"uniform"`` (with ``tokens``,
             every sequence: token and sequence selection are not combined).
-        fraction: share of each micro-batch to back-propagate.
+        fraction: share of each micro-batch to back-propagate; default 0.25 (a rule that
+            chooses its own count refuses one: ``sbsampler.strategies.resolve_fraction``).
         loss: per-sample loss ``(logits, labels) -> (B,)``; default ``per_sample_loss``
             (token sums, shifted for a causal LM).
         shift_labels: whether the default loss shifts token labels (position t
@@ -131,7 +132,7 @@ class SelectiveTrainer(Trainer):
             counters ``tokens_seen`` / ``tokens_kept`` follow it and resume with the checkpoint.
     """
 
-    def __init__(self, *args: Any, strategy: Union[None, str, Strategy] = None, fraction: float = 0.25,
+    def __init__(self, *args: Any, strategy: Union[None, str, Strategy] = None, fraction: Optional[float] = None,
                  loss: Optional[Callable[[Tensor, Any], Tensor]] = None, hook: Optional[ScoringHook] = None,
                  seed: Optional[int] = None, nan_policy: str = "raise", sync_history: bool = False,
                  select_on: str = "auto",

@@ -26,6 +26,7 @@ read these facts instead of names:
 ``selects_on_device``      has a torch-op rule (``sbsampler.ondevice``) that selects on the losses' device
 ``signed_weights``         may give a negative weight (a property: GradientMatching with ``nonneg=False``)
 ``needs_reference``        reads each sample's reference loss (``Scores.reference``, by dataset index)
+``uses_fraction``          its count follows ``fraction``; a fraction given to another rule is refused
 =========================  ==========================================================
 
 Two implementations of each loss-only rule follow the same law: ``select`` (NumPy
@@ -54,7 +55,16 @@ the names in ``registry``.
 
 from __future__ import annotations
 
-from .base import STATE_VERSION, Seed, Selection, Strategy, budget  # noqa: F401 - Seed, STATE_VERSION: for the loaders
+from .base import (  # noqa: F401 - Seed, STATE_VERSION, DEFAULT_FRACTION, count_for: for the loaders
+    DEFAULT_FRACTION,
+    STATE_VERSION,
+    Seed,
+    Selection,
+    Strategy,
+    budget,
+    count_for,
+    resolve_fraction,
+)
 from .composer import ComposerRule
 from .full import Full
 from .gradmatch import GradientMatching
@@ -82,4 +92,5 @@ __all__ = [
     "STRATEGIES",
     "get_strategy",
     "budget",
+    "resolve_fraction",
 ]

@@ -30,6 +30,34 @@ def budget(fraction: float, batch_size: int) -> int:
     return max(1, min(batch_size, math.ceil(float(fraction) * batch_size - 1e-9)))
 
 
+#: the share of a batch kept when no ``fraction`` is given, for a rule whose count follows it
+DEFAULT_FRACTION = 0.25
+
+
+def resolve_fraction(fraction: Optional[float], strategy: "Strategy", default: float = DEFAULT_FRACTION,
+                     ) -> Optional[float]:
+    """The fraction a selection runs at: ``fraction`` checked, ``default`` when it is ``None``, and ``None`` for a
+    rule whose count does not follow a fraction (``Strategy.uses_fraction`` false).
+
+    Raises:
+        ValueError: ``fraction`` is not a number in (0, 1], or it is given to a rule that chooses its own count
+            (InfoBatch, Bernoulli Selective Backprop) or keeps every sample (Full): it would be ignored, and a
+            report labelled with it would claim a share the rule never kept.
+    """
+    if fraction is None:
+        return float(default) if strategy.uses_fraction else None
+    budget(fraction, 1)  # a number in (0, 1]
+    if not strategy.uses_fraction:
+        raise ValueError(f"{strategy!r} does not keep a fraction of each batch: {strategy.count_rule} Leave "
+                         f"fraction= out (it would be ignored: fraction={fraction!r} was given)")
+    return float(fraction)
+
+
+def count_for(fraction: Optional[float], n: int) -> int:
+    """``k`` for a batch of ``n``: ``budget(fraction, n)``, or ``n`` for a rule that takes no fraction (``None``)."""
+    return n if fraction is None else budget(fraction, n)
+
+
 class Selection(tuple):
     """``(indices, weights)`` plus optional diagnostics; unpacks as a 2-tuple.
 
@@ -117,6 +145,11 @@ class Strategy:
     selects_on_device: ClassVar[bool] = False
     #: whether it reads each sample's reference loss (``Scores.reference``; ``reference_for`` looks them up)
     needs_reference: ClassVar[bool] = False
+    #: whether its count follows ``fraction`` (``k = ceil(fraction B)``); a rule that chooses its own count or keeps
+    #: every sample refuses a fraction given to it (``resolve_fraction``), saying what sets its share instead
+    uses_fraction: ClassVar[bool] = True
+    #: what sets the kept share of a rule with ``uses_fraction`` false (said when a fraction is refused)
+    count_rule: ClassVar[str] = ""
 
     @property
     def signed_weights(self) -> bool:

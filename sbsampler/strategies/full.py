@@ -29,6 +29,8 @@ class Full(Strategy):
     needs_scores = False
     keeps_all = True
     selects_on_device = True
+    uses_fraction = False
+    count_rule = "it keeps every sample of every batch."
 
     def _select(self, scores: Any, loss: Optional[np.ndarray], k: int, rng: np.random.Generator) -> Selection:
         n = int(scores) if loss is None else loss.shape[0]

@@ -37,6 +37,10 @@ class InfoBatch(Strategy):
 
     name = "infobatch"
     variable_count = True
+    uses_fraction = False
+    count_rule = ("it drops below-mean losses with probability prune, so it keeps 1 - prune x (the share of losses "
+                  "below the batch mean), about 1 - prune / 2 (InfoBatch(prune=0.5), the default, keeps about 75%; "
+                  "prune=0.9 about 55%): set prune, and read the share it really kept in loader.stats.")
     selects_on_device = True
     sampler_scale = "epoch"  # the official code: kept samples 1/keep, the others 1, the plain batch mean
 

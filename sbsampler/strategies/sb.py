@@ -156,6 +156,9 @@ class BernoulliSelectiveBackprop(SelectiveBackprop):
     """
 
     variable_count = True
+    uses_fraction = False
+    count_rule = ("it keeps each sample with probability CDF(loss)**beta, about 1 / (beta + 1) of a batch "
+                  "(beta=3 keeps about 25%): set beta, or use mode='fixed' for an exact fraction.")
 
     def __init__(self, beta: float = 1.0, history: int = 1024, mode: str = "bernoulli", unbiased: bool = False,
                  seed: Seed = None) -> None:
