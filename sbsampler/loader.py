@@ -194,6 +194,9 @@ class SelectiveLoader:
         self.strategy = get_strategy(strategy, seed=seed)
         check_nan_policy(nan_policy, self.strategy, scored=store is not None)
         self.fraction = resolve_fraction(fraction, self.strategy)
+        size = self.dataset_size()
+        if size is not None:
+            self.strategy.check_dataset_size(size)
         self.rebatch = bool(rebatch)
         self.start, self.end = float(start), float(end)
         self.epochs = epochs

@@ -154,6 +154,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
                 "select per batch with SelectiveLoader instead"
             )
         fraction = resolve_fraction(fraction, strategy, default=0.5)
+        strategy.check_dataset_size(len(store))
         if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 1):
             raise ValueError(f"max_staleness must be None or an int >= 1, got {max_staleness!r}")
         if not 0.0 <= anneal < 1.0:

@@ -186,7 +186,11 @@ class ScoreStore:
                 "scored_epoch": torch.from_numpy(self.scored_epoch.copy()), "current_epoch": self.current_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``: checked first (dataset size, shapes, dtypes), then set; nothing half-loaded."""
+        """Restore ``state_dict()``: checked first (dataset size, shapes, dtypes), then set; nothing half-loaded.
+
+        Reference losses the state does not hold (a version-1 state, or samples it saved as NaN) keep the
+        store's own, so a store given ``set_reference`` before loading an older checkpoint keeps them.
+        """
         kind = "ScoreStore"
         require(state, ["loss", "grad_norm", "scored_epoch", "current_epoch"], kind)
         check_version(state, kind, (0, 1, STATE_VERSION), legacy=0)
@@ -203,11 +207,12 @@ class ScoreStore:
             raise ValueError(f"{kind} state field 'loss' holds non-finite losses of scored samples")
         if np.isinf(norms).any():
             raise ValueError(f"{kind} state field 'grad_norm' holds infinite norms")
-        reference = np.full(n, np.nan)
-        if state.get("reference") is not None:  # version 2
-            reference = read_array(state["reference"], "reference", kind, n)
-            if np.isinf(reference).any():
+        reference = self.reference  # a state without reference losses keeps the store's own (set_reference)
+        if state.get("reference") is not None:  # version 2; NaN where it had none
+            saved = read_array(state["reference"], "reference", kind, n)
+            if np.isinf(saved).any():
                 raise ValueError(f"{kind} state field 'reference' holds infinite losses")
+            reference = np.where(np.isnan(saved), self.reference, saved)
         self.loss, self.grad_norm, self.scored_epoch, self.current_epoch = loss, norms, epochs, current
         self.reference = reference
         self.version += 1

@@ -75,8 +75,11 @@ def test_the_store_keeps_reference_losses_safely():
     other.load_state_dict(state)
     np.testing.assert_array_equal(other.reference, store.reference)
     old = {k: v for k, v in state.items() if k != "reference"} | {"version": 1}  # before reference losses
-    other.load_state_dict(old)
-    assert np.isnan(other.reference).all()
+    other.load_state_dict(old)  # a state without reference losses keeps the store's own (before: reset to NaN)
+    np.testing.assert_array_equal(other.reference, store.reference)
+    fresh = sb.ScoreStore(10)
+    fresh.load_state_dict(old)
+    assert np.isnan(fresh.reference).all()
     with pytest.raises(ValueError, match="non-finite reference loss for indices \\[3\\]"):
         store.set_reference([float("inf")], indices=[3])
     with pytest.raises(ValueError, match="got 9 reference losses for 10 samples"):
@@ -142,3 +145,41 @@ def test_what_it_refuses():
         sb.select_batch(hook, sb.RhoLoss(reference=np.ones(N)), (x[:8], y[:8]), 0.25)
     with pytest.raises(ValueError, match="index 200 is out of range for 96 reference losses"):
         sb.select_batch(hook, sb.RhoLoss(reference=np.ones(N)), (x[:8], y[:8], torch.arange(193, 201)), 0.25)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_a_reference_array_with_an_infinite_loss_is_refused(bad):
+    """An infinite reference loss made its sample never (or always) picked, silently (issue 31, item 5)."""
+    table = np.ones(N)
+    table[3] = bad
+    with pytest.raises(ValueError, match=r"infinite reference loss for dataset indices \[3\]"):
+        sb.RhoLoss(reference=table)
+    with pytest.raises(ValueError, match="1-D"):
+        sb.RhoLoss(reference=np.ones((4, 4)))
+
+
+def test_a_reference_of_another_dataset_size_is_refused_where_the_size_is_known():
+    """A reference 10 longer than the dataset picked from misaligned values in 8 of 8 batches: the loader and the
+    sampler know the dataset's size, so they refuse it."""
+    x, y = _data()
+    dl = DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=32)
+    hook = sb.ScoringHook(_model())
+    longer = sb.ScoreStore(N + 10)
+    longer.set_reference(np.ones(N + 10))
+    for reference in (np.ones(N + 10), longer):
+        with pytest.raises(ValueError, match=rf"{N + 10} reference losses for a dataset of {N} samples"):
+            sb.SelectiveLoader(dl, hook, sb.RhoLoss(reference=reference), fraction=0.25)
+        with pytest.raises(ValueError, match=rf"{N + 10} reference losses for a dataset of {N} samples"):
+            sb.SelectiveSampler(sb.ScoreStore(N), sb.RhoLoss(reference=reference), fraction=0.25)
+
+
+def test_a_store_without_reference_losses_says_why_at_the_first_batch():
+    x, y = _data()
+    store = sb.ScoreStore(N)
+    store.load_state_dict({k: v for k, v in sb.ScoreStore(N).state_dict().items() if k != "reference"}
+                          | {"version": 1})
+    loader = sb.SelectiveLoader(DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=32),
+                                sb.ScoringHook(_model()), sb.RhoLoss(reference=store), fraction=0.25)
+    with pytest.raises(ValueError, match=r"the ScoreStore holds no reference losses.*set_reference.*a state saved "
+                                         r"without them"):
+        next(iter(loader))

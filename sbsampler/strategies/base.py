@@ -258,6 +258,10 @@ class Strategy:
         """
         raise NotImplementedError
 
+    def check_dataset_size(self, n: int) -> None:
+        """Refuse per-sample tables of another size than a dataset of ``n`` samples (RhoLoss's reference losses);
+        a no-op for a rule that keeps none. The loader and the sampler call it where they know ``n``."""
+
     def observe(self, losses: Union[np.ndarray, torch.Tensor]) -> None:
         """Remember a round's losses (a no-op unless ``keeps_history``)."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -45,16 +45,44 @@ class RhoLoss(Strategy):
 
     def __init__(self, reference: Any = None, seed: Seed = None) -> None:
         super().__init__(seed)
+        if reference is not None and not hasattr(reference, "reference"):  # an array: checked now, once
+            table = np.asarray(reference.numpy() if isinstance(reference, torch.Tensor) else reference,
+                               dtype=np.float64)
+            if table.ndim != 1:
+                raise ValueError(f"RhoLoss(reference=) takes one loss per dataset index, a 1-D array; got shape "
+                                 f"{table.shape}")
+            inf = np.flatnonzero(np.isinf(table))
+            if inf.size:
+                raise ValueError(f"infinite reference loss for dataset indices {inf[:10].tolist()}: that sample would "
+                                 "never (or always) be picked. Leave a sample without a reference as NaN (it is "
+                                 "then refused when it is drawn), or fix the reference model's losses")
+            reference = table
         self.reference = reference
+
+    def _table(self) -> Optional[np.ndarray]:
+        """The reference losses by dataset index: the store's column, or the array given; ``None`` without any."""
+        return getattr(self.reference, "reference", self.reference)  # a ScoreStore, or the array itself
+
+    def check_dataset_size(self, n: int) -> None:
+        """Refuse a reference table of another length than the dataset's ``n`` samples: its values would be looked
+        up by indices of another dataset."""
+        table = self._table()
+        if table is not None and len(table) != n:
+            raise ValueError(f"RhoLoss has {len(table)} reference losses for a dataset of {n} samples: they come "
+                             "from another dataset (or split); compute one per sample of this one "
+                             "(sb.reference.reference_losses)")
 
     def reference_for(self, indices: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """(B,) float64 reference losses of the dataset ``indices``; an error names any without one."""
-        table = getattr(self.reference, "reference", self.reference)  # a ScoreStore, or the array itself
+        table = self._table()
         if table is None:
             raise ValueError("RhoLoss needs reference losses: RhoLoss(reference=store) with store.set_reference("
                              "sb.reference.reference_losses(reference_model, loader, len(dataset))), or an array")
-        table = torch.as_tensor(table.numpy() if isinstance(table, torch.Tensor) else np.asarray(table),
-                                dtype=torch.float64)
+        if self.reference is not table and bool(np.isnan(table).all()):  # a store without any
+            raise ValueError("the ScoreStore holds no reference losses: call store.set_reference(sb.reference."
+                             "reference_losses(reference_model, loader, len(dataset))) before training (a store "
+                             "loaded from a state saved without them, version 1 or before set_reference, has none)")
+        table = torch.as_tensor(table, dtype=torch.float64)
         idx = torch.as_tensor(indices).to("cpu", torch.int64).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[0]):
             raise ValueError(f"dataset index {int(idx.max())} is out of range for {table.shape[0]} reference losses: "
