@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .strategies import check_fraction
+
 __all__ = ["TokenLoss", "TokenSelection", "token_losses", "kept_tokens", "select_tokens", "selective_lm_loss",
            "label_mask"]
 
@@ -75,7 +77,12 @@ def token_losses(logits: Tensor, labels: Tensor, *, shift: bool = False,
 
 
 def kept_tokens(n: Union[int, Tensor], fraction: float) -> int:
-    """How many of ``n`` label tokens a step keeps: ``ceil(fraction * n)``, at least 1 when ``n > 0``."""
+    """How many of ``n`` label tokens a step keeps: ``ceil(fraction * n)``, at least 1 when ``n > 0``.
+
+    Raises:
+        ValueError: ``fraction`` is not a number in (0, 1], or ``n`` is negative.
+    """
+    fraction = _check_fraction(fraction)
     n = int(n)
     if n < 0:
         raise ValueError(f"a token count is never negative, got {n}")
@@ -85,10 +92,7 @@ def kept_tokens(n: Union[int, Tensor], fraction: float) -> int:
 
 
 def _check_fraction(fraction: float) -> float:
-    fraction = float(fraction)
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"the kept share of tokens must be in (0, 1], got {fraction}")
-    return fraction
+    return check_fraction(fraction, "the kept share of tokens (fraction)")
 
 
 def select_tokens(excess: Tensor, valid: Tensor, fraction: float) -> Tensor:
@@ -144,12 +148,38 @@ def selective_lm_loss(logits: Tensor, labels: Tensor, reference: Tensor, fractio
     keep = select_tokens(losses.detach() - reference.to(losses.device, losses.dtype), valid, fraction)
     count = int(keep.sum())
     divisor = count if num_kept is None else num_kept
-    if isinstance(divisor, Tensor):
-        divisor = divisor.to(losses.device, losses.dtype)
-    elif divisor <= 0:
+    if isinstance(divisor, Tensor):  # a step without kept tokens: a zero loss (clamped on the device, no read)
+        divisor = divisor.to(losses.device, losses.dtype).clamp(min=1)
+    elif divisor < 0:
+        raise ValueError(f"num_kept is a count of tokens, never negative: got {divisor}")
+    elif divisor == 0:
         divisor = 1  # a batch without label tokens: a zero loss, as the Trainer's own
     loss = (losses * keep).sum() / divisor
     return TokenLoss(loss, keep, count, int(valid.sum()))
+
+
+def _describe(inputs: dict) -> str:
+    return ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items() if isinstance(v, Tensor))
+
+
+def _check_fits(model: nn.Module, inputs: dict, vocab: Optional[int]) -> None:
+    """A live reference takes the batch: as many token embeddings as the training model's vocabulary, as many
+    positions as the batch is long (where the model says: ``get_input_embeddings``, its config)."""
+    name = type(model).__name__
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and isinstance(size, int) and size < vocab:
+        raise ValueError(f"the Rho-1 reference model ({name}) has {size} token embeddings, the training model's "
+                         f"logits {vocab} classes: its vocabulary is smaller, so a token id of the batch can fall "
+                         "outside it. Use a reference with the training model's tokenizer")
+    config = getattr(model, "config", None)
+    positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                      if isinstance(getattr(config, k, None), int)), None)
+    ids = inputs.get("input_ids")
+    if positions is not None and isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[1] > positions:
+        raise ValueError(f"the Rho-1 reference model ({name}) takes {positions} positions, the batch has "
+                         f"{ids.shape[1]} (input_ids {tuple(ids.shape)}): use a reference with at least the training "
+                         "context, or truncate the batches to its length")
 
 
 @dataclass
@@ -164,6 +194,10 @@ class TokenSelection:
             each row's dataset index under ``index_key``.
         index_key: the batch key of the dataset indices (stored references only; keep it with
             ``TrainingArguments(remove_unused_columns=False)``; it is never passed to the model).
+
+    A stored table must be made with the same collation as training (tokenizer, padding side,
+    truncation, sequence length): a row is read position by position, and a table made with
+    left padding for batches padded on the right would rank shifted tokens, which cannot be detected.
     """
 
     fraction: float
@@ -185,18 +219,30 @@ class TokenSelection:
                             f"{type(self.reference).__name__}")
 
     def reference_losses(self, inputs: dict, labels: Tensor, logits_of, shift: bool,
-                         indices: Optional[Tensor]) -> Tensor:
-        """(B, T') reference losses for one batch: the reference model's, or the stored rows of ``indices``."""
+                         indices: Optional[Tensor], vocab: Optional[int] = None) -> Tensor:
+        """(B, T') reference losses for one batch: the reference model's, or the stored rows of ``indices``.
+
+        ``vocab``: the training model's vocabulary (its logits' last size); a live reference with fewer token
+        embeddings, or fewer positions than the batch's length, is refused naming both sizes.
+
+        A stored table must come from the same collation as training (tokenizer, padding side, truncation):
+        its row of a sample is read position by position, and a shifted row cannot be detected.
+        """
         if isinstance(self.reference, nn.Module):
             model = self.reference
             first = next(model.parameters(), None)
             if first is not None and first.device != labels.device:
                 model.to(labels.device)
+            _check_fits(model, inputs, vocab)
             was = model.training
             model.eval()
             try:
                 with torch.no_grad():
                     out = logits_of(model(**inputs))
+            except (IndexError, RuntimeError) as err:
+                raise ValueError(f"the Rho-1 reference model ({type(model).__name__}) failed on the training batch "
+                                 f"({_describe(inputs)}): {type(err).__name__}: {err}. It must take the training "
+                                 "model's tokens and sequence length (the same tokenizer and context)") from err
             finally:
                 model.train(was)
             return token_losses(out, labels, shift=shift)[0]

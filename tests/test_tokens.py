@@ -83,6 +83,28 @@ def test_selective_lm_loss_is_the_kept_tokens_mean_and_divides_by_the_given_coun
                                per[keep].sum() / 24)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 1.5, -1.0, float("nan"), True, "0.5"])
+def test_a_token_fraction_is_checked_as_every_fraction_is(fraction):
+    """kept_tokens(10, f) clamped f = 0 / 1.5 / -1 to 1 / 10 / 1 and failed cryptically on NaN; TokenSelection took
+    True and "0.5", which every other fraction refuses (issue 31, item 6)."""
+    with pytest.raises(ValueError, match=r"must be a number in \(0, 1\]"):
+        kept_tokens(10, fraction)
+    with pytest.raises(ValueError, match=r"must be a number in \(0, 1\]"):
+        TokenSelection(fraction, torch.zeros(3, 4))
+
+
+def test_a_zero_kept_count_gives_a_zero_loss_as_an_int_or_a_tensor():
+    """num_kept=torch.tensor(0) (a step with no label token) gave NaN, where the int 0 gives 0."""
+    logits = torch.randn(2, 4, 5, requires_grad=True)
+    labels = torch.full((2, 4), -100)
+    ref = torch.zeros(2, 3)
+    for count in (0, torch.tensor(0), torch.tensor(0.0)):
+        out = selective_lm_loss(logits, labels, ref, 0.5, shift=True, num_kept=count)
+        assert float(out.loss) == 0.0
+    with pytest.raises(ValueError, match="num_kept"):
+        selective_lm_loss(logits, labels, ref, 0.5, shift=True, num_kept=-1)
+
+
 # --- SelectiveTrainer(tokens=) on a tiny GPT-2 ---------------------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
@@ -254,3 +276,20 @@ def test_token_selection_refuses_sequence_rules_and_a_per_sample_loss(tmp_path):
     with pytest.raises(TypeError, match="TokenSelection"):
         SelectiveTrainer(model=gpt2(0), args=sgd_args(tmp_path), train_dataset=lm_data(), tokens=0.5)
     assert sb.tokens.TokenSelection is TokenSelection
+
+
+@pytest.mark.parametrize("smaller", ["vocabulary", "positions"])
+def test_a_live_reference_smaller_than_the_batch_is_named(tmp_path, smaller):
+    """A reference with a smaller vocabulary or fewer positions than the batch failed 19 frames deep with "index out
+    of range in self" (issue 31, item 11): the error names the reference and both sizes."""
+    torch.manual_seed(1)
+    kw = dict(vocab_size=V, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
+              pad_token_id=0)
+    kw["vocab_size" if smaller == "vocabulary" else "n_positions"] = 8 if smaller == "vocabulary" else 4
+    reference = GPT2LMHeadModel(GPT2Config(**kw))
+    trainer = SelectiveTrainer(model=gpt2(0), args=sgd_args(tmp_path), train_dataset=lm_data(),
+                               tokens=TokenSelection(0.5, reference))
+    want = (rf"reference model \(GPT2LMHeadModel\) has 8 token embeddings, the training model's logits {V}"
+            if smaller == "vocabulary" else rf"reference model \(GPT2LMHeadModel\) takes 4 positions, the batch has {T}")
+    with pytest.raises(ValueError, match=want):
+        trainer.train()

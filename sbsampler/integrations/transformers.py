@@ -230,7 +230,8 @@ class SelectiveTrainer(Trainer):
         if not isinstance(logits, Tensor):
             raise TypeError(f"cannot find the logits in the model's output of type {type(outputs).__name__}: pass "
                             "hook=ScoringHook(model, logits=lambda output: ...) naming them")
-        reference = self.tokens.reference_losses(model_inputs, labels, self.hook.logits, self.shift_labels, indices)
+        reference = self.tokens.reference_losses(model_inputs, labels, self.hook.logits, self.shift_labels, indices,
+                                                 vocab=int(logits.shape[-1]))
         out = selective_lm_loss(logits, labels, reference, self.tokens.fraction, shift=self.shift_labels,
                                 num_kept=num_items_in_batch)
         self.token_counts["tokens_seen"] += out.num_valid

@@ -62,6 +62,7 @@ from .base import (  # noqa: F401 - Seed, STATE_VERSION, DEFAULT_FRACTION, count
     Selection,
     Strategy,
     budget,
+    check_fraction,
     count_for,
     resolve_fraction,
 )

@@ -20,14 +20,17 @@ Seed = Union[None, int, np.random.Generator]
 STATE_VERSION = 1
 
 
-def budget(fraction: float, batch_size: int) -> int:
-    """Sub-batch size for ``fraction`` of ``batch_size``: ``ceil(fraction * B)``, at least 1.
-
-    ``fraction`` may be any real number type (``0.25``, ``np.float32(0.25)``), not a bool.
-    """
+def check_fraction(fraction: Any, name: str = "fraction") -> float:
+    """``fraction`` as a float, if it is a real number in (0, 1] (``0.25``, ``np.float32(0.25)``; not a bool, a
+    string or NaN); else ``ValueError`` naming ``name``. Every kept share sbsampler takes is checked here."""
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
-    return max(1, min(batch_size, math.ceil(float(fraction) * batch_size - 1e-9)))
+        raise ValueError(f"{name} must be a number in (0, 1], got {fraction!r}")
+    return float(fraction)
+
+
+def budget(fraction: float, batch_size: int) -> int:
+    """Sub-batch size for ``fraction`` of ``batch_size``: ``ceil(fraction * B)``, at least 1 (``check_fraction``)."""
+    return max(1, min(batch_size, math.ceil(check_fraction(fraction) * batch_size - 1e-9)))
 
 
 #: the share of a batch kept when no ``fraction`` is given, for a rule whose count follows it
