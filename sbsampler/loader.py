@@ -421,8 +421,9 @@ class SelectiveLoader:
         the number of wrapped batches it consumed and the queued samples as
         (batch ordinal, rows, dataset indices, multipliers, samples per pick).
         """
-        if self._resume is not None:  # loaded but not iterated yet: hand the same state back
-            return self._saved({**self._resume, "in_epoch": True})
+        if self._resume is not None:  # loaded (or copied) mid-epoch, not iterated yet: the state it stands for, with
+            # the next epoch counted as the running epoch's original counts it (the one after the epoch it finishes)
+            return self._saved({**self._resume, "in_epoch": True}, next_epoch=self._resume["epoch"] + 1)
         running = self._running
         in_epoch = running is not None and not running.finished
         ratio = self.samples_per_pick()
@@ -444,10 +445,10 @@ class SelectiveLoader:
         n = getattr(self.loader, "num_samples", None)
         return n if is_int(n) else None
 
-    def _saved(self, epoch_state: dict[str, Any]) -> dict[str, Any]:
+    def _saved(self, epoch_state: dict[str, Any], next_epoch: Optional[int] = None) -> dict[str, Any]:
         return safe_state({
             "version": STATE_VERSION,
-            "next_epoch": self.next_epoch,
+            "next_epoch": self.next_epoch if next_epoch is None else next_epoch,
             "batch_size": self.batch_size,
             "dataset_size": self.dataset_size(),
             "batches": self.batches_per_epoch(),

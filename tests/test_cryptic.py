@@ -38,6 +38,20 @@ def test_inputs_or_a_model_on_the_meta_device_are_named():
         list(sb.SelectiveLoader([(x, y)], sb.ScoringHook(meta), "sb"))
 
 
+@pytest.mark.parametrize("strategy", ["importance", "sb"])
+def test_a_model_partly_on_the_meta_device_is_named_on_every_path(strategy):
+    """A model whose head is still on the meta device gave "Tensor on device meta is not on the expected device" or
+    "Cannot copy out of meta tensor" through BatchSelector (issue 31, item 9): every path names the meta tensors."""
+    x, y = _xy(16)
+    model = _model()
+    model[2].to("meta")
+    with pytest.raises(ValueError, match=r"model's parameters are on the meta device \(2 of its parameters and "
+                                         r"buffers: 2.weight, 2.bias\).*to_empty"):
+        sb.BatchSelector(sb.ScoringHook(model), strategy, seed=0)((x, y))
+    with pytest.raises(ValueError, match=r"model's parameters are on the meta device"):
+        list(sb.SelectiveLoader([(x, y)], sb.ScoringHook(model), strategy))
+
+
 def test_a_namedtuple_batch_is_read_by_its_names_or_refused_when_its_order_looks_reversed():
     x, y = _xy(8)
     reversed_ = collections.namedtuple("Batch", "label image")
@@ -65,7 +79,8 @@ def test_a_scoring_forward_that_fails_says_how_the_batch_was_read():
 def _loader(strategy="infobatch", rebatch=True):
     x, y = _xy(80)
     dl = DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=16)
-    return sb.SelectiveLoader(dl, sb.ScoringHook(_model()), strategy, fraction=0.25, rebatch=rebatch, seed=3,
+    fraction = None if strategy == "infobatch" else 0.25  # InfoBatch chooses its own count
+    return sb.SelectiveLoader(dl, sb.ScoringHook(_model()), strategy, fraction=fraction, rebatch=rebatch, seed=3,
                               batch_size=8)
 
 
@@ -86,6 +101,39 @@ def test_a_copy_after_an_epoch_continues_as_the_original(how, strategy):
     twin = COPIES[how](original)
     assert twin.next_epoch == original.next_epoch == 1
     assert _record(twin, 2) == _record(original, 2)
+
+
+def _same(a, b, path="state", clocks=True):
+    """Two states are equal, field by field (tensors by value, NaN equal to NaN); an AssertionError names the field.
+    ``clocks=False``: the stage timers (``time_*``), which measure this run's wall time, are not compared."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            if clocks or not str(k).startswith("time_"):
+                _same(a[k], b[k], f"{path}.{k}", clocks)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for j, (u, v) in enumerate(zip(a, b)):
+            _same(u, v, f"{path}[{j}]", clocks)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b) or (a.dtype.is_floating_point and torch.allclose(a, b, equal_nan=True)), path
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+@pytest.mark.parametrize("strategy", ["importance", "infobatch", "sb"])
+def test_a_copy_mid_epoch_saves_the_state_the_original_saves(how, strategy):
+    """A copy made mid-epoch saved another state than its original (its next_epoch was the epoch it resumes, the
+    original's the one after it; issue 31, item 10): a copy goes on as the original would, state included."""
+    original = _loader(strategy)
+    it = iter(original)
+    next(it), next(it)
+    twin = COPIES[how](original)
+    _same(twin.state_dict(), original.state_dict())
+    rest = [(b.indices.tolist(), [round(w, 7) for w in b.weights.tolist()]) for b in it]
+    assert _record(twin) == rest
+    _same(twin.state_dict(), original.state_dict(), clocks=False)
 
 
 @pytest.mark.parametrize("how", list(COPIES))

@@ -55,11 +55,13 @@ def check_not_meta(first: Tensor, model: nn.Module) -> None:
             "the batch's inputs are on the meta device: they hold shapes but no data, so they cannot be scored or "
             "trained on. Load real tensors (a meta tensor comes from torch.device('meta') or torch.empty(..., "
             "device='meta')), or move them with SelectiveLoader(device=...)")
-    param = next(model.parameters(), None)
-    if param is not None and param.device.type == "meta":
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
         raise ValueError(
-            "the model's parameters are on the meta device (built under torch.device('meta') and not "
-            "materialised): call model.to_empty(device=...) and load or initialise the weights before training")
+            f"the model's parameters are on the meta device ({len(meta)} of its parameters and buffers: "
+            f"{', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): built under torch.device('meta') and not "
+            "materialised. Call "
+            "model.to_empty(device=...) and load or initialise the weights before training")
 
 
 def downscale(inputs: Any, scale_factor: float) -> Any:
