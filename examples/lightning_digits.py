@@ -2,7 +2,7 @@
 
     python examples/lightning_digits.py --strategy sb --fraction 0.25 --epochs 15
 
-Three lines make a Lightning module selective: the ``SelectiveBackprop`` callback,
+Three lines make a Lightning module selective: the ``SelectiveBackpropCallback``,
 ``training_step`` reading ``batch.inputs``/``batch.targets``/``batch.weights``, and
 ``sb.weighted_loss``. Lightning keeps its loader, length and schedule: the
 one-cycle LR below is built from ``trainer.estimated_stepping_batches``, which
@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sbsampler as sb
-from sbsampler.integrations.lightning import SelectiveBackprop
+from sbsampler.integrations.lightning import SelectiveBackpropCallback
 
 
 class DigitsNet(L.LightningModule):
@@ -54,7 +54,8 @@ class DigitsNet(L.LightningModule):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategy", default="sb", help="a registered strategy name, or 'full'")
-    parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--fraction", type=float, default=None,
+                        help="share of each batch to back-propagate (default 0.25; not for infobatch or full)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1437], perm[1437:]
     model = DigitsNet(args.lr)
-    cb = SelectiveBackprop(args.strategy, fraction=args.fraction, seed=args.seed)
+    cb = SelectiveBackpropCallback(args.strategy, fraction=args.fraction, seed=args.seed)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", callbacks=[cb], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     t0 = time.perf_counter()

@@ -18,6 +18,8 @@ What the weights mean is written down in ``sbsampler.weights``.
 
 from __future__ import annotations
 
+import dis
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -130,6 +132,21 @@ def _check_rows(tree: Any, n: int, name: str) -> None:
                              "inputs and targets needs one row per sample")
 
 
+_UNPACK = dis.opmap.get("UNPACK_SEQUENCE")
+
+
+def _unpacked_into(frame: Any) -> Optional[int]:
+    """How many names the instruction running in ``frame`` unpacks into (``a, b = ...``), or ``None`` when it is no
+    plain unpacking (a loop, ``list(...)``, a starred target) or the bytecode cannot be read."""
+    try:
+        code, at = frame.f_code.co_code, frame.f_lasti
+        if _UNPACK is not None and code[at] == _UNPACK:
+            return int(code[at + 1])
+    except (AttributeError, IndexError, TypeError):  # pragma: no cover - another interpreter
+        pass
+    return None
+
+
 @dataclass
 class SubBatch:
     """One training step's data (or one parsed batch of the wrapped loader).
@@ -164,7 +181,15 @@ class SubBatch:
         return int(self.weights.shape[0])
 
     def __iter__(self) -> Iterator[Any]:
-        """Unpack as ``x, y, w, idx = batch``."""
+        """Unpack as ``x, y, w, idx = batch``; ``x, y = batch`` raises a ``ValueError`` naming the fields (a
+        training step written for ``(inputs, targets)`` batches would otherwise drop the weights)."""
+        wanted = _unpacked_into(sys._getframe(1))
+        if wanted is not None and wanted != 4:
+            raise ValueError(
+                f"a SubBatch unpacks into 4 values (x, y, w, idx = batch), not {wanted}: read batch.inputs, "
+                "batch.targets and batch.weights, and weight the per-sample losses: "
+                "sb.weighted_loss(F.cross_entropy(model(batch.inputs), batch.targets, reduction='none'), "
+                "batch.weights)")
         return iter((self.inputs, self.targets, self.weights, self.indices))
 
     def to(self, device: Optional[torch.device]) -> "SubBatch":

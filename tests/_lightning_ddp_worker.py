@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sbsampler as sb  # noqa: E402
-from sbsampler.integrations.lightning import SelectiveBackprop  # noqa: E402
+from sbsampler.integrations.lightning import SelectiveBackpropCallback  # noqa: E402
 
 
 class Net(L.LightningModule):
@@ -42,7 +42,7 @@ def main(out: str, strategy: str) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 8, generator=g), torch.randint(0, 4, (200,), generator=g)
     model = Net()
-    cb = SelectiveBackprop(strategy, fraction=0.25, seed=0, log=False)
+    cb = SelectiveBackpropCallback(strategy, fraction=None if strategy == "infobatch" else 0.25, seed=0, log=False)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, callbacks=[cb],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))

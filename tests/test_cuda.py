@@ -157,7 +157,7 @@ def test_per_token_sketch_on_cuda():
 
 def test_lightning_callback_on_cuda():
     L = pytest.importorskip("lightning.pytorch")
-    from sbsampler.integrations.lightning import SelectiveBackprop
+    from sbsampler.integrations.lightning import SelectiveBackpropCallback
 
     class Net(L.LightningModule):
         def __init__(self):
@@ -177,7 +177,7 @@ def test_lightning_callback_on_cuda():
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
     x, y = data(256)
-    model, cb = Net(), SelectiveBackprop("gradmatch", fraction=0.25, seed=0, log=False)
+    model, cb = Net(), SelectiveBackpropCallback("gradmatch", fraction=0.25, seed=0, log=False)
     L.Trainer(accelerator="gpu", devices=1, max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,
               enable_progress_bar=False).fit(model, DataLoader(TensorDataset(x, y), batch_size=64))
     assert model.devices == {("cuda", "cuda")}

@@ -1,4 +1,4 @@
-"""Lightning: selection through the SelectiveBackprop callback, on CPU."""
+"""Lightning: selection through SelectiveBackpropCallback, on CPU."""
 
 import json
 import os
@@ -16,7 +16,7 @@ import sbsampler as sb
 from conftest import need  # noqa: E402
 
 L = need("lightning.pytorch")
-from sbsampler.integrations.lightning import SelectiveBackprop  # noqa: E402
+from sbsampler.integrations.lightning import SelectiveBackpropCallback  # noqa: E402
 
 TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -54,7 +54,7 @@ def data(n=160, seed=0):
 def fit(strategy, epochs, ckpt_dir=None, ckpt_path=None, val=False):
     torch.manual_seed(0)
     model = Net()
-    cb = SelectiveBackprop(strategy, fraction=0.25, seed=0)
+    cb = SelectiveBackpropCallback(strategy, fraction=None if strategy == "infobatch" else 0.25, seed=0)
     callbacks = [cb]
     if ckpt_dir is not None:
         callbacks.append(L.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1))
@@ -97,7 +97,7 @@ def _grab(model, cb, field, steps):
 def test_weights_are_the_selectors():
     """The loss Lightning back-propagates is sum w_i l_i with the selector's weights (importance: unequal)."""
     torch.manual_seed(0)
-    cb = SelectiveBackprop("importance", fraction=0.5, seed=0, log=False)
+    cb = SelectiveBackpropCallback("importance", fraction=0.5, seed=0, log=False)
     grabbed = _grab(Net(), cb, "weights", steps=3)
     assert len(grabbed) == 3 and all(len(w) == 8 for w in grabbed)
     assert any(float(w.std()) > 0 for w in grabbed)  # importance weights differ across rows
@@ -125,7 +125,7 @@ def test_bypassed_hook_is_loud():
         def on_after_batch_transfer(self, batch, dataloader_idx):
             return batch
 
-    trainer = L.Trainer(max_steps=1, callbacks=[SelectiveBackprop("uniform")], enable_checkpointing=False, **TRAINER)
+    trainer = L.Trainer(max_steps=1, callbacks=[SelectiveBackpropCallback("uniform")], enable_checkpointing=False, **TRAINER)
     with pytest.raises(RuntimeError, match="bypassed"):
         trainer.fit(Net(), datamodule=DM())
 
@@ -160,7 +160,7 @@ def _first_step_inputs(model, cb):
 
 def test_a_callback_reused_for_another_module_scores_that_module():
     """A callbacks list reused across a sweep: the second fit scored the first module (issue 22, item 3)."""
-    cb = SelectiveBackprop("topk", fraction=0.25, seed=0, log=False)
+    cb = SelectiveBackpropCallback("topk", fraction=0.25, seed=0, log=False)
     torch.manual_seed(0)
     _first_step_inputs(Net(), cb)
     torch.manual_seed(1)
@@ -175,10 +175,46 @@ def test_a_callback_reused_for_another_module_scores_that_module():
 
 
 def test_a_hook_on_another_module_is_refused():
-    cb = SelectiveBackprop("topk", hook=sb.ScoringHook(Net()), log=False)
+    cb = SelectiveBackpropCallback("topk", hook=sb.ScoringHook(Net()), log=False)
     trainer = L.Trainer(max_steps=1, callbacks=[cb], enable_checkpointing=False, **TRAINER)
     with pytest.raises(ValueError, match="scores a model that is not the LightningModule being fit"):
         trainer.fit(Net(), DataLoader(data(), batch_size=16))
     torch.manual_seed(0)
     module = Net()
-    _first_step_inputs(module, SelectiveBackprop("topk", hook=sb.ScoringHook(module.net), log=False))  # a submodule
+    _first_step_inputs(module, SelectiveBackpropCallback("topk", hook=sb.ScoringHook(module.net), log=False))  # a submodule
+
+
+# -- two things named SelectiveBackprop (issue 31, item 12) -------------------------------------------------------------
+
+def test_the_callback_has_a_name_of_its_own_and_the_old_one_still_works():
+    from sbsampler.integrations.lightning import SelectiveBackprop as OldName
+
+    with pytest.warns(FutureWarning, match="now SelectiveBackpropCallback"):
+        old = OldName("topk", fraction=0.25, seed=0, log=False)
+    new = SelectiveBackpropCallback("topk", fraction=0.25, seed=0, log=False)
+    assert isinstance(old, SelectiveBackpropCallback)
+    assert old.state_key == new.state_key == "SelectiveBackprop"  # checkpoints of either restore into the other
+
+
+def test_the_strategy_where_the_callback_belongs_says_what_to_pass():
+    with pytest.raises(TypeError, match=r"is a selection strategy, not a Lightning callback: pass .*"
+                                        r"SelectiveBackpropCallback"):
+        L.Trainer(max_steps=1, callbacks=[sb.SelectiveBackprop()], enable_checkpointing=False, **TRAINER)
+    with pytest.raises(TypeError, match=r"sbsampler.SelectiveBackprop is the strategy .* got keyword fraction=.*"
+                                        r"SelectiveBackpropCallback"):
+        sb.SelectiveBackprop("sb", fraction=0.25)
+    with pytest.raises(TypeError, match=r"got 'sb' as beta"):
+        sb.SelectiveBackprop("sb")
+
+
+def test_unpacking_a_sub_batch_into_two_names_the_fields():
+    class Unpacking(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch  # written for (inputs, targets) batches
+            return F.cross_entropy(self(x), y)
+
+    trainer = L.Trainer(max_steps=1, callbacks=[SelectiveBackpropCallback("uniform", log=False)],
+                        enable_checkpointing=False, **TRAINER)
+    with pytest.raises(ValueError, match=r"a SubBatch unpacks into 4 values \(x, y, w, idx = batch\), not 2: read "
+                                         r"batch.inputs, batch.targets and batch.weights"):
+        trainer.fit(Unpacking(), DataLoader(data(), batch_size=16))

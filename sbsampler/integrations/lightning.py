@@ -9,14 +9,19 @@ that step (not one step stale, as a wrapped loader under Lightning's prefetch
 would be). One step per batch: ``len(train_dataloader)``, ``max_steps``,
 ``estimated_stepping_batches`` and every LR schedule are Lightning's own::
 
-    from sbsampler.integrations.lightning import SelectiveBackprop
+    from sbsampler.integrations.lightning import SelectiveBackpropCallback
 
     class Model(L.LightningModule):
         def training_step(self, batch, batch_idx):       # batch: an sb.SubBatch
             losses = F.cross_entropy(self(batch.inputs), batch.targets, reduction="none")
             return sb.weighted_loss(losses, batch.weights)
 
-    trainer = L.Trainer(callbacks=[SelectiveBackprop("sb", fraction=0.25, seed=0)])
+    trainer = L.Trainer(max_epochs=10, callbacks=[SelectiveBackpropCallback("sb", fraction=0.25, seed=0)])
+
+``SelectiveBackpropCallback`` was called ``SelectiveBackprop`` until 0.3, like the
+strategy ``sbsampler.SelectiveBackprop``; the old name still works, with a
+``FutureWarning``, and both save their state under the key ``"SelectiveBackprop"``,
+so older checkpoints restore.
 
 The selector's state (strategy RNG and history, counters) is the callback's
 ``state_dict``, which Lightning writes into every checkpoint and restores on
@@ -26,6 +31,7 @@ The selector's state (strategy RNG and history, counters) is the callback's
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Optional, Union
 
 try:
@@ -38,12 +44,12 @@ from ..hook import ScoringHook
 from ..selector import BatchSelector
 from ..strategies import Strategy, get_strategy, resolve_fraction
 
-__all__ = ["SelectiveBackprop"]
+__all__ = ["SelectiveBackpropCallback", "SelectiveBackprop"]
 
 LOGGED = ("backprop_fraction", "samples_yielded", "samples_seen", "selection_time", "estimated_time_saved")
 
 
-class SelectiveBackprop(Callback):
+class SelectiveBackpropCallback(Callback):
     """Back-propagate a weighted share of every training batch.
 
     Args:
@@ -92,7 +98,7 @@ class SelectiveBackprop(Callback):
             return
         if not self._own_hook and not any(m is self.hook.model for m in pl_module.modules()):  # type: ignore[union-attr]
             raise ValueError(
-                "SelectiveBackprop(hook=...) scores a model that is not the LightningModule being fit, nor one of its "
+                "SelectiveBackpropCallback(hook=...) scores a model that is not the LightningModule being fit, nor one of its "
                 f"submodules ({type(self.hook.model).__name__}): it would select by another model's losses. "  # type: ignore[union-attr]
                 "Make the hook on this module, or leave hook=None to have one made on each module fit")
         if self._own_hook and self.hook is not None and self.hook.model is not pl_module:
@@ -123,7 +129,7 @@ class SelectiveBackprop(Callback):
         """Check that the batch reaching ``training_step`` was selected (``on_after_batch_transfer`` ran)."""
         if not isinstance(batch, SubBatch):
             raise RuntimeError(
-                f"SelectiveBackprop: training_step would get an unselected {type(batch).__name__}: the module's "
+                f"SelectiveBackpropCallback: training_step would get an unselected {type(batch).__name__}: the module's "
                 "on_after_batch_transfer was bypassed (a LightningDataModule that defines on_after_batch_transfer "
                 "takes precedence). Move that hook into the LightningModule, or call the callback's selector "
                 "yourself at its end: `return callback.selector(batch)`")
@@ -155,3 +161,19 @@ class SelectiveBackprop(Callback):
             self._pending = dict(state_dict)
         else:
             self.selector.load_state_dict(state_dict)
+
+    @property
+    def state_key(self) -> str:
+        """The key of the callback's state in Lightning's checkpoint: ``"SelectiveBackprop"`` (the old name's, so a
+        checkpoint written before the rename restores)."""
+        return "SelectiveBackprop"
+
+
+class SelectiveBackprop(SelectiveBackpropCallback):
+    """The former name of ``SelectiveBackpropCallback`` (deprecated: it shares its name with the strategy
+    ``sbsampler.SelectiveBackprop``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        warnings.warn("sbsampler.integrations.lightning.SelectiveBackprop is now SelectiveBackpropCallback (the old "
+                      "name is the strategy's too); it will be removed in 0.4", FutureWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)

@@ -310,6 +310,15 @@ class Strategy:
     def _params(self) -> str:
         return ""
 
+    @property
+    def state_key(self) -> str:
+        """Not a Lightning callback: a strategy passed in ``Trainer(callbacks=[...])`` is refused here, where
+        Lightning first reads a callback's attribute, with what to pass instead."""
+        raise TypeError(
+            f"{self!r} is a selection strategy, not a Lightning callback: pass "
+            f"sbsampler.integrations.lightning.SelectiveBackpropCallback({self!r}, ...) in Trainer(callbacks=[...]) "
+            "(the strategy goes inside it)")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._params()})"
 

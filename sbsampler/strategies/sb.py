@@ -55,8 +55,15 @@ class SelectiveBackprop(Strategy):
     keeps_history = True
     selects_on_device = True
 
-    def __new__(cls, beta: float = 1.0, history: int = 1024, mode: str = "fixed", unbiased: bool = False,
-                seed: Seed = None):
+    def __new__(cls, *args: Any, **kwargs: Any):
+        unknown = sorted(set(kwargs) - {"beta", "history", "mode", "unbiased", "seed"})
+        if (args and isinstance(args[0], (str, Strategy))) or unknown:
+            got = f"keyword {unknown[0]}=" if unknown else f"{args[0]!r} as beta"
+            raise TypeError(
+                f"sbsampler.SelectiveBackprop is the strategy (beta, history, mode, unbiased, seed), and got {got}: "
+                "for the Lightning callback use sbsampler.integrations.lightning.SelectiveBackpropCallback(strategy, "
+                "fraction=...); for a loader, SelectiveLoader(loader, hook, 'sb', fraction=...)")
+        mode = kwargs.get("mode", args[2] if len(args) > 2 else "fixed")
         if cls is SelectiveBackprop and mode == "bernoulli":
             cls = BernoulliSelectiveBackprop
         return super().__new__(cls)
