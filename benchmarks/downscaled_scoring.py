@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
+from sbsampler.strategies import fraction_for  # noqa: E402
 from sbsampler.compare import train_loop  # noqa: E402
 
 SCALES = [1.0, 0.75, 0.5, 0.25]
@@ -65,7 +66,8 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     base = DataLoader(sb.with_indices(tr), batch_size=BATCH, shuffle=True,
                       generator=torch.Generator().manual_seed(job["seed"]))
     hook = sb.ScoringHook(model, scale_factor=job["scale"])
-    loader = sb.SelectiveLoader(base, hook, job["strategy"], 0.25, device=device, seed=job["seed"])
+    loader = sb.SelectiveLoader(base, hook, job["strategy"], fraction_for(job["strategy"], 0.25), device=device,
+                                seed=job["seed"])
     run = train_loop(model, opt, loader, epochs=job["epochs"], evaluate=lambda m: accuracy(m, te),
                      schedule=sb.schedule.cosine(job["epochs"]), evals_per_epoch=0, device=device)  # the shared loop
     return {**job, "accuracy": run.final, "wall_s": run.wall_s, "scoring_s": loader.stats.time_scoring}

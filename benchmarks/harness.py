@@ -12,7 +12,6 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Union
@@ -24,6 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sbsampler as sb
+from sbsampler.strategies import fraction_for
+
 
 __all__ = ["DigitsCNN", "MNIST1DCNN", "MNISTCNN", "PoolCNN", "BetonCNN", "load_digits_split", "load_data", "digits_rgb",
            "train_step", "accuracy", "RunResult", "train_run", "warm_up"]
@@ -254,7 +255,7 @@ def train_run(
 
     strategy = sb.get_strategy(strategy, seed=seed)
     level, options = ("sampler", dict(sampler)) if sampler is not None else ("batch", {"rebatch": rebatch})
-    mode = Mode(label or strategy.name, strategy, fraction, level=level, options=options)
+    mode = Mode(label or strategy.name, strategy, fraction_for(strategy, fraction), level=level, options=options)
     base = DataLoader(sb.with_indices(train), batch_size=batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(seed))
     run = run_mode(mode, seed, model=model_fn, train_loader=base, epochs=epochs, evals_per_epoch=0,

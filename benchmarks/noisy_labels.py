@@ -33,13 +33,14 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, table, write_results  # noqa: E402
-from harness import MNISTCNN, accuracy, load_data, train_step, warm_up  # noqa: E402
+from harness import MNISTCNN, accuracy, load_data, warm_up  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
+from sbsampler.strategies import fraction_for  # noqa: E402
 from sbsampler.compare import train_loop  # noqa: E402
 
 NOISE = [0.0, 0.2, 0.4]
@@ -123,7 +124,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                     generator=torch.Generator().manual_seed(job["seed"]))
     # rebatch: every step back-propagates a full batch of 64 picked rows, as SB (Jiang et al.) and RHO-LOSS
     # (320 candidates, 32 picked) do; steps of 7 rows diverge with this CNN's BatchNorm at this LR, picked or not
-    loader = sb.SelectiveLoader(dl, sb.ScoringHook(model), strategy, job["fraction"], rebatch=True)
+    loader = sb.SelectiveLoader(dl, sb.ScoringHook(model), strategy, fraction_for(strategy, job["fraction"]),
+                                rebatch=True)
     out = train(model, loader, job["epochs"], len(dl), test, noisy_mask=flip)
     extra = job.get("ref_s", 0.0)  # RHO-LOSS pays for its reference model: its wall time includes it
     out["curve"] = [(w + extra, s, a) for w, s, a in out["curve"]]

@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
+from sbsampler.strategies import fraction_for  # noqa: E402
 
 FRACTION = 0.3
 BATCH = 64
@@ -56,7 +57,8 @@ MODES: dict[str, tuple[Any, dict[str, Any]]] = {
 def make_sampler(mode: str, store: sb.ScoreStore, seed: int, epochs: int) -> sb.SelectiveSampler:
     """The ``SelectiveSampler`` of a ``sampler_*`` mode (as ``train_run`` builds it)."""
     strategy, kw = MODES[mode]
-    return sb.SelectiveSampler(store, strategy, FRACTION, epochs=epochs, seed=seed, **kw["sampler"])
+    return sb.SelectiveSampler(store, strategy, fraction_for(strategy, FRACTION), epochs=epochs, seed=seed,
+                               **kw["sampler"])
 
 
 def accuracy_run(job: dict[str, Any]) -> dict[str, Any]:
@@ -99,8 +101,8 @@ def loading_table(epochs: int) -> list[dict[str, Any]]:
             else:
                 loader = Loader(str(path), batch_size=BATCH, num_workers=2, drop_last=False, order=OrderOption.RANDOM,
                                 seed=0, pipelines=pipelines)
-                batches = sb.SelectiveLoader(loader, sb.ScoringHook(model), MODES[mode][0], FRACTION, rebatch=True,
-                                             seed=0)
+                batches = sb.SelectiveLoader(loader, sb.ScoringHook(model), MODES[mode][0],
+                                             fraction_for(MODES[mode][0], FRACTION), rebatch=True, seed=0)
             for epoch in range(epochs):
                 t0 = time.perf_counter()
                 loaded = sampler.num_indices(epoch) if mode.startswith("sampler") else len(store)

@@ -47,6 +47,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
+from sbsampler.strategies import fraction_for  # noqa: E402
 from sbsampler.strategies import budget  # noqa: E402
 
 FRACTIONS = [0.1, 0.25, 0.5]
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
         for mode in ("full", "uniform", "gradmatch"):
             for _ in range(2):  # first pass starts the workers
                 t0 = time.perf_counter()
-                for b in sb.SelectiveLoader(dl, hook, strategy=mode, fraction=0.25, device=device, seed=0):
+                for b in sb.SelectiveLoader(dl, hook, strategy=mode, fraction=fraction_for(mode, 0.25), device=device,
+                                            seed=0):
                     step(b.inputs, b.targets, b.weights)  # "full": whole batches, weights 1/B, no scoring
                 sync(device)
                 elapsed = time.perf_counter() - t0

@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
+from sbsampler.strategies import fraction_for  # noqa: E402
 from sbsampler.compare import train_loop  # noqa: E402
 
 DATASETS = {"mnist": 8, "digits": 12, "mnist1d": 30}  # epochs
@@ -101,11 +102,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if job["level"] == "sampler":
         store = sb.ScoreStore(len(data))
         anneal = 0.125 if isinstance(strategy, sb.InfoBatch) else 0.0
-        plan = sb.SelectiveSampler(store, strategy, job["fraction"], epochs=epochs, anneal=anneal, seed=seed)
+        plan = sb.SelectiveSampler(store, strategy, fraction_for(strategy, job["fraction"]), epochs=epochs,
+                                   anneal=anneal, seed=seed)
         loader: Any = sb.WeightedBatches(DataLoader(data, batch_size=BATCH, sampler=plan), plan)
     else:
         base = DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        loader = sb.SelectiveLoader(base, sb.ScoringHook(model), strategy, job["fraction"], device=device,
+        loader = sb.SelectiveLoader(base, sb.ScoringHook(model), strategy, fraction_for(strategy, job["fraction"]),
+                                    device=device,
                                     lookahead=job.get("lookahead", 0))
     per_epoch = len(DataLoader(data, batch_size=BATCH))
     every = max(per_epoch // EVALS_PER_EPOCH, 1)  # evaluate every `every` wrapped batches (full data's batches)

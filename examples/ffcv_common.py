@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 import sbsampler as sb
 
 __all__ = ["cyclic_lr", "reference_lr", "cyclic_epoch_lr", "step_epoch_lr", "reference_param_groups",
-           "image_pipeline", "label_pipeline", "selective_loader", "score_sampler",
+           "image_pipeline", "label_pipeline", "rule_fraction", "selective_loader", "score_sampler",
            "train_epoch", "evaluate", "param_groups", "SAMPLER_STRATEGIES"]
 
 #: strategies that can choose from the losses the training step stored (no gradient norms, no current gradients)
@@ -116,14 +116,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": bn, "weight_decay": 0.0}, {"params": other, "weight_decay": weight_decay}]
 
 
+def rule_fraction(strategy: str, fraction: Optional[float]) -> Optional[float]:
+    """The fraction to hand the library: ``None``, said once, for a rule that chooses its own count (InfoBatch,
+    full training), which refuses one; a configuration file carries one fraction for every rule."""
+    used = sb.strategies.fraction_for(strategy, fraction)
+    if used is None and fraction is not None:
+        print(f"note: {strategy} chooses its own count, so the fraction {fraction:g} is not used (the share it kept "
+              "is in the log)")
+    return used
+
+
 def selective_loader(ffcv_loader, model: nn.Module, strategy: str, fraction: float, rebatch: bool,
                      start: float, end: float, epochs: int, label_smoothing: float,
                      amp_dtype: Optional[torch.dtype], seed: int, lookahead: int = 0) -> sb.SelectiveLoader:
     """Wrap an FFCV loader; ``strategy="full"`` passes every batch through (no scoring); ``lookahead``: steps
     prepared ahead of the training step (``sbsampler.lookahead``)."""
     hook = sb.ScoringHook(model, label_smoothing=label_smoothing, amp_dtype=amp_dtype)
-    return sb.SelectiveLoader(ffcv_loader, hook, strategy=strategy, fraction=fraction, rebatch=rebatch,
-                              start=start, end=end, epochs=epochs, seed=seed, lookahead=lookahead)
+    return sb.SelectiveLoader(ffcv_loader, hook, strategy=strategy, fraction=rule_fraction(strategy, fraction),
+                              rebatch=rebatch, start=start, end=end, epochs=epochs, seed=seed, lookahead=lookahead)
 
 
 def score_sampler(beton: Union[str, Path], strategy: str, fraction: float, max_staleness: Optional[int],
@@ -144,7 +154,8 @@ def score_sampler(beton: Union[str, Path], strategy: str, fraction: float, max_s
     from ffcv.reader import Reader
 
     store = sb.ScoreStore(Reader(str(beton)).num_samples)
-    sampler = sb.SelectiveSampler(store, strategy, fraction=fraction, max_staleness=max_staleness or None,
+    sampler = sb.SelectiveSampler(store, strategy, fraction=rule_fraction(strategy, fraction),
+                                  max_staleness=max_staleness or None,
                                   anneal=anneal, epochs=epochs, seed=seed, num_replicas=num_replicas, rank=rank)
     return store, sampler
 

@@ -32,7 +32,8 @@ def as_examples(images: np.ndarray, labels: np.ndarray) -> list[dict]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategy", default="sb", help="a registered strategy name, or 'full'")
-    parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--fraction", type=float, default=None,
+                        help="share of each batch to back-propagate (default 0.25; not for infobatch or full)")
     parser.add_argument("--epochs", type=float, default=15)
     parser.add_argument("--accumulate", type=int, default=2, help="gradient_accumulation_steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,7 +61,8 @@ def main(argv=None) -> dict:
         pred = trainer.predict(test)
     acc = float((pred.predictions.argmax(1) == pred.label_ids).mean())
     stats = trainer.selector.stats
-    row = {"strategy": args.strategy, "fraction": args.fraction, "epochs": args.epochs, "test_acc": round(acc, 4),
+    row = {"strategy": args.strategy, "fraction": trainer.selector.fraction, "epochs": args.epochs,
+           "test_acc": round(acc, 4),
            "optimizer_steps": trainer.state.global_step, "samples_backprop": stats.samples_yielded,
            "samples_seen": stats.samples_seen, "train_s": round(seconds, 2)}
     print(json.dumps(row))

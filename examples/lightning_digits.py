@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - t0
     acc = trainer.test(model, DataLoader(TensorDataset(x[test], y[test]), batch_size=256), verbose=False)[0]
     stats = cb.selector.stats
-    row = {"strategy": args.strategy, "fraction": args.fraction, "epochs": args.epochs,
+    row = {"strategy": args.strategy, "fraction": cb.selector.fraction, "epochs": args.epochs,
            "test_acc": round(float(acc["test_acc"]), 4), "steps": trainer.global_step,
            "samples_backprop": stats.samples_yielded, "samples_seen": stats.samples_seen,
            "selection_s": round(stats.selection_time, 3), "fit_s": round(seconds, 2)}

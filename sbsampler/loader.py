@@ -76,6 +76,10 @@ class SelectiveLoader:
         batch_keys: where dict batches keep inputs, targets and indices
             (``sbsampler.BatchKeys``; ``BatchKeys(inputs=None, targets="labels")``
             for a HuggingFace batch, whose other keys become the inputs).
+        prime: the first ``prime`` epochs train on every sample (whole batches,
+            weights ``1/B``, unscored), as Jiang et al.'s code primes the network
+            with one epoch of full backprop (``num_images_to_prime``) before
+            selecting; ``0`` (default): select from the first batch.
         interrupt: Composer's interrupt: inside the window, every
             ``interrupt``-th batch of an epoch is a full batch (weights ``1/B``,
             unscored; with ``rebatch`` its own step). ``0``: never.
@@ -164,6 +168,7 @@ class SelectiveLoader:
         select_on: str = "auto",
         lookahead: int = 0,
         sharded: Optional[bool] = None,
+        prime: int = 0,
     ) -> None:
         if not isinstance(hook, ScoringHook):
             raise TypeError(f"hook must be a ScoringHook, got {type(hook).__name__}")
@@ -177,6 +182,8 @@ class SelectiveLoader:
             raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
         if isinstance(interrupt, bool) or not isinstance(interrupt, int) or interrupt < 0:
             raise ValueError(f"interrupt must be an int >= 0 (0: never), got {interrupt!r}")
+        if not is_int(prime) or prime < 0:
+            raise ValueError(f"prime must be an int >= 0 (epochs of full backprop first; 0: none), got {prime!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not is_int(lookahead) or lookahead < 0:
@@ -201,6 +208,7 @@ class SelectiveLoader:
         self.start, self.end = float(start), float(end)
         self.epochs = epochs
         self.interrupt = interrupt
+        self.prime = prime
         self.device = torch.device(device) if device is not None else None
         self.nan_policy = nan_policy
         self.select_on = select_on
@@ -251,10 +259,42 @@ class SelectiveLoader:
         return cls(loader, hook, "composer", fraction=keep, start=start, end=end, epochs=epochs,
                    interrupt=interrupt, **kwargs)
 
+    @classmethod
+    def selective_backprop(cls, loader: Iterable, hook: ScoringHook, fraction: Optional[float] = None, *,
+                           beta: Optional[float] = None, prime: int = 1, history: int = 1024, seed: Seed = None,
+                           **kwargs: Any) -> "SelectiveLoader":
+        """Selective Backprop as Jiang et al.'s code runs it (``angelajiang/SelectiveBackprop``).
+
+        One epoch of full backprop first (``prime``; their ``num_images_to_prime`` is the
+        training set), then the kept rows queued into full batches before each step
+        (``rebatch=True``, their ``get_batch``), ranking each loss against the last ``history``
+        (their ``max_history_len``). The rule: without ``fraction``, theirs, each sample kept
+        with probability ``CDF(loss) ** beta`` (``SelectiveBackprop(mode="bernoulli")``, ``beta``
+        default 3, their ``prob_pow``: about a quarter kept); with ``fraction``, exactly
+        ``ceil(fraction B)`` drawn by those probabilities (``mode="fixed"``, ``beta`` default 1),
+        for comparisons at an equal budget.
+
+        Steps of the picked rows alone can kill a fresh network's ReLUs: on digits at lr 0.05,
+        ``"sb"`` at 0.25 collapsed in 3 of 5 seeds in series and 5 of 5 one step stale
+        (``lookahead=1``); rebatched and primed, 0 of 5 both ways. Their own rule
+        (Bernoulli, beta 3) is more selective and collapsed in 3 of 5 one step stale
+        (``benchmarks/sb_recipe.py``). Other keyword arguments go to ``SelectiveLoader``
+        (``batch_size``, ``lookahead``, ...).
+        """
+        from .strategies import SelectiveBackprop
+
+        kwargs.setdefault("rebatch", True)
+        if fraction is None:
+            strategy = SelectiveBackprop(beta=3.0 if beta is None else beta, history=history, mode="bernoulli",
+                                         seed=seed)
+        else:
+            strategy = SelectiveBackprop(beta=1.0 if beta is None else beta, history=history, seed=seed)
+        return cls(loader, hook, strategy, fraction=fraction, prime=prime, **kwargs)
+
     def is_selective(self, epoch: Optional[int] = None) -> bool:
         """Whether any batch of ``epoch`` (default: the next one) selects."""
         e = self.next_epoch if epoch is None else epoch
-        if self.interrupt == 1:
+        if self.interrupt == 1 or e < self.prime:
             return False
         if self.epochs is None:
             return True
@@ -263,8 +303,8 @@ class SelectiveLoader:
         return self.start * self.epochs < e + 1 and e < self.end * self.epochs
 
     def selects(self, epoch: int, batch: int, batches: Optional[int]) -> bool:
-        """Whether batch ``batch`` (0-based) of ``epoch``, one of ``batches``, selects (window and interrupt)."""
-        if self.interrupt and (batch + 1) % self.interrupt == 0:
+        """Whether batch ``batch`` (0-based) of ``epoch``, one of ``batches``, selects (prime, window and interrupt)."""
+        if epoch < self.prime or (self.interrupt and (batch + 1) % self.interrupt == 0):
             return False
         if self.epochs is None:
             return True
@@ -558,7 +598,7 @@ class SelectiveLoader:
         return (
             f"SelectiveLoader(strategy={self.strategy!r}, fraction={self.fraction}, rebatch={self.rebatch}, "
             f"start={self.start}, end={self.end}, epochs={self.epochs}, interrupt={self.interrupt}, "
-            f"lookahead={self.lookahead})"
+            f"prime={self.prime}, lookahead={self.lookahead})"
         )
 
 

@@ -43,7 +43,6 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
-from torch import nn
 from torch.utils import _pytree as pytree
 
 from .batch import SubBatch

@@ -28,7 +28,8 @@ def train(out: str, strategy: str, rebatch: bool, even_batches: bool) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     dl = DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=16)
     model, opt, dl = acc.prepare(model, opt, dl)
-    loader = selective_loader(acc, dl, sb.ScoringHook(acc.unwrap_model(model)), strategy, 0.25, rebatch=rebatch,
+    loader = selective_loader(acc, dl, sb.ScoringHook(acc.unwrap_model(model)), strategy,
+                              sb.strategies.fraction_for(strategy, 0.25), rebatch=rebatch,
                               seed=0)
     steps, rows, syncs = 0, 0, 0
     for _ in range(2):

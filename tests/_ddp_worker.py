@@ -55,8 +55,10 @@ def run_config(cfg: dict, rank: int, data) -> dict:
     torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
     model = DDP(nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sel = sb.SelectiveLoader(loader, sb.ScoringHook(model), strategy_for(cfg["strategy"], rank), fraction=0.3,
-                             rebatch=cfg["rebatch"], sync_history=cfg["sync_history"], drop_last=cfg["drop_last"])
+    strategy = strategy_for(cfg["strategy"], rank)
+    sel = sb.SelectiveLoader(loader, sb.ScoringHook(model), strategy,
+                             fraction=sb.strategies.fraction_for(strategy, 0.3), rebatch=cfg["rebatch"],
+                             sync_history=cfg["sync_history"], drop_last=cfg["drop_last"])
     sizes = train_epochs(sel, model, opt)
     # Parameters only: BatchNorm running stats are per-rank between DDP buffer broadcasts.
     flat = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])

@@ -75,8 +75,9 @@ def run_config(cfg: dict, rank: int, data) -> dict:
     model = sharded(0)  # the same initial weights on every rank
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     window = dict(start=0.3, epochs=2) if cfg.get("window") else {}  # at different rounds on uneven shards
-    sel = sb.SelectiveLoader(loader_for(cfg, rank, data), sb.ScoringHook(model), strategy_for(cfg["strategy"], rank),
-                             fraction=0.3, rebatch=cfg["rebatch"], **window)
+    strategy = strategy_for(cfg["strategy"], rank)
+    sel = sb.SelectiveLoader(loader_for(cfg, rank, data), sb.ScoringHook(model), strategy,
+                             fraction=sb.strategies.fraction_for(strategy, 0.3), rebatch=cfg["rebatch"], **window)
     assert sel.sharded
     sizes = train_epochs(sel, model, opt)
     flat = full_params(model)

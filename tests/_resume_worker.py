@@ -39,7 +39,8 @@ def build(cfg):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sel = sb.SelectiveLoader(loader, sb.ScoringHook(model), cfg["strategy"], fraction=0.3,
+    sel = sb.SelectiveLoader(loader, sb.ScoringHook(model), cfg["strategy"],
+                             fraction=sb.strategies.fraction_for(cfg["strategy"], 0.3),
                              rebatch=cfg["rebatch"], seed=7)
     return sampler, model, opt, sel
 

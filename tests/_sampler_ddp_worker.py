@@ -40,7 +40,8 @@ def make(cfg: dict, rank: int):
     model = DDP(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     store = sb.ScoreStore(N)
-    sampler = sb.SelectiveSampler(store, cfg["strategy"], fraction=0.5, seed=3, num_replicas=2, rank=rank)
+    fraction = sb.strategies.fraction_for(cfg["strategy"], 0.5)
+    sampler = sb.SelectiveSampler(store, cfg["strategy"], fraction=fraction, seed=3, num_replicas=2, rank=rank)
     batches = sb.WeightedBatches(DataLoader(sb.with_indices(data()), batch_size=16, sampler=sampler), sampler)
     return model, opt, store, sampler, batches
 
@@ -78,7 +79,7 @@ def run_config(cfg: dict, rank: int) -> dict:
     for e in range(EPOCHS):
         sampler.set_epoch(e)
         plan = sampler.plan(e)[0].tolist()
-        single = sb.SelectiveSampler(store, cfg["strategy"], fraction=0.5, seed=3)  # one process, the same store
+        single = sb.SelectiveSampler(store, cfg["strategy"], fraction=sampler.fraction, seed=3)  # one process
         single_plan = single.plan(e)[0].tolist()
         shard = list(iter(sampler))
         steps = epoch(cfg, model, opt, store, sampler, batches, e)

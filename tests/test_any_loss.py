@@ -209,7 +209,8 @@ def test_losses_only_strategies_need_no_head_and_no_integer_labels():
     x, y = torch.randn(B, 1, 8), torch.randn(B, 12)
     loss = lambda z, t: ((z - t) ** 2).mean(1)  # noqa: E731
     for name in ("uniform", "topk", "sb", "composer", "infobatch"):
-        picked = sb.select_batch(sb.ScoringHook(model, loss=loss), name, (x, y), 0.5, rng=0)
+        picked = sb.select_batch(sb.ScoringHook(model, loss=loss), name, (x, y), sb.strategies.fraction_for(name, 0.5),
+                                 rng=0)
         assert picked.sub is not None and torch.equal(picked.sub.targets, y[picked.rows])
 
 

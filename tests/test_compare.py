@@ -114,8 +114,8 @@ def test_one_call_prints_the_table_and_recommendation_and_writes_its_files(tmp_p
     result = sb.compare(model=mlp, train_loader=loader, evaluate=held_out_accuracy, optimizer=sgd, epochs=2,
                         strategy="sb", fractions=(0.25, 0.5), seeds=(0, 1), progress=False,
                         schedule=sb.schedule.cosine(2))
-    names = ["full", "uniform 0.25", "sb 0.25", "sampler infobatch 0.25", "uniform 0.5", "sb 0.5",
-             "sampler infobatch 0.5"]
+    names = ["full", "uniform 0.25", "sb 0.25", "sampler infobatch prune 0.75", "uniform 0.5", "sb 0.5",
+             "sampler infobatch prune 0.5"]
     assert [r["mode"] for r in result.summary] == names
     assert len(result.runs) == 2 * len(names)
     full = [r for r in result.runs if r.mode == "full"]

@@ -125,7 +125,8 @@ def test_bypassed_hook_is_loud():
         def on_after_batch_transfer(self, batch, dataloader_idx):
             return batch
 
-    trainer = L.Trainer(max_steps=1, callbacks=[SelectiveBackpropCallback("uniform")], enable_checkpointing=False, **TRAINER)
+    trainer = L.Trainer(max_steps=1, callbacks=[SelectiveBackpropCallback("uniform")], enable_checkpointing=False,
+                        **TRAINER)
     with pytest.raises(RuntimeError, match="bypassed"):
         trainer.fit(Net(), datamodule=DM())
 
@@ -181,10 +182,11 @@ def test_a_hook_on_another_module_is_refused():
         trainer.fit(Net(), DataLoader(data(), batch_size=16))
     torch.manual_seed(0)
     module = Net()
-    _first_step_inputs(module, SelectiveBackpropCallback("topk", hook=sb.ScoringHook(module.net), log=False))  # a submodule
+    _first_step_inputs(module, SelectiveBackpropCallback("topk", hook=sb.ScoringHook(module.net),
+                                                         log=False))  # a submodule
 
 
-# -- two things named SelectiveBackprop (issue 31, item 12) -------------------------------------------------------------
+# -- two things named SelectiveBackprop (issue 31, item 12) ------------------------------------------------------------
 
 def test_the_callback_has_a_name_of_its_own_and_the_old_one_still_works():
     from sbsampler.integrations.lightning import SelectiveBackprop as OldName

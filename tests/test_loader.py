@@ -308,7 +308,8 @@ def _loss_estimate_z(strategy, rebatch, epochs=600, n=256, bs=32):
         losses = F.cross_entropy(net(x), y, reduction="none").double()
     dl = DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=bs, shuffle=True,
                     generator=torch.Generator().manual_seed(0))
-    loader = sb.SelectiveLoader(dl, sb.ScoringHook(net), strategy, fraction=0.25, rebatch=rebatch, batch_size=bs)
+    loader = sb.SelectiveLoader(dl, sb.ScoringHook(net), strategy, fraction=sb.strategies.fraction_for(strategy, 0.25),
+                                rebatch=rebatch, batch_size=bs)
     d = []
     for _ in range(epochs):
         steps = [float((b.weights.double() * losses[b.indices]).sum()) for b in loader]
@@ -354,6 +355,37 @@ def test_composer_preset():
     sizes = [[len(b) for b in loader] for _ in range(4)]
     assert sizes[0] == sizes[1] == [30] * 5  # before start
     assert sizes[2] == [15, 30, 15, 30, 15]  # selective, interrupted every 2nd batch
+
+
+def test_prime_trains_the_first_epochs_on_every_sample():
+    _, _, loader = make("topk", bs=30, fraction=0.2, prime=2)
+    assert len(loader) == 5 and not loader.is_selective(0) and not loader.is_selective(1) and loader.is_selective(2)
+    epochs = [[(len(b), float(b.weights.sum())) for b in loader] for _ in range(3)]
+    assert epochs[0] == epochs[1] == [(30, pytest.approx(1.0))] * 5  # whole batches, weights 1/B, unscored
+    assert [n for n, _ in epochs[2]] == [6] * 5
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="prime must be an int >= 0"):
+            make(prime=bad)
+
+
+def test_selective_backprop_preset_is_the_authors_recipe():
+    """Jiang et al.'s code: one primed epoch of full backprop, then Bernoulli keep-probabilities CDF(loss)**beta
+    (prob_pow 3) over the last 1024 losses, and steps of full batches of kept rows (issue 31, item 13)."""
+    ds, net, _ = make()
+    loader = sb.SelectiveLoader.selective_backprop(DataLoader(sb.with_indices(ds), batch_size=30),
+                                                   sb.ScoringHook(net), seed=0)
+    strategy = loader.strategy
+    assert isinstance(strategy, sb.BernoulliSelectiveBackprop)
+    assert (strategy.beta, strategy.history, loader.prime, loader.rebatch, loader.fraction) == (3.0, 1024, 1, True,
+                                                                                                None)
+    first, second = [[len(b) for b in loader] for _ in range(2)]
+    assert first == [30] * 5  # primed
+    assert all(n == 30 for n in second[:-1]) and sum(second) < 150  # full batches of kept rows, and a tail
+    fixed = sb.SelectiveLoader.selective_backprop(DataLoader(sb.with_indices(ds), batch_size=30),
+                                                  sb.ScoringHook(net), fraction=0.2, seed=0)  # an exact budget
+    assert type(fixed.strategy) is sb.SelectiveBackprop and fixed.strategy.beta == 1.0
+    assert (fixed.fraction, fixed.prime, fixed.rebatch) == (0.2, 1, True)
+    assert [[len(b) for b in fixed] for _ in range(2)] == [[30] * 5, [30]]  # primed, then 5 x 6 rows in one step
 
 
 def test_uniform_has_no_losses_for_the_nan_policy_but_the_step_can_check():

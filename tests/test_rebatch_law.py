@@ -50,8 +50,9 @@ def _data():
 def _run(name, epochs, fraction=0.25):
     """Per epoch: rows-weighted sum of step losses, rows, each batch's part of that sum, plain sum, steps."""
     batches, net, losses = _data()
-    loader = sb.SelectiveLoader(batches, sb.ScoringHook(net), RULES[name](), fraction=fraction, rebatch=True,
-                                batch_size=BS)
+    rule = RULES[name]()
+    loader = sb.SelectiveLoader(batches, sb.ScoringHook(net), rule, fraction=sb.strategies.fraction_for(rule, fraction),
+                                rebatch=True, batch_size=BS)
     total, rows, per_batch, plain, steps = [], [], [], [], []
     for _ in range(epochs):
         t = k = p = 0.0

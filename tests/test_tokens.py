@@ -290,6 +290,7 @@ def test_a_live_reference_smaller_than_the_batch_is_named(tmp_path, smaller):
     trainer = SelectiveTrainer(model=gpt2(0), args=sgd_args(tmp_path), train_dataset=lm_data(),
                                tokens=TokenSelection(0.5, reference))
     want = (rf"reference model \(GPT2LMHeadModel\) has 8 token embeddings, the training model's logits {V}"
-            if smaller == "vocabulary" else rf"reference model \(GPT2LMHeadModel\) takes 4 positions, the batch has {T}")
+            if smaller == "vocabulary" else
+            rf"reference model \(GPT2LMHeadModel\) takes 4 positions, the batch has {T}")
     with pytest.raises(ValueError, match=want):
         trainer.train()

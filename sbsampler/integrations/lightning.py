@@ -98,8 +98,8 @@ class SelectiveBackpropCallback(Callback):
             return
         if not self._own_hook and not any(m is self.hook.model for m in pl_module.modules()):  # type: ignore[union-attr]
             raise ValueError(
-                "SelectiveBackpropCallback(hook=...) scores a model that is not the LightningModule being fit, nor one of its "
-                f"submodules ({type(self.hook.model).__name__}): it would select by another model's losses. "  # type: ignore[union-attr]
+                "SelectiveBackpropCallback(hook=...) scores a model that is not the LightningModule being fit, nor "
+                f"one of its submodules ({type(self.hook.model).__name__}): it would select by another model's losses. "  # type: ignore[union-attr]
                 "Make the hook on this module, or leave hook=None to have one made on each module fit")
         if self._own_hook and self.hook is not None and self.hook.model is not pl_module:
             # A callback reused for a new module (a sweep): score that module, with a fresh selector.
@@ -129,7 +129,8 @@ class SelectiveBackpropCallback(Callback):
         """Check that the batch reaching ``training_step`` was selected (``on_after_batch_transfer`` ran)."""
         if not isinstance(batch, SubBatch):
             raise RuntimeError(
-                f"SelectiveBackpropCallback: training_step would get an unselected {type(batch).__name__}: the module's "
+                f"SelectiveBackpropCallback: training_step would get an unselected {type(batch).__name__}: the "
+                "module's "
                 "on_after_batch_transfer was bypassed (a LightningDataModule that defines on_after_batch_transfer "
                 "takes precedence). Move that hook into the LightningModule, or call the callback's selector "
                 "yourself at its end: `return callback.selector(batch)`")

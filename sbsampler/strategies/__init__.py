@@ -71,7 +71,7 @@ from .full import Full
 from .gradmatch import GradientMatching
 from .importance import ImportanceSampling
 from .infobatch import InfoBatch
-from .registry import STRATEGIES, get_strategy
+from .registry import STRATEGIES, fraction_for, get_strategy
 from .rho import RhoLoss
 from .sb import BernoulliSelectiveBackprop, SelectiveBackprop
 from .topk import TopK
@@ -94,4 +94,5 @@ __all__ = [
     "get_strategy",
     "budget",
     "resolve_fraction",
+    "fraction_for",
 ]

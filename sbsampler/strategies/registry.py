@@ -1,8 +1,8 @@
-"""The name registry: ``STRATEGIES`` and ``get_strategy``."""
+"""The name registry: ``STRATEGIES``, ``get_strategy`` and ``fraction_for``."""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from .base import Seed, Strategy
 from .composer import ComposerRule
@@ -44,3 +44,10 @@ def get_strategy(strategy: Union[None, str, Strategy], seed: Seed = None) -> Str
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
         return STRATEGIES[key](seed=seed)
     raise TypeError(f"strategy must be a name or a Strategy object, got {type(strategy).__name__}")
+
+
+def fraction_for(strategy: Union[None, str, Strategy], fraction: Optional[float]) -> Optional[float]:
+    """``fraction`` for a rule that takes one, ``None`` for one that does not: for a sweep over rules with one
+    fraction column (a benchmark's job table), where dropping it for InfoBatch, Bernoulli SB or full training is
+    meant. Anywhere else, pass the fraction and let a rule that takes none refuse it (``resolve_fraction``)."""
+    return fraction if get_strategy(strategy).uses_fraction else None
