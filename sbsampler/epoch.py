@@ -167,6 +167,7 @@ class EpochIterator:
         self._last_parts: list = []  # where the rows of the step just made came from (_recorded)
         self._ready: deque = deque()  # steps a resumed epoch yields first, without look-ahead
         self._yielded_at: Optional[float] = None  # when the last step was handed to the loop (its step is timed)
+        self._yielded_rows = 0  # and its rows
         self.consumed_position = 0  # wrapped batches consumed by the steps taken so far (what progress reads)
         self._start_error: Optional[BaseException] = None  # reported in the first round, on every rank
         self._drawn: list = [0, 0.0]  # candidates and expected picks of this epoch's draws (see _per_pick)
@@ -239,8 +240,8 @@ class EpochIterator:
             self._steps = self._start()
         elif self.loader.current_iterator is not self and not self.finished:
             raise self._superseded()
-        if self._yielded_at is not None:  # the loop's step on the last batch: stats.time_training
-            self.stats.time_training += time.perf_counter() - self._yielded_at
+        if self._yielded_at is not None:  # the loop's step on the last batch: stats.time_training, steps_timed
+            self.stats.record_step(self._yielded_rows, time.perf_counter() - self._yielded_at)
             self._yielded_at = None
         try:
             step, record = self._ready.popleft() if self._ready else next(self._steps)
@@ -251,6 +252,7 @@ class EpochIterator:
             self.stats.warn_if_costly("SelectiveLoader")
             raise
         self.consumed_position = record[1]
+        self._yielded_rows = len(step)
         self._yielded_at = time.perf_counter()
         return step
 

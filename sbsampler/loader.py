@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
 from typing import Any, Optional, Union
 
 import torch
@@ -33,10 +32,10 @@ from .strategies import Seed, Strategy, budget, get_strategy, resolve_fraction
 __all__ = ["SelectiveLoader"]
 
 #: version of the layout of ``SelectiveLoader.state_dict()``
-STATE_VERSION = 5
+STATE_VERSION = 6
 # version 2 had no "wrapped" entry; up to 3, NumPy arrays where 4 has tensors; up to 4, "drawn" counted the picks
 # made (5: the picks expected, a float), "carried" was None between epochs and no "dataset_size"/"batches" was saved
-READABLE_VERSIONS = (2, 3, 4, 5)
+READABLE_VERSIONS = (2, 3, 4, 5, 6)  # 6: the stats time each step with its rows (steps_timed)
 
 
 class SelectiveLoader:
@@ -493,7 +492,7 @@ class SelectiveLoader:
             "dataset_size": self.dataset_size(),
             "batches": self.batches_per_epoch(),
             "strategy": self.strategy.state_dict(),
-            "stats": asdict(self.stats),
+            "stats": self.stats.state(),
             **epoch_state,
         })
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 
-from dataclasses import asdict
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -44,8 +43,8 @@ from .strategies import Seed, Strategy, get_strategy, resolve_fraction
 
 __all__ = ["BatchSelector"]
 
-STATE_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 2: the strategy's state records its version and class
+STATE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 2: the strategy's state records its version and class; 3: stats.steps_timed
 
 
 class BatchSelector:
@@ -102,11 +101,12 @@ class BatchSelector:
         self.batch_fields = tuple(batch_fields)
         self.stats = LoaderStats()
         self._returned_at: Optional[float] = None  # the framework's time between calls: stats.time_training
+        self._returned_rows = 0  # the rows of the sub-batch returned last
 
     def __call__(self, batch: Any) -> SubBatch:
         """The weighted sub-batch of ``batch`` to train on (see the module docstring)."""
         if self._returned_at is not None:
-            self.stats.time_training += time.perf_counter() - self._returned_at
+            self.stats.record_step(self._returned_rows, time.perf_counter() - self._returned_at)
             self._returned_at = None
         first = None if self.strategy.needs_reference else self.stats.samples_seen  # RhoLoss: dataset indices
         sub = batch if isinstance(batch, SubBatch) else parse_batch(batch, first, self.batch_fields,
@@ -136,6 +136,7 @@ class BatchSelector:
         else:
             self.stats.samples_yielded += len(out)
         self.stats.steps += 1
+        self._returned_rows = len(out)
         self._returned_at = time.perf_counter()
         return out
 
@@ -159,7 +160,7 @@ class BatchSelector:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values (``torch.save``-able, ``weights_only``-safe): the strategy's state and the counters."""
-        state = {"version": STATE_VERSION, "strategy": self.strategy.state_dict(), "stats": asdict(self.stats)}
+        state = {"version": STATE_VERSION, "strategy": self.strategy.state_dict(), "stats": self.stats.state()}
         return safe_state(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -2,20 +2,23 @@
 
 The selection stages are timed by a ``Clock`` (``sbsampler.clock``); a GPU clock's
 events are read when a time figure is read, which waits for them. The loop's own
-step is timed between batches (``time_training``), which gives the estimate of the
-time saved against full training and the ``SelectionCostWarning``.
+step is timed between batches (``time_training``, and each step with its rows in
+``steps_timed``), which gives the estimate of the time saved against full training
+(``sbsampler.saving``: a range, and a point where the steps say enough) and the
+``SelectionCostWarning``. ``print(stats)`` says it all in a few lines.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from .checkpoint import read_int, read_number
 from .clock import STAGES, Clock
+from .saving import SavingEstimate, StepCosts, estimate_saving
 
 if TYPE_CHECKING:
     from .select import Selected
@@ -26,7 +29,8 @@ MIN_STEPS_TO_WARN = 10  # steps measured before the estimate is trusted enough t
 
 
 class SelectionCostWarning(UserWarning):
-    """Selection costs more than it saves on this model and machine (``LoaderStats.estimated_time_saved < 0``)."""
+    """Selection costs more than it saves on this model and machine (even the most it can have saved,
+    ``LoaderStats.saving_estimate().high``, is below 0)."""
 
 
 _TIMES = tuple(f"time_{stage}" for stage in STAGES)
@@ -61,6 +65,7 @@ class LoaderStats:
     time_selecting: float = 0.0  # the NaN policy and the strategy
     time_gathering: float = 0.0  # gathering the chosen rows
     time_training: float = 0.0  # the loop's own time between steps (the training step), timed by the loader
+    steps_timed: StepCosts = field(default_factory=StepCosts)  # each timed step's rows and seconds (moments)
     residuals: list = field(default_factory=list)  # GradientMatching fit per batch
 
     def __post_init__(self) -> None:
@@ -114,6 +119,11 @@ class LoaderStats:
         self.time_selecting += seconds["selecting"]
         self.time_gathering += seconds["gathering"]
 
+    def record_step(self, rows: int, seconds: float) -> None:
+        """The loop's training step on a yielded sub-batch of ``rows`` rows took ``seconds``."""
+        self.time_training += seconds
+        self.steps_timed.add(rows, seconds)
+
     @property
     def backprop_fraction(self) -> float:
         """Samples back-propagated per sample seen."""
@@ -131,35 +141,44 @@ class LoaderStats:
             return None
         return self.time_training / self.samples_yielded
 
+    def saving_estimate(self) -> Optional[SavingEstimate]:
+        """Seconds saved against back-propagating every sample seen: a range ``[low, high]``, a ``point`` where the
+        timed steps say enough, and its ``basis`` (``sbsampler.saving``); ``None`` before a step was timed.
+
+        A whole batch's step is not measured in a selective run, so it is bounded by the timed steps (a cost
+        fixed per step, or proportional to its rows) and, when the steps differ in size, fitted as
+        ``a + b · rows``. ``high`` is what the old single figure said (proportional): the saving is at most that.
+        """
+        return estimate_saving(self.steps_timed, self.batches_seen, self.samples_seen, self.selection_time)
+
     @property
     def estimated_time_saved(self) -> Optional[float]:
-        """Seconds saved against back-propagating every sample seen, estimated from the measured costs.
-
-        ``(samples_seen - samples_yielded) * step_time_per_sample - selection_time``: the steps
-        skipped, at the measured step cost per row, minus what scoring, selecting and gathering
-        took. An estimate: a step on fewer rows rarely costs proportionally less (small batches
-        use a GPU less well), so the true saving is at most this. ``None`` before a step was timed.
-        """
-        per = self.step_time_per_sample
-        if per is None:
-            return None
-        return (self.samples_seen - self.samples_yielded) * per - self.selection_time
+        """The point of ``saving_estimate()``: seconds saved against back-propagating every sample seen, where the
+        timed steps pin it within ±25%; ``None`` otherwise (read ``saving_estimate()`` for its range)."""
+        estimate = self.saving_estimate()
+        return estimate.point if estimate is not None else None
 
     @property
     def estimated_saving(self) -> Optional[float]:
         """``estimated_time_saved`` as a share of full training's estimated time for the same samples."""
-        saved, per = self.estimated_time_saved, self.step_time_per_sample
-        if saved is None or per is None or not self.samples_seen:
+        estimate = self.saving_estimate()
+        if estimate is None or estimate.point is None:
             return None
-        return saved / (self.samples_seen * per)
+        full = self.batches_seen * estimate.full_step_s
+        return estimate.point / full if full > 0 else None
 
     @property
     def break_even_fraction(self) -> Optional[float]:
         """The kept share below which selection saves time, by the cost model: ``1 - c / s`` with ``c`` the
-        selection cost per sample seen and ``s`` the step cost per back-propagated row (``<= 0``: none pays)."""
+        selection cost per sample seen and ``s`` the step cost per back-propagated row, the fitted per-row cost
+        where the steps give one, else the mean step per row (which makes this an upper bound; ``<= 0``: none
+        pays)."""
         per = self.step_time_per_sample
         if per is None or not self.samples_seen:
             return None
+        fitted = self.steps_timed.fit()
+        if fitted is not None and fitted[1] > 0:
+            per = fitted[1]
         return 1.0 - (self.selection_time / self.samples_seen) / per
 
     def warn_if_costly(self, where: str = "SelectiveLoader") -> bool:
@@ -167,9 +186,10 @@ class LoaderStats:
         least ``MIN_STEPS_TO_WARN`` timed steps; whether it warned now. Never raises."""
         if self._warned or self.steps < MIN_STEPS_TO_WARN:
             return False
-        saved = self.estimated_time_saved
-        if saved is None or saved >= 0:
+        estimate = self.saving_estimate()
+        if estimate is None or estimate.high >= 0:
             return False
+        saved = estimate.high
         self._warned = True
         f, kept = self.break_even_fraction, self.backprop_fraction
         advice = (f"keep fewer than {f:.0%} of each batch" if f is not None and f > 0 else
@@ -177,8 +197,8 @@ class LoaderStats:
         warnings.warn(
             f"{where}: selection costs more than it saves on this model and machine: scoring, selecting and "
             f"gathering took {self.selection_time:.3g} s for {self.samples_seen} samples, and skipping "
-            f"{self.samples_seen - self.samples_yielded} of them saved about "
-            f"{self.selection_time + saved:.3g} s of steps (an estimated {saved:+.3g} s against training on "
+            f"{self.samples_seen - self.samples_yielded} of them saved at most "
+            f"{self.selection_time + saved:.3g} s of steps (at most {saved:+.3g} s against training on "
             f"everything, keeping {kept:.0%}). To save time, {advice}, use strategy='uniform' (no scoring "
             "pass), select at the sampler level from stored losses, or train on everything "
             "(sbsampler.compare measures all of these on your model).", SelectionCostWarning, stacklevel=3)
@@ -188,8 +208,8 @@ class LoaderStats:
         """Zero every counter."""
         fresh = LoaderStats()
         self._clocks = []
-        for k, v in asdict(fresh).items():
-            setattr(self, k, v)
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(fresh, name))
 
     def as_dict(self, wait: bool = True) -> dict[str, Any]:
         """Counters and derived figures as a plain dict.
@@ -198,18 +218,47 @@ class LoaderStats:
         GPU work has finished, without waiting for the others, which count at a later read.
         """
         left = [] if wait else self._settle(wait=False)
-        try:
-            d = asdict(self)
-            selection = self.time_scoring + self.time_selecting + self.time_gathering
+        try:  # everything read from the clocks is read here, while the unfinished ones are set aside
+            d = self.state()
+            estimate = self.saving_estimate()
+            d["selection_time"] = self.selection_time
+            d["estimated_saving"] = self.estimated_saving
+            d["break_even_fraction"] = self.break_even_fraction
         finally:
             self._clocks = left + self._clocks
-        d["selection_time"] = selection
         d.pop("residuals")
         d["backprop_fraction"] = self.backprop_fraction
-        d["estimated_time_saved"] = self.estimated_time_saved
-        d["estimated_saving"] = self.estimated_saving
+        d["estimated_time_saved"] = estimate.point if estimate is not None else None
+        d["estimated_time_saved_low"] = estimate.low if estimate is not None else None
+        d["estimated_time_saved_high"] = estimate.high if estimate is not None else None
+        d["estimate_basis"] = estimate.basis if estimate is not None else None
         d["mean_residual"] = float(np.mean(self.residuals)) if self.residuals else None
         return d
+
+    def state(self) -> dict[str, Any]:
+        """The counters as plain values (a loader's or selector's state; ``read_stats`` reads it back)."""
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        d["steps_timed"] = self.steps_timed.as_list()
+        d["residuals"] = list(self.residuals)
+        return d
+
+    def __str__(self) -> str:
+        """A few plain lines: the kept share, the time per stage, the estimated saving with its basis, the
+        break-even fraction."""
+        if not self.samples_seen:
+            return "no sample seen yet"
+        lines = [f"kept {self.backprop_fraction:.0%}: {self.samples_yielded:,} of {self.samples_seen:,} samples "
+                 f"seen back-propagated, in {self.steps:,} steps"]
+        times = ", ".join(f"{stage} {getattr(self, f'time_{stage}'):.3g} s" for stage in ("loading",) + STAGES)
+        lines.append(f"time: {times}, training step {self.time_training:.3g} s")
+        estimate = self.saving_estimate()
+        if estimate is not None:
+            lines.append(f"estimated time saved against training on everything: {estimate}")
+        f = self.break_even_fraction
+        if f is not None:
+            lines.append(f"break-even fraction: {f:.2f} (selection can save time only while keeping less than this)"
+                         if f > 0 else "break-even fraction: none (scoring a sample costs about a step on it)")
+        return "\n".join(lines)
 
 
 def read_stats(state: Any, kind: str) -> LoaderStats:
@@ -222,7 +271,7 @@ def read_stats(state: Any, kind: str) -> LoaderStats:
     unknown = sorted(set(state) - set(fields))
     if unknown:
         raise ValueError(f"{kind} state field 'stats' holds unknown counters {unknown}")
-    missing = sorted(set(fields) - set(state) - {"time_training"})  # time_training: newer than some states
+    missing = sorted(set(fields) - set(state) - {"time_training", "steps_timed"})  # newer than some states
     if missing:
         raise ValueError(f"{kind} state field 'stats' lacks the counters {missing}: it was not saved by "
                          f"{kind}.state_dict()")
@@ -232,6 +281,11 @@ def read_stats(state: Any, kind: str) -> LoaderStats:
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"{kind} state field 'stats.residuals' must be a list of numbers")
             values[name] = [read_number(r, "stats.residuals", kind) for r in value]
+        elif name == "steps_timed":
+            try:
+                values[name] = StepCosts.from_list(value)
+            except ValueError as err:
+                raise ValueError(f"{kind} state field 'stats.steps_timed': {err}") from err
         elif fields[name].type == "int":
             values[name] = read_int(value, f"stats.{name}", kind)
         else:

@@ -46,19 +46,74 @@ def run_epoch(loader, model, step_s):
         time.sleep(step_s * len(b) / 16)  # a step that costs in proportion to its rows
 
 
-def test_the_arithmetic_of_the_estimate():
-    s = LoaderStats(samples_seen=1000, samples_yielded=250, time_training=2.5, time_scoring=4.0, steps=20)
-    assert s.step_time_per_sample == pytest.approx(0.01)
-    assert s.estimated_time_saved == pytest.approx(750 * 0.01 - 4.0)
-    assert s.estimated_saving == pytest.approx(3.5 / 10.0)
-    assert s.break_even_fraction == pytest.approx(1 - 0.004 / 0.01)
+def _stats(steps, seen, batches, scoring):
+    """LoaderStats of ``steps`` timed steps ``(rows, seconds)`` over ``batches`` batches of ``seen`` samples."""
+    s = LoaderStats(samples_seen=seen, batches_seen=batches, time_scoring=scoring, steps=len(steps),
+                    samples_yielded=sum(r for r, _ in steps))
+    for rows, seconds in steps:
+        s.record_step(rows, seconds)
+    return s
+
+
+def test_steps_of_one_size_give_a_range_between_a_fixed_and_a_proportional_step():
+    """A whole batch's step is not measured: with steps of one size it costs between the timed step (all fixed) and
+    that step scaled to the batch's rows (all per row, the old single figure, which overstated the saving)."""
+    s = _stats([(12, 0.125)] * 20, seen=1000, batches=20, scoring=4.0)
+    est = s.saving_estimate()
+    assert est.low == pytest.approx(20 * 0.125 - 2.5 - 4.0)
+    assert est.high == pytest.approx(20 * 0.125 * 50 / 12 - 2.5 - 4.0)
+    assert est.point is None and s.estimated_time_saved is None and s.estimated_saving is None
+    assert "steps of 12 rows only" in est.basis
     d = s.as_dict()
-    assert d["estimated_time_saved"] == pytest.approx(3.5) and d["estimated_saving"] == pytest.approx(0.35)
+    assert d["estimated_time_saved"] is None and d["estimated_time_saved_high"] == pytest.approx(est.high)
+    assert s.break_even_fraction == pytest.approx(1 - (4.0 / 1000) / (0.125 / 12))  # the mean step per row
+
+
+def test_steps_of_several_sizes_pin_a_whole_batch_and_give_a_point():
+    """Steps of 12 and 50 rows costing exactly 10 ms + 2 ms a row: the fit finds the whole batch's 110 ms."""
+    steps = [(12, 0.010 + 0.002 * 12)] * 20 + [(50, 0.010 + 0.002 * 50)] * 10
+    s = _stats(steps, seen=1500, batches=30, scoring=0.5)
+    est = s.saving_estimate()
+    want = 30 * 0.110 - sum(t for _, t in steps) - 0.5
+    assert est.point == pytest.approx(want, rel=1e-6) and est.low == pytest.approx(want, rel=1e-6)
+    assert s.estimated_time_saved == pytest.approx(want, rel=1e-6)
+    assert s.estimated_saving == pytest.approx(want / (30 * 0.110), rel=1e-6)
+    assert s.break_even_fraction == pytest.approx(1 - (0.5 / 1500) / 0.002, rel=1e-6)  # the fitted cost per row
+    assert "fitted as 10 ms + 2e+03 µs per row over 30 steps of 12-50 rows" in est.basis
+    assert "estimated time saved against training on everything" in str(s)
+
+
+def test_old_states_still_load_and_the_counters_print_as_lines():
     assert LoaderStats().estimated_time_saved is None and LoaderStats().as_dict()["estimated_saving"] is None
-    old = {k: v for k, v in LoaderStats().as_dict().items() if k in LoaderStats.__dataclass_fields__}
-    old["residuals"] = []
-    del old["time_training"]  # a state saved before the counter existed still loads
-    assert read_stats(old, "SelectiveLoader").time_training == 0.0
+    old = LoaderStats().state()
+    del old["time_training"], old["steps_timed"]  # a state saved before these counters existed still loads
+    loaded = read_stats(old, "SelectiveLoader")
+    assert loaded.time_training == 0.0 and loaded.steps_timed.n == 0
+    with pytest.raises(ValueError, match="steps_timed"):
+        read_stats({**LoaderStats().state(), "steps_timed": [1, 2]}, "SelectiveLoader")
+    s = _stats([(12, 0.125)] * 20, seen=1000, batches=20, scoring=4.0)
+    lines = str(s).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("kept 24%: 240 of 1,000 samples seen back-propagated, in 20 steps")
+    assert lines[1].startswith("time: loading 0 s, scoring 4 s") and "-4 to +3.92 s" in lines[2]
+    assert lines[3].startswith("break-even fraction:")
+    assert str(LoaderStats()) == "no sample seen yet"
+
+
+def test_the_point_of_a_primed_run_is_within_a_quarter_of_the_saving_it_made():
+    """A primed epoch gives whole-batch steps: the estimate then names a point, and the steps it models (sleeps of
+    5 ms + 0.5 ms a row) make the true saving known."""
+    model = Paced(score_s=0.0)
+    loader = sb.SelectiveLoader(data(), sb.ScoringHook(model), "sb", fraction=0.25, seed=0, prime=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        for b in loader:
+            sb.weighted_loss(F.cross_entropy(model(b.inputs), b.targets, reduction="none"), b.weights).backward()
+            opt.step()
+            time.sleep(0.005 + 0.0005 * len(b))
+    est = loader.stats.saving_estimate()
+    truth = 16 * 0.0005 * 12 - loader.stats.selection_time  # 16 selective steps of 4 rows instead of 16
+    assert est.point is not None and abs(est.point - truth) <= 0.25 * abs(truth)
+    assert est.low <= truth <= est.high
 
 
 def test_a_loader_warns_once_when_scoring_costs_more_than_it_saves():
@@ -66,7 +121,7 @@ def test_a_loader_warns_once_when_scoring_costs_more_than_it_saves():
     loader = sb.SelectiveLoader(data(), sb.ScoringHook(model), "sb", fraction=0.75, seed=0)
     with pytest.warns(SelectionCostWarning, match="costs more than it saves.*keep fewer than|no fraction pays"):
         run_epoch(loader, model, step_s=0.002)
-    assert loader.stats.estimated_time_saved < 0 and loader.stats.time_training > 0
+    assert loader.stats.saving_estimate().high < 0 and loader.stats.time_training > 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_epoch(loader, model, step_s=0.002)  # once only
@@ -78,7 +133,7 @@ def test_a_loader_is_silent_where_selection_pays():
     with warnings.catch_warnings():
         warnings.simplefilter("error", SelectionCostWarning)
         run_epoch(loader, model, step_s=0.01)
-    assert loader.stats.estimated_time_saved > 0
+    assert loader.stats.saving_estimate().high > 0
     assert 0.25 < loader.stats.break_even_fraction <= 1
 
 

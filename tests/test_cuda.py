@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sbsampler as sb
+from sbsampler.strategies import fraction_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -74,7 +75,8 @@ def test_loader_on_cuda_every_strategy(strategy):
     x, y = data(512)
     dl = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     hook = sb.ScoringHook(model)
-    loader = sb.SelectiveLoader(dl, hook, strategy=strategy, fraction=0.25, device="cuda", seed=0)
+    loader = sb.SelectiveLoader(dl, hook, strategy=strategy,
+                                fraction=fraction_for(strategy, 0.25), device="cuda", seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     rows = 0
     for b in loader:
@@ -250,7 +252,8 @@ def test_selection_on_the_gpu_never_waits_for_it(strategy, rebatch):
     torch.manual_seed(0)
     model = SmallCNN().cuda()
     hook = sb.ScoringHook(model)
-    loader = sb.SelectiveLoader(_cuda_batches(), hook, strategy, fraction=0.25, rebatch=rebatch, seed=0)
+    loader = sb.SelectiveLoader(_cuda_batches(), hook, strategy,
+                                fraction=fraction_for(strategy, 0.25), rebatch=rebatch, seed=0)
     steps = iter(loader)
     first = next(steps)  # the hook compares its head with the logits once
     torch.cuda.synchronize()

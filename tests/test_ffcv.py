@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sbsampler as sb
+from sbsampler.strategies import fraction_for
 
 if os.environ.get("SBSAMPLER_REQUIRE_FFCV") == "1":
     import ffcv  # noqa: F401  - must be importable in CI
@@ -82,7 +83,8 @@ def test_selective_training_from_beton(beton, digits_rgb, strategy):
     torch.manual_seed(0)
     model = TinyCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    loader = sb.SelectiveLoader(make_loader(beton), sb.ScoringHook(model), strategy=strategy, fraction=0.25, seed=0)
+    loader = sb.SelectiveLoader(make_loader(beton), sb.ScoringHook(model), strategy=strategy,
+                                fraction=fraction_for(strategy, 0.25), seed=0)
     steps = 0
     for batch in loader:
         assert torch.equal(batch.inputs, imgs[batch.indices])  # the written image of that index

@@ -23,6 +23,7 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
+from sbsampler.strategies import fraction_for  # noqa: E402
 from sbsampler.integrations.transformers import STATE_FILE, SelectiveTrainer, per_sample_loss  # noqa: E402
 
 hf_logging.set_verbosity_error()
@@ -97,7 +98,8 @@ class Recording(SelectiveTrainer):
                                            ("lm", "gradmatch")])
 def test_selected_rows_and_weights_are_trained_on(tmp_path, kind, strategy):
     model = bert() if kind == "cls" else gpt2()
-    t = Recording(model=model, args=args(tmp_path), train_dataset=dataset(kind), strategy=strategy, fraction=0.25,
+    t = Recording(model=model, args=args(tmp_path), train_dataset=dataset(kind), strategy=strategy,
+                  fraction=fraction_for(strategy, 0.25),
                   seed=0)
     t.train()
     stats = t.selector.stats

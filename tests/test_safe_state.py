@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import sbsampler as sb
+from sbsampler.strategies import fraction_for
 
 B = 16
 
@@ -33,7 +34,8 @@ def _loader(strategy, rebatch, **kw):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     batches = [(x[i:i + 20], y[i:i + 20], torch.arange(i, i + 20)) for i in range(0, len(x), 20)]
-    return sb.SelectiveLoader(batches, sb.ScoringHook(model), strategy, fraction=0.3, rebatch=rebatch,
+    return sb.SelectiveLoader(batches, sb.ScoringHook(model), strategy,
+                              fraction=fraction_for(strategy, 0.3), rebatch=rebatch,
                               batch_size=B, seed=4, **kw)
 
 
@@ -146,7 +148,7 @@ def test_stateful_wrapped_loader_state_loads_safely():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     loader = sb.SelectiveLoader(StatefulDataLoader(ds, batch_size=20, shuffle=True), sb.ScoringHook(model),
-                                "infobatch", fraction=0.3, rebatch=True, batch_size=B, seed=1)
+                                "infobatch", rebatch=True, batch_size=B, seed=1)
     _steps(loader, stop=2)
     _roundtrip(loader.state_dict())
 
@@ -241,7 +243,8 @@ def _indexed_loader(n, strategy="sb", rebatch=True):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     dl = torch.utils.data.DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=20)
-    return sb.SelectiveLoader(dl, sb.ScoringHook(model), strategy, fraction=0.3, rebatch=rebatch, batch_size=B,
+    return sb.SelectiveLoader(dl, sb.ScoringHook(model), strategy,
+                              fraction=fraction_for(strategy, 0.3), rebatch=rebatch, batch_size=B,
                               seed=4)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import sbsampler as sb
+from sbsampler.strategies import fraction_for
 from sbsampler.distributed import LocalSync
 from sbsampler.select import observe_round
 from sbsampler.deferred import DeferredChecks
@@ -96,7 +97,8 @@ def test_fixed_count_rules_read_nothing_back(name, kwargs, nan_policy):
 @pytest.mark.parametrize("name", ["uniform", "topk", "sb", "composer", "full"])
 def test_the_loaders_loop_reads_nothing_back(name, rebatch):
     """Beyond select_batch: the epoch's queue, rebatching, weights and stats read no value back either."""
-    loader = sb.SelectiveLoader(_batches(n=8), sb.ScoringHook(_model()), name, fraction=0.25, rebatch=rebatch,
+    loader = sb.SelectiveLoader(_batches(n=8), sb.ScoringHook(_model()), name,
+                                fraction=fraction_for(name, 0.25), rebatch=rebatch,
                                 seed=0, select_on="device", batch_size=32)
     steps = iter(loader)
     next(steps)  # the hook checks its head once
@@ -109,7 +111,8 @@ def test_the_loaders_loop_reads_nothing_back(name, rebatch):
 @pytest.mark.parametrize("name", ["uniform", "topk", "sb", "composer"])
 def test_the_framework_selector_reads_nothing_back(name):
     """``BatchSelector`` (Lightning, HF Trainer): one batch in, its weighted sub-batch out, no value read back."""
-    selector = sb.BatchSelector(sb.ScoringHook(_model()), name, fraction=0.25, seed=0, select_on="device")
+    selector = sb.BatchSelector(sb.ScoringHook(_model()), name,
+                                fraction=fraction_for(name, 0.25), seed=0, select_on="device")
     batches = [sb.parse_batch(b) for b in _batches()]
     selector(batches[0])
     with HostReads() as mode:
@@ -162,7 +165,8 @@ def test_select_on_is_checked_everywhere():
 @pytest.mark.parametrize("name", ["sb", "infobatch", "uniform"])
 def test_loader_on_device_follows_the_weights_rule_and_resumes(name, rebatch):
     def loader():
-        return sb.SelectiveLoader(_batches(n=8), sb.ScoringHook(_model()), name, fraction=0.25, rebatch=rebatch,
+        return sb.SelectiveLoader(_batches(n=8), sb.ScoringHook(_model()), name,
+                                  fraction=fraction_for(name, 0.25), rebatch=rebatch,
                                   seed=3, select_on="device")
 
     first = loader()

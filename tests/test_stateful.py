@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import sbsampler as sb
+from sbsampler.strategies import fraction_for
 
 from conftest import need, record_steps as steps  # noqa: E402
 
@@ -39,7 +40,8 @@ def build(seed=0, strategy="sb"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     data = Counting()
-    return data, sb.SelectiveLoader(inner(data, seed), sb.ScoringHook(model), strategy, fraction=0.25, rebatch=True,
+    return data, sb.SelectiveLoader(inner(data, seed), sb.ScoringHook(model), strategy,
+                                    fraction=fraction_for(strategy, 0.25), rebatch=True,
                                     seed=0)
 
 

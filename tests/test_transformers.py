@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import sbsampler as sb
+from sbsampler.strategies import fraction_for
 
 if os.environ.get("SBSAMPLER_REQUIRE_TRANSFORMERS") == "1":
     import transformers  # noqa: F401 - must be importable in CI
@@ -48,7 +49,7 @@ def test_bert_classifier_on_dict_batches(strategy):
     model = BertForSequenceClassification(cfg)
     ids, mask, batches = token_batches(100, lambda i, m: i[:, 0] % 3)
     hook = sb.ScoringHook(model)  # model(**inputs), output.logits, head = model.classifier
-    loader = sb.SelectiveLoader(batches, hook, strategy, fraction=0.5, seed=0, batch_keys=KEYS)
+    loader = sb.SelectiveLoader(batches, hook, strategy, fraction=fraction_for(strategy, 0.5), seed=0, batch_keys=KEYS)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     for _ in range(2):
@@ -89,7 +90,7 @@ def test_causal_lm_with_per_sample_token_losses(strategy, exact_limit):
     torch.testing.assert_close(scores.loss, ref)
     if strategy in ("gradmatch", "importance"):
         assert scores.grads.shape == (BS, 64 * 32 if exact_limit > 1 else 16 * 16)  # lm_head has no bias
-    loader = sb.SelectiveLoader(batches, hook, strategy, fraction=0.25, seed=0, batch_keys=KEYS)
+    loader = sb.SelectiveLoader(batches, hook, strategy, fraction=fraction_for(strategy, 0.25), seed=0, batch_keys=KEYS)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for b in loader:
         assert torch.equal(b.inputs["input_ids"], ids[b.indices])

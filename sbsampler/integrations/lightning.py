@@ -46,7 +46,8 @@ from ..strategies import Strategy, get_strategy, resolve_fraction
 
 __all__ = ["SelectiveBackpropCallback", "SelectiveBackprop"]
 
-LOGGED = ("backprop_fraction", "samples_yielded", "samples_seen", "selection_time", "estimated_time_saved")
+LOGGED = ("backprop_fraction", "samples_yielded", "samples_seen", "selection_time", "estimated_time_saved",
+          "estimated_time_saved_low", "estimated_time_saved_high")
 
 
 class SelectiveBackpropCallback(Callback):

@@ -191,12 +191,14 @@ class SelectiveTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's log, with the selection's figures on training logs (``sb/backprop_fraction``,
-        ``sb/selection_time``, ``sb/estimated_time_saved``; ``sb/tokens_kept`` under token selection)."""
+        ``sb/selection_time``, ``sb/estimated_time_saved`` where the steps pin it, and always its range
+        ``sb/estimated_time_saved_low`` / ``_high``; ``sb/tokens_kept`` under token selection)."""
         if "loss" in logs:  # a training log, not an evaluation's
             if self.selector is not None:
                 stats = self.selector.stats.as_dict(wait=False)
                 logs = {**logs, **{f"sb/{k}": float(stats[k]) for k in
-                                   ("backprop_fraction", "selection_time", "estimated_time_saved")
+                                   ("backprop_fraction", "selection_time", "estimated_time_saved",
+                                    "estimated_time_saved_low", "estimated_time_saved_high")
                                    if stats[k] is not None}}
             else:
                 logs = {**logs, "sb/tokens_kept": float(self.token_counts["tokens_kept"]),
