@@ -31,6 +31,7 @@ consumed batches are read again, unscored, to rebuild the queue.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -255,6 +256,17 @@ class EpochIterator:
         self._yielded_rows = len(step)
         self._yielded_at = time.perf_counter()
         return step
+
+    @contextlib.contextmanager
+    def untimed(self) -> Iterator[None]:
+        """Time spent inside (an evaluation between two steps) is not counted as the loop's training step
+        (``stats.time_training``, ``stats.steps_timed``)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._yielded_at is not None:
+                self._yielded_at += time.perf_counter() - t0
 
     def _superseded(self) -> RuntimeError:
         return RuntimeError(

@@ -16,7 +16,7 @@ def setup(strategy="sb", rebatch=True, n=96, batch=8):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     ds = TensorDataset(torch.randn(n, 4), torch.randint(0, 3, (n,)))
     return model, sb.SelectiveLoader(DataLoader(ds, batch_size=batch), sb.ScoringHook(model), strategy,
-                                     fraction=0.25, rebatch=rebatch, seed=0)
+                                     fraction=sb.strategies.fraction_for(strategy, 0.25), rebatch=rebatch, seed=0)
 
 
 def test_progress_counts_wrapped_batches_in_epochs():

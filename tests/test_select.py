@@ -57,7 +57,7 @@ def test_select_batch_nan_skip_and_empty():
 
 def test_full_is_a_strategy_with_no_scoring_pass():
     x, y = _xy()
-    picked = sb.select_batch(None, "full", (x, y), 0.1)  # no hook needed: Full reads no scores
+    picked = sb.select_batch(None, "full", (x, y))  # no hook needed: Full reads no scores (nor a fraction)
     assert picked.scores is None and picked.sub.inputs is x and len(picked.sub) == 16
     torch.testing.assert_close(picked.sub.weights, torch.full((16,), 1 / 16))
     assert isinstance(sb.get_strategy(None), sb.Full) and isinstance(sb.get_strategy("full"), sb.Full)

@@ -80,10 +80,11 @@ def test_fixed_count_rules_read_nothing_back(name, kwargs, nan_policy):
     hook = sb.ScoringHook(_model())
     strategy = sb.STRATEGIES[name](**kwargs, seed=0)
     batches = [sb.parse_batch(b) for b in _batches()]
-    sb.select_batch(hook, strategy, batches[0], 0.25, select_on="device")  # the hook checks its head once
+    sb.select_batch(hook, strategy, batches[0], fraction_for(strategy, 0.25), select_on="device")  # head checked once
     with HostReads() as mode:
         for batch in batches[1:]:
-            picked = sb.select_batch(hook, strategy, batch, 0.25, nan_policy=nan_policy, select_on="device")
+            picked = sb.select_batch(hook, strategy, batch, fraction_for(strategy, 0.25), nan_policy=nan_policy,
+                                     select_on="device")
             observe_round(strategy, picked, LocalSync())
     assert mode.reads == []
     k = 32 if strategy.keeps_all else 8
@@ -125,10 +126,10 @@ def test_the_framework_selector_reads_nothing_back(name):
 def test_variable_count_rules_read_their_count_only(strategy):
     hook = sb.ScoringHook(_model())
     batches = [sb.parse_batch(b) for b in _batches()]
-    sb.select_batch(hook, strategy, batches[0], 0.25, select_on="device")
+    sb.select_batch(hook, strategy, batches[0], fraction_for(strategy, 0.25), select_on="device")
     with HostReads() as mode:
         for batch in batches[1:]:
-            picked = sb.select_batch(hook, strategy, batch, 0.25, select_on="device")
+            picked = sb.select_batch(hook, strategy, batch, fraction_for(strategy, 0.25), select_on="device")
             observe_round(strategy, picked, LocalSync())
     assert mode.reads == ["nonzero"] * (len(batches) - 1)
     assert 0 < len(picked.sub) < 32
