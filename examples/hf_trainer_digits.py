@@ -65,6 +65,9 @@ def main(argv=None) -> dict:
            "test_acc": round(acc, 4),
            "optimizer_steps": trainer.state.global_step, "samples_backprop": stats.samples_yielded,
            "samples_seen": stats.samples_seen, "train_s": round(seconds, 2)}
+    estimate = stats.saving_estimate()  # the time saved against training on everything, as the stats estimate it
+    row["estimated_saved_s"] = None if estimate is None else {"low": estimate.low, "high": estimate.high,
+                                                              "point": estimate.point, "basis": estimate.basis}
     print(json.dumps(row))
     return row
 

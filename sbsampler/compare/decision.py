@@ -108,8 +108,9 @@ def _reference_problem(rows: Sequence[dict[str, Any]], cost: dict[str, Any]) -> 
         return (f"full training did not reach its own final score - tolerance ({cost['target']:.4f}) in every "
                 f"seed ({full['reached']} of {full['seeds']}): the budget is too short to judge; give more epochs")
     if cost.get("first_hit_seeds"):
+        moved = (f"; its score went from {first:.4f} before training to {final:.4f}" if first is not None else "")
         return (f"full training met its target ({cost['target']:.4f}) at its first evaluation (seeds "
-                f"{cost['first_hit_seeds']}), so there is no time to compare against: evaluate more often "
+                f"{cost['first_hit_seeds']}{moved}), so there is no time to compare against: evaluate more often "
                 "(evals_per_epoch=), or pass a stricter target=")
     if cost.get("seeds", full["seeds"]) < MIN_SEEDS:
         return (f"{full['seeds']} seed cannot tell timing noise from a saving (two identical runs differ by more "

@@ -74,8 +74,8 @@ def summarise(runs: Sequence[Run], modes: Sequence[Mode], target: Optional[float
             kept = float(np.mean([r.samples_backprop / max(r.progress, 1e-9) for r in rs])) / full_rows
         else:
             kept = float(np.mean([r.samples_backprop / max(r.samples_seen, 1) for r in rs]))
-        gains = [1.0 - h.wall / full_time[s] for s, h in sorted(hits.items())
-                 if h is not None and full_time.get(s, 0) > 0]
+        gains = [] if m.is_full else [1.0 - h.wall / full_time[s] for s, h in sorted(hits.items())
+                                      if h is not None and full_time.get(s, 0) > 0]
         speedup = full_wall / per_epoch if per_epoch > 0 else None
         ideal = 1.0 if m.is_full else ideal_speedup(kept, sel, step_s, load_s, m.level)
         measured = [full_epoch[r.seed] * r.progress - r.wall_s for r in rs if r.seed in full_epoch]
@@ -95,9 +95,9 @@ def summarise(runs: Sequence[Run], modes: Sequence[Mode], target: Optional[float
             "selection_per_sample_s": sel, "speedup": speedup, "ideal_speedup": ideal,
             "implausible": (not m.is_full and speedup is not None
                             and speedup > ideal * (1.0 + (epoch_noise or 0.0)) + IMPLAUSIBLE_SLACK),
-            "saving_measured_s": _mean(measured),
-            "saving_measured_range": [min(measured), max(measured)] if measured else None,
-            "saving_estimated": _estimated([r.estimate for r in rs]),
+            "saving_measured_s": None if m.is_full else _mean(measured),
+            "saving_measured_range": [min(measured), max(measured)] if measured and not m.is_full else None,
+            "saving_estimated": None if m.is_full else _estimated([r.estimate for r in rs]),
         }
         if baselines and m.name in baselines:
             row.update(_against_baseline(rs, baselines[m.name], tolerance))
