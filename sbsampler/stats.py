@@ -253,7 +253,10 @@ class LoaderStats:
         lines.append(f"time: {times}, training step {self.time_training:.3g} s")
         estimate = self.saving_estimate()
         if estimate is not None:
-            lines.append(f"estimated time saved against training on everything: {estimate}")
+            head = (f"{estimate.point:+.3g} s" if estimate.point is not None else
+                    f"{estimate.low:+.3g} to {estimate.high:+.3g} s")
+            lines.append(f"estimated time saved against training on everything: {head}")
+            lines.append(f"  ({estimate.basis})")
         f = self.break_even_fraction
         if f is not None:
             lines.append(f"break-even fraction: {f:.2f} (selection can save time only while keeping less than this)"

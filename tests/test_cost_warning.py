@@ -102,9 +102,9 @@ def test_old_states_still_load_and_the_counters_print_as_lines():
         read_stats({**LoaderStats().state(), "steps_timed": [1.5] + [0] * 8}, "SelectiveLoader")
     s = _stats([(12, 0.125)] * 20, seen=1000, batches=20, scoring=4.0)
     lines = str(s).splitlines()
-    assert len(lines) == 4 and lines[0].startswith("kept 24%: 240 of 1,000 samples seen back-propagated, in 20 steps")
+    assert len(lines) == 5 and lines[0].startswith("kept 24%: 240 of 1,000 samples seen back-propagated, in 20 steps")
     assert lines[1].startswith("time: loading 0 s, scoring 4 s") and "-4 to +3.92 s" in lines[2]
-    assert lines[3].startswith("break-even fraction:")
+    assert lines[3].startswith("  (steps of 12 rows only") and lines[4].startswith("break-even fraction:")
     assert str(LoaderStats()) == "no sample seen yet"
 
 
