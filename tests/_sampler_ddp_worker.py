@@ -87,7 +87,7 @@ def run_config(cfg: dict, rank: int) -> dict:
         ref = flat.clone()
         dist.broadcast(ref, 0)
         out.append({"shard": shard, "plan": plan, "single_plan": single_plan, "steps": steps,
-                    "same_params": bool(torch.equal(flat, ref)), "store_loss": np.nan_to_num(store.loss, nan=-1).sum()})
+                    "same_params": bool(torch.equal(flat, ref)), "store_loss": float(np.nan_to_num(store.loss, nan=-1).sum())})
     return {"epochs": out, "final": params(model).tolist()}
 
 

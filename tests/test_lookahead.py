@@ -67,7 +67,7 @@ def _setup(strategy="sb", lookahead=1, rebatch=False, pause=0.002, store=True, b
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y = _data()
     dl = DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=BS)
-    scores = sb.ScoreStore(N_SAMPLES) if store else None
+    scores = sb.ScoreStore(N_SAMPLES, dtype="float64") if store else None  # compared exactly with float64 losses
     loader = sb.SelectiveLoader(dl, sb.ScoringHook(model), strategy,
                                 fraction=sb.strategies.fraction_for(strategy, 0.25), rebatch=rebatch, seed=0,
                                 lookahead=lookahead, store=scores, batch_size=batch_size or BS, **kw)

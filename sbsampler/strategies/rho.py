@@ -59,39 +59,42 @@ class RhoLoss(Strategy):
             reference = table
         self.reference = reference
 
+    def _store(self) -> bool:
+        """Whether the reference losses are a ``ScoreStore``'s column (else an array, or none)."""
+        return hasattr(self.reference, "set_reference")
+
     def _table(self) -> Optional[np.ndarray]:
         """The reference losses by dataset index: the store's column, or the array given; ``None`` without any."""
-        return getattr(self.reference, "reference", self.reference)  # a ScoreStore, or the array itself
+        return self.reference.reference if self._store() else self.reference
 
     def check_dataset_size(self, n: int) -> None:
         """Refuse a reference table of another length than the dataset's ``n`` samples: its values would be looked
         up by indices of another dataset."""
-        table = self._table()
-        if table is not None and len(table) != n:
-            raise ValueError(f"RhoLoss has {len(table)} reference losses for a dataset of {n} samples: they come "
+        size = len(self.reference) if self._store() else (len(self.reference) if self.reference is not None else n)
+        if size != n:
+            raise ValueError(f"RhoLoss has {size} reference losses for a dataset of {n} samples: they come "
                              "from another dataset (or split); compute one per sample of this one "
                              "(sb.reference.reference_losses)")
 
     def reference_for(self, indices: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """(B,) float64 reference losses of the dataset ``indices``; an error names any without one."""
         table = self._table()
-        if table is None:
-            raise ValueError("RhoLoss needs reference losses: RhoLoss(reference=store) with store.set_reference("
-                             "sb.reference.reference_losses(reference_model, loader, len(dataset))), or an array")
-        if self.reference is not table and bool(np.isnan(table).all()):  # a store without any
+        if table is None and self._store():
             raise ValueError("the ScoreStore holds no reference losses: call store.set_reference(sb.reference."
                              "reference_losses(reference_model, loader, len(dataset))) before training (a store "
                              "loaded from a state saved without them, version 1 or before set_reference, has none)")
-        table = torch.as_tensor(table, dtype=torch.float64)
-        idx = torch.as_tensor(indices).to("cpu", torch.int64).reshape(-1)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[0]):
+        if table is None:
+            raise ValueError("RhoLoss needs reference losses: RhoLoss(reference=store) with store.set_reference("
+                             "sb.reference.reference_losses(reference_model, loader, len(dataset))), or an array")
+        idx = torch.as_tensor(indices).to("cpu", torch.int64).reshape(-1).numpy()
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= table.shape[0]):
             raise ValueError(f"dataset index {int(idx.max())} is out of range for {table.shape[0]} reference losses: "
                              "the batches need their dataset indices (sb.with_indices)")
-        ref = table[idx]
+        ref = torch.from_numpy(np.asarray(table[idx], dtype=np.float64))  # only the batch's rows are read
         missing = torch.isnan(ref)
         if bool(missing.any()):
-            raise ValueError(f"no reference loss for dataset indices {idx[missing][:10].tolist()}: compute them "
-                             "for every training sample (sb.reference.reference_losses)")
+            raise ValueError(f"no reference loss for dataset indices {idx[missing.numpy()][:10].tolist()}: compute "
+                             "them for every training sample (sb.reference.reference_losses)")
         return ref
 
     def _reducible(self, scores: Scores, loss: Any) -> Any:
