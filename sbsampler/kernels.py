@@ -9,9 +9,15 @@ Kernels
 -------
 ``ecdf``
     Empirical CDF ``P(L <= l)`` of each loss against a loss history.
-``sample_without_replacement``
+``self_ecdf``
+    The same CDF of each value against the array itself, at the speed of a radix
+    sort (a sampler's plan over every stored loss).
+``sample_without_replacement`` / ``efraimidis_keys``
     ``k`` distinct indices drawn sequentially with probability proportional to a
-    weight (Efraimidis & Spirakis keys).
+    weight (Efraimidis & Spirakis keys); the keys alone.
+``top_k_indices``
+    The ``k`` largest values (ties to the lower position), as a sorted index set,
+    in linear time (NumPy's introselect; no full sort).
 ``inclusion_probabilities`` / ``systematic_sample``
     Probability-proportional-to-size sampling of exactly ``k`` distinct indices
     with known inclusion probabilities, for unbiased Horvitz-Thompson weights.
@@ -39,7 +45,10 @@ import numpy as np
 
 __all__ = [
     "ecdf",
+    "self_ecdf",
     "sample_without_replacement",
+    "efraimidis_keys",
+    "top_k_indices",
     "inclusion_probabilities",
     "systematic_sample",
     "outer_norms",
@@ -132,15 +141,9 @@ def ecdf(history: np.ndarray, losses: np.ndarray) -> np.ndarray:
 
 
 @_njit(**_JIT)
-def sample_without_replacement(weights: np.ndarray, uniforms: np.ndarray, k: int) -> np.ndarray:
-    """Draw ``k`` distinct indices, each draw proportional to ``weights`` among those left.
-
-    Uses Efraimidis-Spirakis keys ``log(u_i) / w_i``: the ``k`` largest keys are a
-    sample with the same law as ``k`` successive weighted draws without
-    replacement. ``uniforms`` (B,) are U(0, 1] numbers from the caller's RNG.
-    Zero-weight items come last, in index order, and only when fewer than ``k``
-    items have positive weight. Returns int64 (k,), ordered by draw.
-    """
+def efraimidis_keys(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Efraimidis-Spirakis keys ``log(u_i) / w_i`` (``-inf`` for a zero weight): the ``k`` largest are a sample
+    with the law of ``k`` successive weighted draws without replacement. ``uniforms`` (B,) are U(0, 1] numbers."""
     b = weights.shape[0]
     keys = np.empty(b)
     for i in range(b):
@@ -149,8 +152,96 @@ def sample_without_replacement(weights: np.ndarray, uniforms: np.ndarray, k: int
             keys[i] = np.log(uniforms[i]) / w
         else:
             keys[i] = -np.inf
+    return keys
+
+
+@_njit(**_JIT)
+def sample_without_replacement(weights: np.ndarray, uniforms: np.ndarray, k: int) -> np.ndarray:
+    """Draw ``k`` distinct indices, each draw proportional to ``weights`` among those left.
+
+    Uses Efraimidis-Spirakis keys ``log(u_i) / w_i``: the ``k`` largest keys are a
+    sample with the same law as ``k`` successive weighted draws without
+    replacement. ``uniforms`` (B,) are U(0, 1] numbers from the caller's RNG.
+    Zero-weight items come last, in index order, and only when fewer than ``k``
+    items have positive weight. Returns int64 (k,), ordered by draw (for the set
+    alone, sorted, ``top_k_indices(efraimidis_keys(w, u), k)`` takes linear time).
+    """
+    keys = efraimidis_keys(weights, uniforms)
     order = np.argsort(-keys, kind="mergesort")
     return order[:k].astype(np.int64)
+
+
+def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Sorted int64 positions of the ``k`` largest ``values`` (ties to the lower position; ``-inf`` allowed):
+    ``np.sort(np.argsort(-values, kind="stable")[:k])`` in linear time (a partition, no full sort)."""
+    values = np.asarray(values)
+    n = values.shape[0]
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    t = np.partition(values, n - k)[n - k]  # the k-th largest value
+    chosen = values > t
+    need = k - int(np.count_nonzero(chosen))
+    if need:
+        chosen[np.flatnonzero(values == t)[:need]] = True  # ties at the threshold: the lower positions
+    return np.flatnonzero(chosen).astype(np.int64)
+
+
+_SIGN = np.uint64(1) << np.uint64(63)
+_DIGIT = np.uint64(0xFFFF)
+
+
+@_njit(**_JIT)
+def self_ecdf(values: np.ndarray) -> np.ndarray:
+    """``ecdf(values, values)``: the share of ``values`` that are ``<=`` each of them, float64 (n,).
+
+    An LSD radix sort of the values' bits (16 bits a pass; a pass whose digit is the
+    same for every value is skipped, so float32 scores held as float64 take two),
+    stable, then one walk over the runs of equal values: linear time, where the
+    binary search of ``ecdf`` costs ``n log n``. ``values`` finite (``-0.0`` equals ``0.0``).
+    """
+    n = values.shape[0]
+    out = np.ones(n)
+    if n == 0:
+        return out
+    keys = np.empty(n, dtype=np.uint64)
+    bits = (values + 0.0).view(np.uint64)  # + 0.0: -0.0 becomes 0.0
+    for i in range(n):
+        b = bits[i]
+        keys[i] = ~b if b & _SIGN else b | _SIGN  # order-preserving: negatives reversed below the positives
+    order = np.arange(n)
+    tmp_keys = np.empty_like(keys)
+    tmp_order = np.empty_like(order)
+    counts = np.zeros((4, 65537), dtype=np.int64)  # the four digits' histograms, in one read of the keys
+    for i in range(n):
+        k = keys[i]
+        for p in range(4):
+            counts[p, np.int64((k >> np.uint64(16 * p)) & _DIGIT) + 1] += 1
+    for p in range(4):
+        if counts[p].max() == n:  # one digit for every value: this pass moves nothing
+            continue
+        shift = np.uint64(16 * p)
+        for d in range(1, 65537):
+            counts[p, d] += counts[p, d - 1]
+        for i in range(n):
+            d = np.int64((keys[i] >> shift) & _DIGIT)
+            at = counts[p, d]
+            counts[p, d] = at + 1
+            tmp_keys[at] = keys[i]
+            tmp_order[at] = order[i]
+        keys, tmp_keys = tmp_keys, keys
+        order, tmp_order = tmp_order, order
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and keys[j + 1] == keys[i]:
+            j += 1
+        share = (j + 1) / n
+        for t in range(i, j + 1):
+            out[order[t]] = share
+        i = j + 1
+    return out
 
 
 @_njit(**_JIT)

@@ -78,8 +78,7 @@ class Plan:
     store_version: int
 
     def __post_init__(self) -> None:
-        self._by_index = np.full(self.dataset_size, np.nan)
-        self._by_index[self.indices] = self.multipliers
+        self._by_index: Optional[np.ndarray] = None  # multipliers by dataset index, made at the first lookup
 
     @property
     def shares(self) -> np.ndarray:
@@ -88,6 +87,9 @@ class Plan:
 
     def multipliers_for(self, indices: np.ndarray, epoch: Any) -> np.ndarray:
         """Multipliers of dataset ``indices``; raises for an index not in the plan."""
+        if self._by_index is None:
+            self._by_index = np.full(self.dataset_size, np.nan)
+            self._by_index[self.indices] = self.multipliers
         m = self._by_index[indices]
         if np.isnan(m).any():
             raise ValueError(f"indices {indices[np.isnan(m)][:10].tolist()} are not in epoch {epoch}'s plan")
@@ -248,22 +250,26 @@ class SelectiveSampler(torch.utils.data.Sampler):
             scores = scores.with_reference(self.strategy.reference_for(fresh))
         rng = np.random.default_rng([self.seed, e, 1])
         sel = self.strategy.select(scores, count_for(self.fraction, fresh.size), rng=rng)
-        w = np.zeros(fresh.size)
-        np.add.at(w, sel.indices, sel.weights.astype(np.float64))  # repeats add up
-        picked = np.unique(sel.indices)
-        return fresh[picked], w[picked] * fresh.size
+        idx, w = sel.indices, sel.weights.astype(np.float64)
+        if idx.size > 1 and not bool((idx[1:] > idx[:-1]).all()):  # repeats (sampling with replacement): add up
+            w = np.bincount(idx, weights=w, minlength=fresh.size)
+            idx = np.flatnonzero(np.bincount(idx, minlength=fresh.size))
+            w = w[idx]
+        return fresh[idx], w * fresh.size
 
     def _shard(self, idx: np.ndarray) -> np.ndarray:
-        if self.num_replicas == 1:
+        """This rank's part of the plan: ``DistributedSampler``'s rule (padded by repeats from the start to a
+        multiple of the ranks, then every ``num_replicas``-th from ``rank``), as a strided slice."""
+        if self.num_replicas == 1 or idx.size == 0:
             return idx
-        rule = torch.utils.data.DistributedSampler(range(idx.size), num_replicas=self.num_replicas,
-                                                   rank=self.rank, shuffle=False)
-        return idx[np.fromiter(iter(rule), dtype=np.int64, count=len(rule))]
+        total = -(-idx.size // self.num_replicas) * self.num_replicas
+        return idx[np.arange(self.rank, total, self.num_replicas) % idx.size]
 
     def __iter__(self) -> Iterator[int]:
+        """This rank's indices of the epoch's plan, as Python ints in chunks (never a list of all of them)."""
         plan = self._plan(self.epoch)
         self.frozen_epoch = self.epoch  # freezes this epoch's plan
-        return iter(self._shard(plan.indices).tolist())
+        return _ints(self._shard(plan.indices))
 
     def num_indices(self, epoch: Optional[int] = None) -> int:
         """Indices this rank loads in ``epoch`` (default: the current one); draws the plan if needed."""
@@ -325,6 +331,12 @@ class SelectiveSampler(torch.utils.data.Sampler):
     def __repr__(self) -> str:
         return (f"SelectiveSampler(strategy={self.strategy!r}, fraction={self.fraction}, "
                 f"max_staleness={self.max_staleness}, anneal={self.anneal}, scale={self.scale!r})")
+
+
+def _ints(indices: np.ndarray, chunk: int = 1 << 16) -> Iterator[int]:
+    """``indices`` as Python ints, ``chunk`` at a time."""
+    for start in range(0, indices.size, chunk):
+        yield from indices[start:start + chunk].tolist()
 
 
 class WeightedBatches:

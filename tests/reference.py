@@ -99,3 +99,67 @@ def composer_select_ref(losses: np.ndarray, k: int, rng: np.random.Generator) ->
     probs = ((np.arange(b) + 0.5) / b) ** (b / k - 1.0)
     chosen = rng.choice(b, size=k, replace=False, p=probs / probs.sum())
     return np.sort(by_rank[chosen])
+
+
+def top_k_ref(values: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` largest values' positions, ties to the lower position, sorted: a stable argsort."""
+    return np.sort(np.argsort(-np.asarray(values), kind="stable")[:k]).astype(np.int64)
+
+
+def select_ref(strategy: "sb.Strategy", loss: np.ndarray, reference: np.ndarray, k: int,
+               rng: np.random.Generator, norms: np.ndarray = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, float32 weights)`` of a sampler-level selection as sbsampler drew it up to 0.2: a stable argsort
+    for top-k and RHO-LOSS, the binary-search ECDF and the draw-ordered Efraimidis-Spirakis kernel for Selective
+    Backprop and Composer's rule, the rules' own code for the others (their random streams are the same)."""
+    from sbsampler import kernels
+
+    b = loss.shape[0]
+    if isinstance(strategy, sb.TopK):
+        idx = top_k_ref(loss, k)
+    elif isinstance(strategy, sb.RhoLoss):
+        idx = top_k_ref(loss - reference, k)
+    elif type(strategy) is sb.SelectiveBackprop and not strategy.unbiased:
+        p = kernels.ecdf(loss, loss) ** strategy.beta
+        idx = np.sort(kernels.sample_without_replacement(p, 1.0 - rng.random(b), k))
+    elif isinstance(strategy, sb.ComposerRule):
+        rank = np.empty(b)
+        rank[np.argsort(loss, kind="stable")] = np.arange(b)
+        p = ((rank + 0.5) / b) ** (b / k - 1.0)
+        idx = np.sort(kernels.sample_without_replacement(p, 1.0 - rng.random(b), k))
+    else:
+        stored = sb.Scores.from_stored(torch.from_numpy(loss), None if norms is None else torch.from_numpy(norms))
+        sel = strategy.select(stored, k, rng=rng)
+        return sel.indices, sel.weights
+    return idx, np.full(k, 1.0 / k, dtype=np.float32)
+
+
+def plan_ref(store: "sb.ScoreStore", strategy: "sb.Strategy", fraction: float, seed: int, epoch: int,
+             max_staleness=None) -> tuple[np.ndarray, np.ndarray]:
+    """A ``SelectiveSampler``'s plan ``(indices, multipliers)`` as 0.2 drew it: forced samples first, then the
+    picks among the fresh ones (repeats added up with ``np.add.at`` and ``np.unique``), shuffled."""
+    n = len(store)
+    forced = ~store.scored()
+    if max_staleness is not None:
+        forced |= (epoch - store.scored_epoch) >= max_staleness
+    fresh = np.flatnonzero(~forced)
+    idx, mult = np.flatnonzero(forced), np.ones(int(forced.sum()))
+    if fresh.size:
+        loss = store.loss[fresh].astype(np.float64)
+        reference = store.reference[fresh].astype(np.float64) if store.reference is not None else None
+        k = n if fraction is None else sb.strategies.budget(fraction, fresh.size)
+        norms = store.grad_norm[fresh].astype(np.float64) if strategy.needs_gradients else None
+        picks, weights = select_ref(strategy, loss, reference, min(k, fresh.size),
+                                    np.random.default_rng([seed, epoch, 1]), norms)
+        w = np.zeros(fresh.size)
+        np.add.at(w, picks, weights.astype(np.float64))
+        picked = np.unique(picks)
+        idx, mult = np.concatenate([idx, fresh[picked]]), np.concatenate([mult, w[picked] * fresh.size])
+    order = np.random.default_rng([seed, epoch, 0]).permutation(idx.size)
+    return idx[order], mult[order]
+
+
+def shard_ref(indices: np.ndarray, num_replicas: int, rank: int) -> np.ndarray:
+    """This rank's part of a plan, by iterating ``torch.utils.data.DistributedSampler`` (no shuffling)."""
+    rule = torch.utils.data.DistributedSampler(range(indices.size), num_replicas=num_replicas, rank=rank,
+                                               shuffle=False)
+    return indices[list(iter(rule))] if indices.size else indices

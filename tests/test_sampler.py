@@ -364,3 +364,71 @@ def test_an_epoch_whose_plan_fills_no_batch_is_an_error():
     ok = sb.WeightedBatches(DataLoader(sb.with_indices(TensorDataset(x, y)), batch_size=16, sampler=sampler,
                                        drop_last=True), sampler)
     assert len(list(ok)) == 1
+
+
+# -- plans at scale (issue 33 item 1): the same plan as the slow reference, drawn with array operations -------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from reference import plan_ref, shard_ref, top_k_ref  # noqa: E402
+
+RULES = {"uniform": lambda: sb.Uniform(), "infobatch": lambda: sb.InfoBatch(prune=0.6),
+         "sb": lambda: sb.SelectiveBackprop(beta=2.0), "topk": lambda: sb.TopK(), "composer": lambda: sb.ComposerRule(),
+         "importance": lambda: sb.ImportanceSampling(), "rho": None}
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 300), st.sampled_from(sorted(RULES)), st.floats(0.05, 1.0), st.integers(0, 2**31 - 1),
+       st.booleans(), st.sampled_from([None, 2]), st.integers(1, 4))
+def test_a_plan_is_the_slow_references_plan(n, rule, fraction, seed, ties, staleness, replicas):
+    """Random stores (ties among the losses or not, unscored and stale samples), every rule that plans from stored
+    scores, any number of ranks: the plan and each rank's shard equal the reference's, element for element."""
+    rng = np.random.default_rng(seed)
+    store = sb.ScoreStore(n)
+    scored = np.flatnonzero(rng.random(n) < 0.8)
+    losses = rng.integers(0, 4, scored.size).astype(float) if ties else rng.exponential(size=scored.size)
+    store.update(scored, losses, rng.random(scored.size) + 0.1, epoch=0)
+    store.update(scored[: scored.size // 3], losses[: scored.size // 3], epoch=2)
+    store.set_reference(rng.exponential(size=n))
+    strategy = sb.RhoLoss(reference=store) if rule == "rho" else RULES[rule]()
+    f = fraction if strategy.uses_fraction else None
+    sampler = sb.SelectiveSampler(store, strategy, fraction=f, seed=seed % 1000, max_staleness=staleness)
+    sampler.set_epoch(3)
+    indices, shares = sampler.plan()
+    want_idx, want_mult = plan_ref(store, strategy if rule != "rho" else sb.RhoLoss(reference=store),
+                                   f if f is not None else None, seed % 1000, 3, staleness)
+    np.testing.assert_array_equal(indices, want_idx)
+    np.testing.assert_array_equal(sampler._plans[3].multipliers, want_mult)
+    for rank in range(replicas):
+        shard = sb.SelectiveSampler(store, strategy, fraction=f, seed=seed % 1000, max_staleness=staleness,
+                                    num_replicas=replicas, rank=rank)
+        shard.set_epoch(3)
+        np.testing.assert_array_equal(np.fromiter(iter(shard), dtype=np.int64), shard_ref(want_idx, replicas, rank))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.5, -3.0, float("-inf")]) | st.floats(-5, 5), max_size=60),
+       st.integers(0, 70))
+def test_top_k_in_linear_time_is_the_stable_argsorts(values, k):
+    values = np.array(values, dtype=np.float64)
+    np.testing.assert_array_equal(sb.kernels.top_k_indices(values, k), top_k_ref(values, k))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6) | st.sampled_from([0.0, -0.0, 1.0, 7.0]), min_size=1, max_size=80))
+def test_self_ecdf_is_the_ecdf_of_the_values_against_themselves(values):
+    from reference import ecdf_ref
+
+    values = np.array(values, dtype=np.float64)
+    np.testing.assert_array_equal(sb.kernels.self_ecdf(values), ecdf_ref(values, values))
+
+
+def test_iterating_a_sampler_never_builds_a_list_of_every_index():
+    store = _store(200_000)
+    sampler = sb.SelectiveSampler(store, "uniform", fraction=0.5, seed=0)
+    sampler.set_epoch(1)
+    it = iter(sampler)
+    first = next(it)
+    assert isinstance(first, int) and not isinstance(it, list)
+    assert sum(1 for _ in it) + 1 == len(sampler) == 100_000

@@ -45,7 +45,7 @@ class ComposerRule(Strategy):
         rank[np.argsort(loss, kind="stable")] = np.arange(b)
         p = ((rank + 0.5) / b) ** (b / k - 1.0)
         u = 1.0 - rng.random(b)  # in (0, 1]
-        idx = np.sort(kernels.sample_without_replacement(p, u, k))
+        idx = kernels.top_k_indices(kernels.efraimidis_keys(p, u), k)  # the draws' set, sorted
         return Selection(idx, _uniform_weights(k))
 
     def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):

@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .. import ondevice
+from .. import kernels, ondevice
 from ..scores import Scores
 from .base import (
     Seed,
@@ -106,7 +106,7 @@ class RhoLoss(Strategy):
 
     def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
         reducible = self._reducible(scores, loss)
-        idx = np.sort(np.argsort(-reducible, kind="stable")[:k])
+        idx = kernels.top_k_indices(reducible, k)
         return Selection(idx, _uniform_weights(k))
 
     def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):

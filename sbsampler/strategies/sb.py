@@ -108,6 +108,8 @@ class SelectiveBackprop(Strategy):
     def _ranked(self, loss: np.ndarray) -> np.ndarray:
         """``CDF(loss) ** beta`` against the remembered losses and the batch's own."""
         loss = np.ascontiguousarray(loss, dtype=np.float64)
+        if self._hist.shape[0] == 0 or loss.shape[0] >= self.history:  # ranked against themselves alone
+            return kernels.self_ecdf(loss) ** self.beta  # linear time: a plan over every stored loss
         reference = np.concatenate([_numpy(self._hist), loss])[-max(self.history, loss.shape[0]) :]
         return kernels.ecdf(reference, loss) ** self.beta
 
@@ -124,7 +126,7 @@ class SelectiveBackprop(Strategy):
             idx = np.sort(kernels.systematic_sample(pi, rng.permutation(b), rng.random()))
             return Selection(idx, 1.0 / (b * pi[idx]))
         u = 1.0 - rng.random(b)  # in (0, 1]
-        idx = np.sort(kernels.sample_without_replacement(p, u, k))
+        idx = kernels.top_k_indices(kernels.efraimidis_keys(p, u), k)  # the draws' set, sorted
         return Selection(idx, _uniform_weights(k))
 
     def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import ondevice
+from .. import kernels, ondevice
 from ..scores import Scores
 from .base import (
     Selection,
@@ -28,7 +28,7 @@ class TopK(Strategy):
     selects_on_device = True
 
     def _select(self, scores: Scores, loss: np.ndarray, k: int, rng: np.random.Generator) -> Selection:
-        idx = np.sort(np.argsort(-loss, kind="stable")[:k])
+        idx = kernels.top_k_indices(loss, k)
         return Selection(idx, _uniform_weights(k))
 
     def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):
