@@ -210,7 +210,9 @@ def self_ecdf(values: np.ndarray) -> np.ndarray:
     for i in range(n):
         b = bits[i]
         keys[i] = ~b if b & _SIGN else b | _SIGN  # order-preserving: negatives reversed below the positives
-    order = np.arange(n)
+    if n >= 2**32:
+        raise ValueError("self_ecdf ranks at most 2**32 values")
+    order = np.arange(n).astype(np.uint32)  # 4 bytes a sample
     tmp_keys = np.empty_like(keys)
     tmp_order = np.empty_like(order)
     counts = np.zeros((4, 65537), dtype=np.int64)  # the four digits' histograms, in one read of the keys
