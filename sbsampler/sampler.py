@@ -225,7 +225,7 @@ class SelectiveSampler(torch.utils.data.Sampler):
             idx, mult = np.flatnonzero(forced), np.ones(int(forced.sum()))
             if fresh.size:
                 picked, m = self._pick(fresh, e)
-                idx, mult = np.concatenate([idx, picked]), np.concatenate([mult, m])
+                idx, mult = (picked, m) if not idx.size else (np.concatenate([idx, picked]), np.concatenate([mult, m]))
         if self.shuffle:
             order = np.random.default_rng([self.seed, e, 0]).permutation(idx.size)
             idx, mult = idx[order], mult[order]
@@ -250,12 +250,12 @@ class SelectiveSampler(torch.utils.data.Sampler):
             scores = scores.with_reference(self.strategy.reference_for(fresh))
         rng = np.random.default_rng([self.seed, e, 1])
         sel = self.strategy.select(scores, count_for(self.fraction, fresh.size), rng=rng)
-        idx, w = sel.indices, sel.weights.astype(np.float64)
+        idx, w = sel.indices, sel.weights
         if idx.size > 1 and not bool((idx[1:] > idx[:-1]).all()):  # repeats (sampling with replacement): add up
-            w = np.bincount(idx, weights=w, minlength=fresh.size)
+            w = np.bincount(idx, weights=w.astype(np.float64), minlength=fresh.size)
             idx = np.flatnonzero(np.bincount(idx, minlength=fresh.size))
             w = w[idx]
-        return fresh[idx], w * fresh.size
+        return fresh[idx], np.multiply(w, float(fresh.size), dtype=np.float64)
 
     def _shard(self, idx: np.ndarray) -> np.ndarray:
         """This rank's part of the plan: ``DistributedSampler``'s rule (padded by repeats from the start to a

@@ -179,9 +179,10 @@ class Strategy:
         loss = None
         if not given_count:
             loss = _numpy(scores.loss)
-            bad = ~np.isfinite(loss)
-            if bad.any():
-                raise _non_finite(int(bad.sum()), np.flatnonzero(bad)[:10].tolist())
+            if not np.isfinite(loss.sum()):  # one pass; a NaN or an infinity (or an overflowing sum) is looked for
+                bad = ~np.isfinite(loss)
+                if bad.any():
+                    raise _non_finite(int(bad.sum()), np.flatnonzero(bad)[:10].tolist())
         return self._select(scores, loss, int(k), self.rng if rng is None else _rng(rng))
 
     def _check_arguments(self, scores: Union[Scores, int], k: int) -> tuple[bool, int]:

@@ -55,8 +55,8 @@ class InfoBatch(Strategy):
         low = loss < loss.mean()
         drop = low & (rng.random(b) < self.prune)
         idx = np.flatnonzero(~drop)
-        w = np.where(low[idx], 1.0 / (1.0 - self.prune), 1.0) / b
-        return Selection(idx, w, expected=b - self.prune * low.sum())
+        w = np.where(low[idx], 1.0 / (1.0 - self.prune) / b, 1.0 / b).astype(np.float32)
+        return Selection(idx, w, expected=b - self.prune * np.count_nonzero(low))
 
     def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):
         loss = _device_loss(scores)
