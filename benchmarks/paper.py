@@ -118,34 +118,10 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    """The headline figure (``figures.paper_figure``): accuracy at an equal backward budget, one panel per data set."""
+    from figures import paper_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
-    markers = {"forward": "o", "backward": "s", "full": "*"}
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    for ax, d in zip(axes[0], datasets):
-        for m in METHODS:
-            for b in ("forward", "backward", "full"):
-                pts = sorted((r["samples_backprop"], r["acc_mean"], r["acc_std"]) for r in rows
-                             if r["dataset"] == d and r["method"] == m and r["budget"] == b)
-                if not pts:
-                    continue
-                xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=es, marker=markers[b], color=colors[m], capsize=2,
-                            linestyle="-" if b == "forward" else ":", markersize=9 if b == "full" else 5,
-                            label=f"{m} ({b})")
-        ax.set_xscale("log")
-        ax.set_xlabel("samples back-propagated")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"{d}: circles = equal epochs, squares = equal backprop")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    paper_figure(rows, path)
 
 
 def main(argv=None) -> int:

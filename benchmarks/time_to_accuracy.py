@@ -156,33 +156,11 @@ def summarise(runs: list[dict[str, Any]], dataset: str) -> tuple[list[dict[str, 
     return rows, {**targets, "full_acc": full_acc}
 
 
-def plot(runs: list[dict[str, Any]], datasets: list[str], path: Path) -> None:
-    import matplotlib
+def plot(runs: list[dict[str, Any]], targets: dict[str, Any], path: Path) -> None:
+    """``figures.time_to_accuracy_figure``: one panel per data set, six modes, a legend in each."""
+    from figures import time_to_accuracy_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], datasets):
-        for m in modes():
-            rs = [r for r in runs if r["dataset"] == name and r["mode"] == m["mode"]]
-            if not rs:
-                continue
-            n = min(len(r["curve"]) for r in rs)  # same evaluation points for every seed of a mode
-            wall = np.mean([[c[0] for c in r["curve"][:n]] for r in rs], axis=0)
-            acc = np.mean([[c[2] for c in r["curve"][:n]] for r in rs], axis=0)
-            style = "-" if m["mode"] == "full" else ("--" if m["level"] == "sampler" else ":")
-            ax.plot(wall, acc, style, lw=2.2 if m["mode"] == "full" else 1.2, label=m["mode"])
-        full = [r for r in runs if r["dataset"] == name and r["mode"] == "full"]
-        target = float(np.mean([r["final_acc"] for r in full])) - 0.005
-        ax.axhline(target, color="grey", lw=0.8)
-        ax.set_ylim(max(0.0, target - 0.25), min(1.0, target + 0.05))
-        ax.set_title(f"{name}: test accuracy vs wall seconds (mean of seeds)")
-        ax.set_xlabel("wall seconds (evaluation excluded)")
-        ax.set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=6, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    time_to_accuracy_figure(runs, targets, path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -240,7 +218,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     suffix = "_quick" if args.quick else ""
     name = args.name or ("time_to_accuracy" if device == "cpu" else "time_to_accuracy_gpu") + suffix
     png = RESULTS / f"{name}.png"
-    plot(runs, datasets, png)
+    plot(runs, targets, png)
     path = write_results(name, {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "seeds": seeds, "quick": args.quick,
         "epochs": {d: jobs[[j["dataset"] for j in jobs].index(d)]["epochs"] for d in datasets},

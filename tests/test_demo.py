@@ -16,10 +16,13 @@ finally:
 
 
 def test_demo_prints_table(capsys):
-    results = demo.main(["--epochs", "1", "--strategies", "uniform", "gradmatch"])
+    results = demo.main(["--epochs", "1", "--strategies", "uniform", "gradmatch", "--threads", "keep"])
     out = capsys.readouterr().out
-    assert "strategy" in out and "select %" in out
-    assert out.index("kernels warmed up") < out.index("full: done")  # no run's time includes a Numba compile
+    assert "strategy" in out and "select %" in out and "speed-up" in out
+    assert out.index("selection kernels ready") < out.index("full: done")  # no run's time includes a Numba compile
+    assert "compiling (once on a machine" in out and "torch threads:" in out
+    verdict = next(line for line in out.splitlines() if line.startswith("Verdict: "))
+    assert "faster than full backprop" in verdict and "One seed on a tiny model cannot tell" in verdict
     assert [r.strategy for r in results] == ["full", "uniform", "gradmatch"]
     full, uniform, gm = results
     assert full.samples_backprop == full.samples_seen == 1438
