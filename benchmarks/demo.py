@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import DigitsCNN, RunResult, load_digits_split, train_run, warm_up  # noqa: E402
 
 import sbsampler as sb  # noqa: E402
+from sbsampler.stats import SelectionCostWarning  # noqa: E402
 
 #: the strategies that choose a fixed share of each batch (what the demo compares at one fraction)
 FIXED_SHARE = [name for name, cls in sb.STRATEGIES.items() if not (cls.variable_count or cls.keeps_all)]
@@ -103,6 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[RunResult]:
           flush=True)
     print(f"selection kernels ready in {warm_up(args.strategies):.1f} s (not counted in the table)")
     results = []
+    # the loader's SelectionCostWarning would repeat, a rule at a time, what the speed-up column shows
+    warnings.filterwarnings("ignore", category=SelectionCostWarning)
     for name in dict.fromkeys(["full", *args.strategies]):
         results.append(train_run(DigitsCNN, train, test, name, fraction=args.fraction, epochs=args.epochs,
                                  batch_size=args.batch_size, lr=args.lr, seed=args.seed))

@@ -186,9 +186,11 @@ class LoaderStats:
         least ``MIN_STEPS_TO_WARN`` timed steps; whether it warned now. Never raises."""
         if self._warned or self.steps < MIN_STEPS_TO_WARN:
             return False
+        if self.samples_yielded >= self.samples_seen and self.selection_time <= 0:
+            return False  # nothing skipped and nothing spent choosing (full backprop): no selection to weigh
         estimate = self.saving_estimate()
-        if estimate is None or estimate.high >= 0:
-            return False
+        if estimate is None or estimate.high >= -1e-9 * max(1.0, self.time_training):
+            return False  # a saving of -1e-16 s is rounding, not a cost
         saved = estimate.high
         self._warned = True
         f, kept = self.break_even_fraction, self.backprop_fraction
