@@ -48,6 +48,13 @@ class Clock:
             self._seconds[stage] += now - self._t
             self._t = now
 
+    def skip(self) -> None:
+        """What ran since the last mark belongs to no stage (a one-off kernel load): it is not counted."""
+        if self.cuda:
+            self._events.append(("", self._event()))
+        else:
+            self._t = time.perf_counter()
+
     def done(self) -> bool:
         """Whether every stage has run (never waits): always on the host, on CUDA once the last event has passed."""
         return not self.cuda or len(self._events) < 2 or bool(self._events[-1][1].query())
@@ -58,6 +65,7 @@ class Clock:
         if self.cuda and len(self._events) > 1:
             self._events[-1][1].synchronize()
             for (_, start), (stage, end) in zip(self._events, self._events[1:]):
-                self._seconds[stage] += start.elapsed_time(end) / 1e3
+                if stage:  # "" : skipped
+                    self._seconds[stage] += start.elapsed_time(end) / 1e3
             self._events = self._events[-1:]
         return dict(self._seconds)

@@ -50,6 +50,8 @@ __all__ = ["Selected", "select_batch", "observe_round", "SELECT_ON"]
 #: where a strategy chooses: ``"auto"`` (on the losses' device if it is an accelerator and the
 #: strategy has a torch-op rule), ``"host"`` (NumPy and Numba), ``"device"`` (torch ops, even on the CPU)
 SELECT_ON = ("auto", "host", "device")
+#: the strategy classes whose kernels this process has loaded (``Strategy.warm_up``)
+_WARM: set = set()
 
 
 @dataclass
@@ -173,6 +175,11 @@ def select_batch(
         distinct = int(rows.shape[0])  # no on-device rule repeats a pick
         multipliers = w.to(work_dtype(device)) * m
     else:
+        if type(strategy) not in _WARM:  # the first host selection of this rule in this process: load its kernels
+            clock.mark("selecting")     # (Numba's cache, or a compile), a one-off kept out of the stage times
+            _WARM.add(type(strategy))
+            strategy.warm_up()
+            clock.skip()
         sel = strategy.select(scores if scores is not None else m, min(k, m), rng=rng)
         rows = torch.from_numpy(sel.indices)
         if candidates is not None:

@@ -165,6 +165,18 @@ class Strategy:
         self._generators: dict[str, torch.Generator] = {}  # select_tensors' RNG, one per device
         self._generator_states: dict[str, torch.Tensor] = {}  # restored states for devices not used yet
 
+    def warm_up(self) -> None:
+        """Load (or, the first time on a machine, compile) the Numba kernels ``select`` runs, on a made-up batch, with
+        no effect on the strategy (its own RNG and history are left alone). ``select_batch`` calls it once per
+        process and class, outside the stage clock: a fresh process pays about 0.5 s for it (25 s to compile), which
+        would otherwise be counted as the first batch's selection time and read as a cost of every step."""
+        g = torch.Generator().manual_seed(0)
+        scores = Scores(loss=torch.rand(64, generator=g), logit_grad=torch.randn(64, 10, generator=g),
+                        features=torch.rand(64, 16, generator=g))
+        if self.needs_reference:
+            scores = scores.with_reference(torch.rand(64, generator=g, dtype=torch.float64))
+        self.select(scores if self.needs_scores else 64, 16, rng=0)
+
     def select(self, scores: Union[Scores, int], k: int, rng: Seed = None) -> Selection:
         """Choose ``k`` samples of the minibatch and their loss weights.
 
