@@ -1,10 +1,11 @@
 """The benchmarks' figures, readable at a page's width: one panel per data set, at most six series, distinct colours
 and a legend in each panel.
 
-    python benchmarks/figures.py        # redraws paper.png and time_to_accuracy.png from their results files
+    python benchmarks/figures.py        # redraws every figure below from the committed results files
 
-``paper.py`` and ``time_to_accuracy.py`` draw their figures through these functions too, so a
-re-run of a benchmark and a redraw give the same picture.
+``paper.py``, ``time_to_accuracy.py``, ``step_time.py``, ``kernels.py``, ``saving_estimate.py`` and
+``sb_recipe.py`` draw their figures through these functions too, so a re-run of a benchmark and a
+redraw give the same picture.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS  # noqa: E402
 
-__all__ = ["paper_figure", "time_to_accuracy_figure", "COLOURS"]
+__all__ = ["paper_figure", "time_to_accuracy_figure", "step_time_figure", "kernels_figure", "saving_figure",
+           "sb_recipe_figure", "COLOURS"]
 
 #: one colour per series, the same across figures (Okabe-Ito, readable in colour blindness)
 COLOURS = {"full": "#000000", "uniform": "#E69F00", "sb": "#56B4E9", "topk": "#D55E00", "gradmatch": "#009E73",
@@ -116,12 +118,128 @@ def time_to_accuracy_figure(runs: Sequence[dict[str, Any]], targets: dict[str, A
     plt.close(fig)
 
 
+STEP_RULES = ("uniform", "sb", "topk", "gradmatch", "importance")
+
+
+def step_time_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """A selective step's speed-up against a full step, per rule and kept fraction, one panel per machine (the
+    results of ``step_time.py`` there); the cost model's ideal as a hollow marker."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 4.4), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        fractions = sorted({r["fraction"] for r in res["rows"]})
+        width = 0.8 / len(STEP_RULES)
+        for j, rule in enumerate(STEP_RULES):
+            rows = [next(r for r in res["rows"] if r["strategy"] == rule and r["fraction"] == f) for f in fractions]
+            x = np.arange(len(fractions)) + (j - (len(STEP_RULES) - 1) / 2) * width
+            ax.bar(x, [r["speedup"] for r in rows], width, color=_colour(rule), label=rule)
+            ax.plot(x, [r["ideal_speedup"] for r in rows], "o", mfc="none", mec="#333333", ms=5,
+                    label="ideal (cost model)" if j == 0 else None)
+        ax.axhline(1.0, color="#000000", lw=1.2, label="full training's step")
+        speedups = [r["speedup"] for r in res["rows"]]
+        if max(speedups) / min(speedups) > 4:  # a wide range (the CPU's 1-11x) on a log axis, in plain numbers
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xticks(np.arange(len(fractions)), [f"{f:g}" for f in fractions])
+        device = res.get("device") or "cpu"
+        where = f"{res['machine']['cpus']}-core CPU" if device == "cpu" else device
+        ax.set(title=f"{where}: {res['model'].split(' ')[0]}, batch {res['batch']}",
+               xlabel="kept fraction of each batch", ylabel="speed-up of a step against a full step")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+KERNEL_RULES = ("uniform", "topk", "sb", "composer", "importance", "gradmatch")
+
+
+def kernels_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Milliseconds one selection takes against the batch size, at k = B/4, one panel per class count."""
+    plt = _plt()
+    classes = sorted({r["C"] for r in rows})
+    fig, axes = plt.subplots(1, len(classes), figsize=(6.2 * len(classes), 4.4), squeeze=False)
+    for ax, c in zip(axes[0], classes):
+        picked = sorted((r for r in rows if r["C"] == c and r["k"] == r["B"] // 4), key=lambda r: r["B"])
+        for rule in KERNEL_RULES:
+            ax.plot([r["B"] for r in picked], [r[f"{rule}_ms"] for r in picked], "o-", color=_colour(rule),
+                    label=rule + (" (with the Gram matrix)" if rule == "gradmatch" else ""))
+        ax.set(xscale="log", yscale="log", title=f"{c} classes: one selection, k = B/4, one CPU thread",
+               xlabel="batch size B", ylabel="milliseconds (median)")
+        ax.set_xticks([r["B"] for r in picked], [str(r["B"]) for r in picked])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def saving_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Each run's measured saving (mean over seeds, the seeds' range as a bar) against the estimate's range."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9.5, 0.55 * len(rows) + 1.4))
+    y = np.arange(len(rows))[::-1]
+    for yi, r in zip(y, rows):
+        ax.plot([r["estimate_low"], r["estimate_high"]], [yi + 0.12] * 2, color="#0072B2", lw=5, alpha=0.6,
+                solid_capstyle="butt", label="estimated range" if yi == y[0] else None)
+        lo, hi = (float(v) for v in r["measured_range"].split(" to "))
+        ax.errorbar(r["measured_s"], yi - 0.12, xerr=[[r["measured_s"] - lo], [hi - r["measured_s"]]], fmt="o",
+                    color="#D55E00", capsize=3, label="measured (mean, range over seeds)" if yi == y[0] else None)
+    ax.axvline(0.0, color="#000000", lw=0.8)
+    ax.set_yticks(y, [f"{r['example']}: {r['mode']}" for r in rows])
+    ax.set(xlabel="seconds saved against full training (negative: lost)",
+           title="the saving estimate against the saving measured")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sb_recipe_figure(summary: Sequence[dict[str, Any]], path: Path) -> None:
+    """Final test accuracy per mode (mean over seeds, the worst seed as a dot)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9.5, 0.5 * len(summary) + 1.4))
+    y = np.arange(len(summary))[::-1]
+    for yi, r in zip(y, summary):
+        colour = "#000000" if r["mode"] == "full" else ("#009E73" if "primed" in r["mode"] or "preset" in r["mode"]
+                                                       else "#56B4E9")
+        ax.barh(yi, r["mean"], color=colour, alpha=0.8)
+        ax.plot(r["min"], yi, "o", color="#D55E00", label="worst seed" if yi == y[0] else None)
+        ax.text(max(r["mean"], r["min"]) + 0.015, yi, f"{r['collapsed']} collapsed", va="center", fontsize=8)
+    ax.set_yticks(y, [r["mode"] for r in summary], fontsize=8)
+    ax.set(xlim=(0, 1.18), xlabel="final test accuracy (mean of seeds)",
+           title="Selective Backprop on digits: as its authors run it, and without their recipe")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: the committed results the figures are drawn from (the figures go to RESULTS, which SBSAMPLER_RESULTS_DIR moves)
+COMMITTED = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((COMMITTED / f"{name}.json").read_text())
+
+
 def main() -> None:
-    paper = json.loads((RESULTS / "paper.json").read_text())
-    paper_figure(paper["rows"], RESULTS / "paper.png")
-    tta = json.loads((RESULTS / "time_to_accuracy.json").read_text())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    paper_figure(_load("paper")["rows"], RESULTS / "paper.png")
+    tta = _load("time_to_accuracy")
     time_to_accuracy_figure(tta["runs"], tta["targets"], RESULTS / "time_to_accuracy.png")
-    print(f"wrote {RESULTS / 'paper.png'} and {RESULTS / 'time_to_accuracy.png'}")
+    step_time_figure([_load("step_time"), _load("step_time_gpu")], RESULTS / "step_time.png")
+    kernels_figure(_load("kernels")["rows"], RESULTS / "kernels.png")
+    saving_figure(_load("saving_estimate")["rows"], RESULTS / "saving_estimate.png")
+    sb_recipe_figure(_load("sb_recipe")["summary"], RESULTS / "sb_recipe.png")
+    written = ["paper", "time_to_accuracy", "step_time", "kernels", "saving_estimate", "sb_recipe"]
+    print(f"wrote {', '.join(n + '.png' for n in written)} in {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,10 @@ def main(argv=None) -> int:
     name = "kernels_quick" if args.quick else "kernels"  # a smoke run never overwrites the full table
     path = write_results(name, {"quick": args.quick, "rows": rows, "compile": compile_info,
                                 "targets": [{"check": m, "met": ok} for m, ok in checks]})
-    print(f"wrote {path}")
+    from figures import kernels_figure
+
+    kernels_figure(rows, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return 1 if failed else 0
 
 

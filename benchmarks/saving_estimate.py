@@ -119,7 +119,10 @@ def main(argv: Any = None) -> dict[str, Any]:
                        ("measured_range", "range", "s"), ("estimated", "saved s, estimated", "s"),
                        ("holds", "holds per seed", "s"), ("mean_holds", "holds for the mean", "s")]))
     path = write_results("saving_estimate_quick" if args.quick else "saving_estimate", {"rows": rows})
-    print(f"wrote {path}")
+    from figures import saving_figure
+
+    saving_figure(rows, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return {"rows": rows}
 
 

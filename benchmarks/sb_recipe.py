@@ -118,7 +118,10 @@ def main(argv: Any = None) -> dict[str, Any]:
     payload = {"settings": {"batch": BATCH, "lr": LR, "epochs": epochs, "seeds": seeds, "collapsed_below": COLLAPSED},
                "summary": rows, "runs": runs}
     path = write_results("sb_recipe_quick" if args.quick else "sb_recipe", payload)
-    print(f"wrote {path}")
+    from figures import sb_recipe_figure
+
+    sb_recipe_figure(rows, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return payload
 
 

@@ -219,6 +219,17 @@ def main(argv=None) -> int:
         "torch_threads": torch.get_num_threads(), "rows": rows, "lookahead": ahead_rows, "loader": loader_rows,
         "raw_median_s": med, "targets": [{"check": m, "met": ok} for m, ok in checks]})
     print(f"wrote {path}")
+    # the figure: this run, beside the other machine's full results where they are there (CPU and GPU panels)
+    import json
+
+    from figures import step_time_figure
+
+    other = path.parent / ("step_time_gpu.json" if device.type == "cpu" else "step_time.json")
+    results = [json.loads(path.read_text())]
+    if not args.quick and other.is_file():
+        results = sorted(results + [json.loads(other.read_text())], key=lambda r: r["device"] != "cpu")
+    step_time_figure(results, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.png')}")
     return 0 if all(ok for _, ok in checks) else 1
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import os
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,8 @@ _WIDE = r"""() => {
   for (const c of content.querySelectorAll('pre > code, pre')) {
     if (!shown(c)) continue;
     if (c.scrollWidth > c.clientWidth + 1)
-      out.push(`code block ${c.scrollWidth}px wide in ${c.clientWidth}px: ` + c.innerText.slice(0, 60).replace(/\s+/g, ' '));
+      out.push(`code block ${c.scrollWidth}px wide in ${c.clientWidth}px: `
+               + c.innerText.slice(0, 60).replace(/\s+/g, ' '));
   }
   for (const i of content.querySelectorAll('img')) {
     if (!shown(i)) continue;
@@ -77,7 +79,7 @@ def unavailable() -> str | None:
 def build(site: Path) -> None:
     """``mkdocs build --strict`` into ``site``."""
     subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(site)],
-                   cwd=ROOT, check=True)
+                   cwd=ROOT, check=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
 
 
 @contextlib.contextmanager
