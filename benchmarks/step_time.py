@@ -1,7 +1,7 @@
 """Does selection save time? Selective vs full training steps against the cost model.
 
     python benchmarks/step_time.py              # ResNet-18, 32x32, batch 128 (256 on GPU)
-    python benchmarks/step_time.py --quick      # a smoke run: 2 rounds, batch 32 on CPU, no loader section
+    python benchmarks/step_time.py --quick      # a smoke run: 2 rounds, batch 16 of 16x16 images on CPU, no loader
 
 Measures, in one run and interleaved (round-robin over every configuration, medians
 over rounds):
@@ -83,14 +83,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch = args.batch or (256 if device.type == "cuda" else 32 if args.quick else 128)
+    batch = args.batch or (256 if device.type == "cuda" else 16 if args.quick else 128)
+    size = 16 if args.quick and device.type == "cpu" else 32  # a smoke run: a quarter of the pixels
     rounds = args.rounds or (2 if args.quick else 3)
     torch.manual_seed(0)
     model, model_name = resnet18()
     model = model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     hook = sb.ScoringHook(model)
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     ks = {f: budget(f, batch) for f in FRACTIONS}
     strategies = {name: sb.get_strategy(name, seed=0) for name, cls in sb.STRATEGIES.items()
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     name = ("step_time" if device.type == "cpu" else "step_time_gpu") + ("_quick" if args.quick else "")
     path = write_results(name, {
-        "device": device_name, "model": model_name, "batch": batch, "rounds": rounds, "quick": args.quick,
+        "device": device_name, "model": model_name, "batch": batch, "image_size": size, "rounds": rounds, "quick": args.quick,
         "torch_threads": torch.get_num_threads(), "rows": rows, "lookahead": ahead_rows, "loader": loader_rows,
         "raw_median_s": med, "targets": [{"check": m, "met": ok} for m, ok in checks]})
     print(f"wrote {path}")

@@ -78,7 +78,7 @@ from .strategies import (
 )
 from .weights import step_weights
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 #: the layout version each ``state_dict()`` writes (its ``"version"`` field); ``load_state_dict`` reads these and
 #: the older ones listed in the docs' reference (docs/reference/versions.md), and refuses newer ones

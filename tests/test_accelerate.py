@@ -14,6 +14,10 @@ need("accelerate")
 HERE = Path(__file__).resolve().parent
 
 
+#: multi-process, example or benchmark runs: `python -m pytest -q -m slow` (CI runs it)
+pytestmark = pytest.mark.slow
+
+
 @pytest.mark.parametrize("strategy,rebatch,even", [("sb", False, False), ("infobatch", True, False),
                                                    ("uniform", False, True)])
 def test_two_processes_step_together(tmp_path, strategy, rebatch, even):

@@ -133,6 +133,7 @@ def test_each_guide_opens_with_its_task_and_a_snippet(page):
     assert task <= 3 and task < snippet < min(heading, 30), (task, snippet, heading)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mkdocs") is None and os.environ.get("SBSAMPLER_REQUIRE_DOCS") != "1",
                     reason="mkdocs is not installed (pip install -e '.[docs]')")
 def test_the_site_builds_with_warnings_as_errors(tmp_path):

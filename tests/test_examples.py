@@ -16,6 +16,10 @@ if os.environ.get("SBSAMPLER_REQUIRE_FFCV") != "1":
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: multi-process, example or benchmark runs: `python -m pytest -q -m slow` (CI runs it)
+pytestmark = pytest.mark.slow
+
+
 def run(args, cwd=ROOT, timeout=400):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

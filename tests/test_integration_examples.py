@@ -6,9 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import need
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+#: multi-process, example or benchmark runs: `python -m pytest -q -m slow` (CI runs it)
+pytestmark = pytest.mark.slow
 
 
 def run(script, *args):

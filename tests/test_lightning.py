@@ -131,6 +131,7 @@ def test_bypassed_hook_is_loud():
         trainer.fit(Net(), datamodule=DM())
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_step_together(tmp_path):
     """strategy='ddp' on CPU (gloo), 2 processes: equal steps, InfoBatch's varying counts included."""
     worker = os.path.join(os.path.dirname(__file__), "_lightning_ddp_worker.py")

@@ -63,7 +63,8 @@ def kind(command: str) -> str:
         return "install"
     if "train_imagenet.py" in command and "$" in command or command.startswith("D="):
         return "imagenet"  # needs ImageNet, GPUs (and, launched by torchrun with $NODE_RANK, two machines)
-    if re.fullmatch(r"python benchmarks/\w+\.py", command) and command != "python benchmarks/demo.py":
+    if re.fullmatch(r"python benchmarks/\w+\.py", command) and command not in ("python benchmarks/demo.py",
+                                                                            "python benchmarks/figures.py"):
         return "benchmark"
     return "run"
 
@@ -126,6 +127,7 @@ def _run(command: str, tmp_path: Path, timeout: int) -> subprocess.CompletedProc
 RUN = [c for c in COMMANDS if kind(c) == "run"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", RUN, ids=[re.sub(r"[^\w.]+", "-", c[7:]) for c in RUN])
 def test_command_runs_as_written(command, tmp_path):
     res = _run(command, tmp_path, timeout=900)

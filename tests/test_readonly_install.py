@@ -25,6 +25,10 @@ PROBE = (
 )
 
 
+#: multi-process, example or benchmark runs: `python -m pytest -q -m slow` (CI runs it)
+pytestmark = pytest.mark.slow
+
+
 def _probe(tmp_path, locators: str, strict: bool = False):
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     env.update(NUMBA_CACHE_LOCATOR_CLASSES=locators, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))

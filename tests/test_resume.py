@@ -25,6 +25,7 @@ def _run(*args: str) -> dict:
     return json.loads(Path(out).read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [7])
 def test_resume_in_new_process_continues_exactly(tmp_path, stop_at):
     full = _run("full", str(tmp_path / "full.json"))

@@ -4,7 +4,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+#: multi-process, example or benchmark runs: `python -m pytest -q -m slow` (CI runs it)
+pytestmark = pytest.mark.slow
 
 
 def test_time_to_accuracy_smoke(monkeypatch, tmp_path):

@@ -196,6 +196,7 @@ def test_one_step_under_accumulation_is_the_global_mean_over_kept_tokens(tmp_pat
     assert kept[0] != kept[1]
 
 
+@pytest.mark.slow
 def test_two_processes_divide_by_the_global_kept_count(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     subprocess.run([sys.executable, str(HERE / "_tokens_worker.py"), str(tmp_path)], check=True, env=env,
