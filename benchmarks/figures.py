@@ -187,7 +187,8 @@ def saving_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.plot([r["estimate_low"], r["estimate_high"]], [yi + 0.12] * 2, color="#0072B2", lw=5, alpha=0.6,
                 solid_capstyle="butt", label="estimated range" if yi == y[0] else None)
         lo, hi = (float(v) for v in r["measured_range"].split(" to "))
-        ax.errorbar(r["measured_s"], yi - 0.12, xerr=[[r["measured_s"] - lo], [hi - r["measured_s"]]], fmt="o",
+        m = r["measured_s"]  # the range is printed to 3 digits: clip its rounding
+        ax.errorbar(m, yi - 0.12, xerr=[[max(0.0, m - lo)], [max(0.0, hi - m)]], fmt="o",
                     color="#D55E00", capsize=3, label="measured (mean, range over seeds)" if yi == y[0] else None)
     ax.axvline(0.0, color="#000000", lw=0.8)
     ax.set_yticks(y, [f"{r['example']}: {r['mode']}" for r in rows])

@@ -216,7 +216,8 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     name = ("step_time" if device.type == "cpu" else "step_time_gpu") + ("_quick" if args.quick else "")
     path = write_results(name, {
-        "device": device_name, "model": model_name, "batch": batch, "image_size": size, "rounds": rounds, "quick": args.quick,
+        "device": device_name, "model": model_name, "batch": batch, "image_size": size, "rounds": rounds,
+        "quick": args.quick,
         "torch_threads": torch.get_num_threads(), "rows": rows, "lookahead": ahead_rows, "loader": loader_rows,
         "raw_median_s": med, "targets": [{"check": m, "met": ok} for m, ok in checks]})
     print(f"wrote {path}")

@@ -14,7 +14,8 @@ from sbsampler.distributed import LocalSync
 
 _MERGED: dict = {}
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")]
+pytestmark = [pytest.mark.slow,  # multi-process: python -m pytest -q -m slow (CI runs it)
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")]
 
 
 @pytest.fixture(scope="module")

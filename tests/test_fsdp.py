@@ -13,7 +13,8 @@ import torch.distributed as dist
 from conftest import need, run_ranks  # noqa: E402
 
 need("sklearn")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")]
+pytestmark = [pytest.mark.slow,  # multi-process: python -m pytest -q -m slow (CI runs it)
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")]
 
 
 @pytest.fixture(scope="module")
