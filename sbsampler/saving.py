@@ -11,7 +11,7 @@ overstated it: a run that saved 4.7 s (12%) was told 56.9 s (issue 32).
 
 ``StepCosts`` keeps the moments of the timed steps (count, rows, seconds, and their squares
 and product), a few numbers whatever the run's length. ``estimate_saving`` fits ``a + b r``
-by least squares when the steps differ in size (a primed or full-window epoch, rebatching
+by least squares (``a, b >= 0``) when the steps differ in size (a primed or full-window epoch, rebatching
 tails, a variable-count rule), and gives the saving as the range that the fit's ``±2``
 standard errors, widened by ``DRIFT`` for the steps not taken whole, and the two bounds above
 allow; a point only where that range is narrow (within ±25% of it). Otherwise the range is
@@ -78,8 +78,12 @@ class StepCosts:
         return cls(int(vals[0]), *vals[1:6], int(vals[6]), int(vals[7]), int(vals[8]))
 
     def fit(self) -> Optional[tuple[float, float, float, float]]:
-        """``(a, b, residual variance, Sxx)`` of ``t = a + b r`` by least squares, or ``None`` while the steps are
-        too few or all of one size."""
+        """``(a, b, residual variance, Sxx)`` of ``t = a + b r`` by least squares with ``a, b >= 0`` (a step has no
+        negative cost, fixed or per row), or ``None`` while the steps are too few or all of one size.
+
+        Where the free fit has a negative coefficient (noisy steps that cost less with more rows), the best fit on
+        the edges ``b = 0`` (the mean step) or ``a = 0`` (``Σrt / Σr²``) is taken: the exact answer of the
+        constrained problem, since its objective is convex."""
         n = self.n
         if n < MIN_STEPS_TO_FIT or self.max_rows == self.min_rows:
             return None
@@ -87,12 +91,16 @@ class StepCosts:
         sxx = self.rows2 - n * mean_r * mean_r
         if sxx <= 1e-12 * max(self.rows2, 1.0):
             return None
-        sxy = self.rows_seconds - n * mean_r * mean_t
-        syy = self.seconds2 - n * mean_t * mean_t
-        b = sxy / sxx
+        b = (self.rows_seconds - n * mean_r * mean_t) / sxx
         a = mean_t - b * mean_r
-        residual = max(syy - b * sxy, 0.0) / max(n - 2, 1)
-        return a, b, residual, sxx
+        if a < 0 or b < 0:
+            a, b = min(((mean_t, 0.0), (0.0, self.rows_seconds / self.rows2)), key=lambda ab: self._sse(*ab))
+        return a, b, max(self._sse(a, b), 0.0) / max(n - 2, 1), sxx
+
+    def _sse(self, a: float, b: float) -> float:
+        """``Σ (t - a - b r)²`` from the moments."""
+        return (self.seconds2 - 2 * a * self.seconds - 2 * b * self.rows_seconds + self.n * a * a
+                + 2 * a * b * self.rows + b * b * self.rows2)
 
 
 @dataclass(frozen=True)

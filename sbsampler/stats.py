@@ -10,6 +10,7 @@ step is timed between batches (``time_training``, and each step with its rows in
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -170,14 +171,15 @@ class LoaderStats:
     @property
     def break_even_fraction(self) -> Optional[float]:
         """The kept share below which selection saves time, by the cost model: ``1 - c / s`` with ``c`` the
-        selection cost per sample seen and ``s`` the step cost per back-propagated row, the fitted per-row cost
-        where the steps give one, else the mean step per row (which makes this an upper bound; ``<= 0``: none
-        pays)."""
+        selection cost per sample seen and ``s`` the step cost per back-propagated row: the fitted per-row cost
+        where the steps pin it (more than two standard errors above 0), else the mean step per row, which makes
+        this an upper bound (a slope that is noise made two identical runs say 'none' and '0.53'); ``<= 0``:
+        none pays."""
         per = self.step_time_per_sample
         if per is None or not self.samples_seen:
             return None
         fitted = self.steps_timed.fit()
-        if fitted is not None and fitted[1] > 0:
+        if fitted is not None and fitted[1] > 2 * math.sqrt(fitted[2] / fitted[3]):
             per = fitted[1]
         return 1.0 - (self.selection_time / self.samples_seen) / per
 

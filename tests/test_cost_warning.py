@@ -6,13 +6,17 @@ from __future__ import annotations
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sbsampler as sb
+from sbsampler.saving import StepCosts
 from sbsampler.stats import LoaderStats, SelectionCostWarning, read_stats
 
 
@@ -88,6 +92,51 @@ def test_steps_of_several_sizes_pin_a_whole_batch_and_give_a_point():
     assert "estimated time saved against training on everything" in str(s)
     small = _stats([(12, 0.010 + 0.002 * 12)] * 20 + [(50, 0.110)] * 10, seen=1500, batches=30, scoring=0.5)
     assert small.saving_estimate().point is None  # a saving small against the drift: a range only
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 64), st.floats(1e-5, 1.0)), min_size=8, max_size=40))
+def test_the_step_fit_is_least_squares_with_a_fixed_and_a_per_row_cost_that_are_not_negative(steps):
+    """A step costs ``a + b rows`` with ``a, b >= 0``: the fit is scipy's non-negative least squares on the steps (a
+    noisy run whose steps cost less with more rows printed '5.79 ms + -37.3 µs per row')."""
+    from scipy.optimize import nnls
+
+    costs = StepCosts()
+    for rows, seconds in steps:
+        costs.add(rows, seconds)
+    fitted = costs.fit()
+    if len({r for r, _ in steps}) == 1:
+        assert fitted is None
+        return
+    a, b, residual, _ = fitted
+    assert a >= 0 and b >= 0
+    design = np.array([[1.0, r] for r, _ in steps])
+    times = np.array([t for _, t in steps])
+    (a_ref, b_ref), _ = nnls(design, times)
+    sse = lambda a_, b_: float(((times - a_ - b_ * design[:, 1]) ** 2).sum())  # noqa: E731
+    assert sse(a, b) <= sse(a_ref, b_ref) + 1e-9 * max(1.0, float((times ** 2).sum()))
+    assert residual == pytest.approx(sse(a, b) / (len(steps) - 2), rel=1e-6, abs=1e-12)
+
+
+def test_steps_that_cost_less_with_more_rows_print_no_negative_cost():
+    s = _stats([(8, 0.010)] * 30 + [(16, 0.008)] * 33, seen=4000, batches=63, scoring=0.4)
+    est = s.saving_estimate()
+    assert "fitted as 8.95 ms + 0 µs per row over 63 steps" in est.basis and "+ -" not in est.basis
+    assert est.low <= est.high
+
+
+def test_the_break_even_fraction_reads_the_fitted_cost_per_row_only_where_the_steps_pin_it():
+    """Steps of 26-32 rows with noisy times hardly tell the per-row cost from the fixed one: two identical runs of the
+    getting-started loop said 'break-even fraction: none' and '0.53'. Where the fitted slope is within two of its
+    standard errors of 0, the fraction reads the mean step per row (an upper bound, as the sentence says)."""
+    rng = np.random.default_rng(2)  # a slope of 17 µs a row, its standard error 20
+    rows = rng.integers(26, 33, size=24)
+    steps = [(int(r), 0.0006 + 0.0002 * rng.standard_normal()) for r in rows]
+    s = _stats(steps, seen=3000, batches=24, scoring=0.02)
+    _, b, residual, sxx = s.steps_timed.fit()
+    assert 0 < b < 2 * (residual / sxx) ** 0.5  # the slope is noise here
+    mean_per_row = sum(t for _, t in steps) / sum(r for r, _ in steps)
+    assert s.break_even_fraction == pytest.approx(1 - (0.02 / 3000) / mean_per_row)
 
 
 def test_old_states_still_load_and_the_counters_print_as_lines():

@@ -83,7 +83,7 @@ def test_the_front_page_shows_what_it_is_the_install_the_loop_the_picture_and_wh
     assert len(re.findall(r"[.!?](\s|$)", intro.partition("\n\n")[2])) <= 3, "what it is, in two sentences"
     install, loop = top.index("pip install torch==2.13.0 && pip install -e ."), top.index("for batch in loader:")
     picture = top.index("paper.png")
-    assert install < loop < picture
+    assert install < loop < top.index("**Will it speed me up?**") < picture  # the answer in the first screen
     assert loop - top.index("```python") < 900 and len(top[top.index("```python"):loop].splitlines()) <= 8
     assert text[first_heading:].startswith("\n## Will it speed me up?")
     assert "sbsampler.compare" in text[first_heading:text.index("\n## ", first_heading + 1)]

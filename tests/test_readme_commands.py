@@ -120,8 +120,6 @@ def _run(command: str, tmp_path: Path, timeout: int) -> subprocess.CompletedProc
     words = shlex.split(command)
     assert words[0] == "python", command
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SBSAMPLER_RESULTS_DIR": str(tmp_path)}
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # two at a time (pytest -n 2): one thread each, or they share
-        env.setdefault("OMP_NUM_THREADS", "1")  # two cores four ways (benchmarks/threads.py: up to 1.9x slower)
     return subprocess.run([sys.executable, *words[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
