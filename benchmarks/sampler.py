@@ -1,7 +1,7 @@
 """Sampler-level selection (stored scores) against per-batch selection and full training.
 
     python benchmarks/sampler.py            # 3 seeds, 8 epochs for the accuracy part
-    python benchmarks/sampler.py --quick    # 2 seeds, 5 epochs (a few minutes on 2 cores)
+    python benchmarks/sampler.py --quick    # 1 seed, 3 epochs (a smoke run, under a minute on 2 cores)
 
 Part 1, on a ``.beton`` (FFCV): samples loaded, samples back-propagated and wall time
 per epoch for full training, per-batch ``SelectiveLoader`` (uniform, f=0.3, rebatched)
@@ -117,12 +117,12 @@ def loading_table(epochs: int) -> list[dict[str, Any]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 5 epochs")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs: a smoke run")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    seeds, epochs = (2, 5) if args.quick else (3, 8)
+    seeds, epochs = (1, 3) if args.quick else (3, 8)
 
-    per_epoch = loading_table(epochs=4)
+    per_epoch = loading_table(epochs=3 if args.quick else 4)
     summary = []
     for mode in dict.fromkeys(r["mode"] for r in per_epoch):
         rs = [r for r in per_epoch if r["mode"] == mode and r["epoch"] >= 1]
