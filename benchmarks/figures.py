@@ -52,6 +52,19 @@ def _save(fig: Any, path: Path) -> None:
     _plt().close(fig)
 
 
+def _row_axes(n: int, row_inches: float) -> tuple[Any, Any, np.ndarray]:
+    """One panel with a row per item, the first at the top: the figure, its axes and the rows' y positions."""
+    fig, ax = _plt().subplots(figsize=(9.5, row_inches * n + 1.4))
+    return fig, ax, np.arange(n)[::-1]
+
+
+def _save_rows(fig: Any, ax: Any, path: Path) -> None:
+    """``_row_axes``'s figure finished: a grid along x, the legend at the lower right, saved."""
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
 def paper_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Test accuracy at an equal backward budget (every rule back-propagates as many samples as full training),
     against the kept fraction: one panel per data set, full training as a band (mean ± std)."""
@@ -179,9 +192,7 @@ def kernels_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 def saving_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Each run's measured saving (mean over seeds, the seeds' range as a bar) against the estimate's range."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(9.5, 0.55 * len(rows) + 1.4))
-    y = np.arange(len(rows))[::-1]
+    fig, ax, y = _row_axes(len(rows), 0.55)
     for yi, r in zip(y, rows):
         ax.plot([r["estimate_low"], r["estimate_high"]], [yi + 0.12] * 2, color="#0072B2", lw=5, alpha=0.6,
                 solid_capstyle="butt", label="estimated range" if yi == y[0] else None)
@@ -193,16 +204,12 @@ def saving_figure(rows: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set_yticks(y, [f"{r['example']}: {r['mode']}" for r in rows])
     ax.set(xlabel="seconds saved against full training (negative: lost)",
            title="the saving estimate against the saving measured")
-    ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8, loc="lower right")
-    _save(fig, path)
+    _save_rows(fig, ax, path)
 
 
 def sb_recipe_figure(summary: Sequence[dict[str, Any]], path: Path) -> None:
     """Final test accuracy per mode (mean over seeds, the worst seed as a dot)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(9.5, 0.5 * len(summary) + 1.4))
-    y = np.arange(len(summary))[::-1]
+    fig, ax, y = _row_axes(len(summary), 0.5)
     for yi, r in zip(y, summary):
         colour = "#000000" if r["mode"] == "full" else ("#009E73" if "primed" in r["mode"] or "preset" in r["mode"]
                                                        else "#56B4E9")
@@ -212,9 +219,7 @@ def sb_recipe_figure(summary: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set_yticks(y, [r["mode"] for r in summary], fontsize=8)
     ax.set(xlim=(0, 1.18), xlabel="final test accuracy (mean of seeds)",
            title="Selective Backprop on digits: as its authors run it, and without their recipe")
-    ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8, loc="lower right")
-    _save(fig, path)
+    _save_rows(fig, ax, path)
 
 
 #: the committed results the figures are drawn from (the figures go to RESULTS, which SBSAMPLER_RESULTS_DIR moves)
