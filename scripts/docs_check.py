@@ -4,7 +4,8 @@
 
 Fails (exit 1, one line per problem) on a link to a page or file of the site that is not
 there, an image that does not load, a console error or a failed request, and any table,
-code block or image wider than its column (a reader would have to scroll it sideways).
+code block or image wider than its column (a reader would have to scroll it sideways), and a
+name (code without spaces) in a table broken across lines.
 Links to other sites are not followed (nothing leaves this machine). Chromium is Debian's
 (``/usr/bin/chromium``, installed by ``scripts/setup.sh``), driven by Playwright for Python
 with that executable: no browser is downloaded. ``tests/test_docs_browser.py`` runs it.
@@ -30,7 +31,8 @@ WIDTH, HEIGHT = 1280, 900
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-#: what is wider than its column: a table wider than its wrapper, a code block that scrolls, an image past the text
+#: what does not fit its column: a table wider than its wrapper, a code block that scrolls, an image past the text, a
+#: name in a table broken mid-word
 _WIDE = r"""() => {
   const content = document.querySelector('.md-content__inner') || document.body;
   const column = content.clientWidth;
@@ -48,6 +50,10 @@ _WIDE = r"""() => {
     if (c.scrollWidth > c.clientWidth + 1)
       out.push(`code block ${c.scrollWidth}px wide in ${c.clientWidth}px: `
                + c.innerText.slice(0, 60).replace(/\s+/g, ' '));
+  }
+  for (const c of content.querySelectorAll('td code')) {  // a name in a table broken mid-word: SelectiveBack|prop
+    if (!shown(c) || /\s/.test(c.innerText.trim())) continue;
+    if (c.getClientRects().length > 1) out.push(`a name broken across lines in a table: ${c.innerText}`);
   }
   for (const i of content.querySelectorAll('img')) {
     if (!shown(i)) continue;

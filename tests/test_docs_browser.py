@@ -37,6 +37,8 @@ PLANTED = """<!doctype html><html><head><meta charset="utf-8"></head><body>
 <p><a href="other/">a page that is there</a> <a href="missing/">a page that is not</a></p>
 <table><tr><td style="white-space: nowrap">{wide}</td></tr></table>
 <pre><code>{wide}</code></pre>
+<table style="width: 80px"><tr><td style="overflow-wrap: anywhere"><code>SelectiveBackpropCallback</code>
+</td></tr></table>
 <img src="no-such.png" alt="">
 <details><summary>folded</summary><table><tr><td style="white-space: nowrap">{wide}</td></tr></table></details>
 <script>console.error("planted")</script>
@@ -54,6 +56,7 @@ def test_the_check_finds_what_a_reader_would_meet(browser_ready, tmp_path):
     assert "console error: planted" in problems
     assert problems.count("table ") == 2, problems  # the folded table too: the check opens <details>
     assert "code block" in problems
+    assert "a name broken across lines in a table: SelectiveBackpropCallback" in problems
 
 
 def test_every_page_of_the_site_reads_at_1280px(browser_ready, tmp_path):
