@@ -183,17 +183,15 @@ def accuracy(model: nn.Module, data: TensorDataset, batch_size: int = 1000) -> f
     return correct / len(data)
 
 
-def warm_up(strategies: list[Any], batch: int = 64, classes: int = 10, dim: int = 64) -> float:
-    """Compile (or load from Numba's cache) every kernel the strategies use; returns the seconds it took.
+def warm_up(strategies: list[str]) -> float:
+    """Load (or, the first time on a machine, compile) the Numba kernels of the named strategies
+    (``Strategy.warm_up``); returns the seconds it took.
 
     Call it before timing runs, so that no run's wall time includes a compile.
     """
-    g = torch.Generator().manual_seed(0)
-    scores = sb.Scores(loss=torch.rand(batch, generator=g), logit_grad=torch.randn(batch, classes, generator=g),
-                       features=torch.rand(batch, dim, generator=g))
     t0 = time.perf_counter()
     for strategy in strategies:
-        sb.get_strategy(strategy, seed=0).select(scores, batch // 4)
+        sb.get_strategy(strategy, seed=0).warm_up()
     return time.perf_counter() - t0
 
 

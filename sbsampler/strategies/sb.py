@@ -188,12 +188,6 @@ class BernoulliSelectiveBackprop(SelectiveBackprop):
         w = 1.0 / (b * p[idx]) if self.unbiased else _uniform_weights(idx.shape[0])
         return Selection(idx, w, expected=p.sum())
 
-    def warm_up(self) -> None:
-        """Both of the ranking's kernels: against itself (an empty history) and against a history."""
-        super().warm_up()
-        kernels.ecdf(np.zeros(2), np.zeros(2))
-        kernels.self_ecdf(np.zeros(2))
-
     def _select_tensors(self, scores: Scores, n: int, k: int, g: torch.Generator):
         loss = _device_loss(scores)
         p = self._ranked_tensors(loss)
